@@ -1,0 +1,1 @@
+"""CLIP vision tower, detector head and checkpoint conversion."""

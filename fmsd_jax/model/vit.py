@@ -1,0 +1,265 @@
+"""CLIP vision tower in Flax NNX, faithful to OpenAI CLIP / Hugging Face `CLIPVisionModel`.
+
+Every detail that changes the numbers is CLIP's: quick_gelu, LayerNorm eps 1e-5, the class
+token prepended *before* the position embedding is added, `ln_pre` on the embeddings, `ln_post`
+on the class token (Hugging Face's `pooler_output`) and an optional bias-free projection.
+
+The transformer blocks hold their parameters stacked along a leading layer axis and run under
+`jax.lax.scan` (DESIGN.md §3: an unrolled loop doubles the CPU training step). Per-layer
+choices made by the method (which layers train) are therefore data along that axis, never
+structure. Each of q, k, v, out (and fc1, fc2) is built by `ViTConfig.linear_factory`, so the
+method can swap a dense layer for a decomposed one without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Architectures of the public CLIP vision towers; `tiny` is for tests and the demo.
+VARIANTS: dict[str, dict[str, int]] = {
+    "B/32": dict(width=768, layers=12, heads=12, patch_size=32, mlp_dim=3072, proj_dim=512),
+    "B/16": dict(width=768, layers=12, heads=12, patch_size=16, mlp_dim=3072, proj_dim=512),
+    "L/14": dict(width=1024, layers=24, heads=16, patch_size=14, mlp_dim=4096, proj_dim=768),
+    "H/14": dict(width=1280, layers=32, heads=16, patch_size=14, mlp_dim=5120, proj_dim=1024),
+    "tiny": dict(width=64, layers=2, heads=4, patch_size=8, mlp_dim=256, proj_dim=32),
+}
+
+ATTN_PROJECTIONS = ("q", "k", "v", "out")
+MLP_PROJECTIONS = ("fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Geometry and numerics of a CLIP vision tower."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 16
+    mlp_dim: int = 3072
+    proj_dim: int | None = 512  # None: no visual projection (pooled feature only)
+    image_size: int = 224
+    layer_norm_eps: float = 1e-5
+    activation: str = "quick_gelu"  # CLIP's x * sigmoid(1.702 x); "gelu" for other towers
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+    remat: bool = False  # rematerialise each block in the backward pass
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size "
+                f"{self.patch_size}; choose a size whose side divides by the patch"
+            )
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides: Any) -> ViTConfig:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown ViT variant {name!r}; known: {sorted(VARIANTS)}")
+        return cls(**{**VARIANTS[name], **overrides})
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + 1
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x W + b with W stored (in, out) in float32 and applied in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: Any, use_bias: bool = True,
+                 rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.dtype = dtype
+
+    @property
+    def in_features(self) -> int:
+        return self.kernel.shape[-2]
+
+    @property
+    def out_features(self) -> int:
+        return self.kernel.shape[-1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+LinearFactory = Callable[..., nnx.Module]
+
+
+def dense_factory(in_features: int, out_features: int, *, name: str, dtype: Any,
+                  rngs: nnx.Rngs) -> nnx.Module:
+    """The default linear layer; `name` (q, k, v, out, fc1, fc2) lets a custom factory choose."""
+    del name
+    return Dense(in_features, out_features, dtype=dtype, rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 whatever the compute dtype (bf16 statistics drift)."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"unknown activation {name!r}; use 'quick_gelu' (CLIP) or 'gelu'")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ViTConfig, factory: LinearFactory, rngs: nnx.Rngs):
+        d, dt = cfg.width, cfg.compute_dtype
+        self.q = factory(d, d, name="q", dtype=dt, rngs=rngs)
+        self.k = factory(d, d, name="k", dtype=dt, rngs=rngs)
+        self.v = factory(d, d, name="v", dtype=dt, rngs=rngs)
+        self.out = factory(d, d, name="out", dtype=dt, rngs=rngs)
+        self.heads = cfg.heads
+        self.impl = cfg.attention_impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        return self.out(o.reshape(b, t, d))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ViTConfig, factory: LinearFactory, rngs: nnx.Rngs):
+        dt = cfg.compute_dtype
+        self.fc1 = factory(cfg.width, cfg.mlp_dim, name="fc1", dtype=dt, rngs=rngs)
+        self.fc2 = factory(cfg.mlp_dim, cfg.width, name="fc2", dtype=dt, rngs=rngs)
+        self.act = _activation(cfg.activation)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nnx.Module):
+    """Pre-LN residual block: x + attn(ln_1 x), then + mlp(ln_2 x)."""
+
+    def __init__(self, cfg: ViTConfig, factory: LinearFactory, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(cfg.width, cfg.layer_norm_eps)
+        self.attn = Attention(cfg, factory, rngs)
+        self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg, factory, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nnx.Module):
+    """`layers` blocks whose parameters are stacked on axis 0 and run under `lax.scan`."""
+
+    def __init__(self, cfg: ViTConfig, factory: LinearFactory, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=cfg.layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, factory, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.num_layers = cfg.layers
+        self.remat = cfg.remat
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+
+class CLIPVisionTower(nnx.Module):
+    """CLIP's image encoder. `__call__` returns the pooled feature (ln_post of the class token).
+
+    Images are NHWC float32, already normalised with CLIP's mean and std.
+    """
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs,
+                 linear_factory: LinearFactory = dense_factory):
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.width
+        init = nnx.initializers.normal(d**-0.5)
+        # conv1 of CLIP has no bias; stored as (p, p, 3, d) so a patch reshape is a matmul.
+        self.patch_embed = nnx.Param(init(rngs.params(), (p, p, 3, d), jnp.float32))
+        self.class_embedding = nnx.Param(init(rngs.params(), (d,), jnp.float32))
+        self.pos_embedding = nnx.Param(init(rngs.params(), (cfg.num_tokens, d), jnp.float32))
+        self.ln_pre = LayerNorm(d, cfg.layer_norm_eps)
+        self.transformer = Transformer(cfg, linear_factory, rngs)
+        self.ln_post = LayerNorm(d, cfg.layer_norm_eps)
+        self.proj = (nnx.Param(init(rngs.params(), (d, cfg.proj_dim), jnp.float32))
+                     if cfg.proj_dim else None)
+
+    def embed_patches(self, images: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, h, w, c = images.shape
+        p = cfg.patch_size
+        if (h, w, c) != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.image_size}, {cfg.image_size}, 3) (NHWC), "
+                f"got {tuple(images.shape)}; resize the input or build the tower with "
+                f"image_size={h}"
+            )
+        dt = cfg.compute_dtype
+        x = images.astype(dt).reshape(b, h // p, p, w // p, p, c)
+        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+        x = x @ self.patch_embed[...].reshape(p * p * c, cfg.width).astype(dt)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(dt), (b, 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + self.pos_embedding[...].astype(dt)
+
+    def tokens(self, images: jax.Array) -> jax.Array:
+        """All output tokens of the last block (before ln_post)."""
+        x = self.ln_pre(self.embed_patches(images))
+        return self.transformer(x)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.ln_post(self.tokens(images)[:, 0]).astype(jnp.float32)
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """The projected CLIP image embedding (CLIPModel.get_image_features)."""
+        if self.proj is None:
+            raise ValueError("this tower has no visual projection (proj_dim=None)")
+        pooled = self(images)
+        return pooled @ self.proj[...]
+
+
+def num_params(module: nnx.Module, filt: Any = nnx.Param) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, filt)))
