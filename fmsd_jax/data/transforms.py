@@ -1,0 +1,132 @@
+"""Per-record transforms: reading, resizing, DeepfakeBench augmentation, CLIP normalisation.
+
+These are module-level classes because grain pickles the pipeline into its worker
+processes; closures and lambdas cannot cross that boundary.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import grain
+import numpy as np
+
+from fmsd_jax.data import video as vid
+
+cv2.setNumThreads(1)  # grain's threads/processes parallelise; nested cv2 threads just fight
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """DeepfakeBench resizes every stored frame to the model resolution; INTER_AREA when
+    shrinking (anti-aliased), INTER_CUBIC when enlarging, as its load_rgb does."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
+def read_rgb(path: str) -> np.ndarray | None:
+    """RGB uint8 image or None; cv2.imread returns None rather than raising on a corrupt
+    or truncated file, which is what lets the pipeline skip and count it."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        return None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageReader:
+    """Reads the pixels of one record (image file, video frame, or decoded TFDS image),
+    resized to a square `image_size` (0 keeps the stored size)."""
+
+    def __init__(self, image_size: int, face_margin: float = 1.3, detect_faces: bool = True,
+                 min_face_fraction: float = 0.1):
+        self.image_size = int(image_size)
+        self.face_margin = float(face_margin)
+        self.detect_faces = bool(detect_faces)
+        self.min_face_fraction = float(min_face_fraction)
+
+    @classmethod
+    def from_config(cls, data_cfg) -> ImageReader:
+        return cls(data_cfg.image_size, data_cfg.video.face_margin,
+                   data_cfg.video.detect_faces, data_cfg.video.min_face_fraction)
+
+    def __call__(self, record: dict) -> np.ndarray | None:
+        if record.get('image') is not None:  # tfds: already decoded
+            image = np.asarray(record['image'])
+        elif record['frame_index'] >= 0:
+            image = vid.read_frame(record['path'], record['frame_index'])
+            if image is not None:
+                image = vid.crop_face(image, margin=self.face_margin, detect=self.detect_faces,
+                                      min_fraction=self.min_face_fraction)
+        else:
+            image = read_rgb(record['path'])
+        if image is None or image.ndim not in (2, 3) or min(image.shape[:2]) == 0:
+            return None
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        elif image.shape[-1] == 4:
+            image = image[..., :3]
+        elif image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        image = np.ascontiguousarray(image, np.uint8)
+        return resize_square(image, self.image_size) if self.image_size > 0 else image
+
+
+def build_augmentation(aug_cfg) -> A.Compose:
+    """DeepfakeBench's `data_aug` (abstract_dataset.py) with Effort's probabilities."""
+    return A.Compose([
+        A.HorizontalFlip(p=aug_cfg.flip_prob),
+        A.Rotate(limit=tuple(aug_cfg.rotate_limit), p=aug_cfg.rotate_prob,
+                 border_mode=cv2.BORDER_CONSTANT),
+        A.GaussianBlur(blur_limit=tuple(aug_cfg.blur_limit), p=aug_cfg.blur_prob),
+        A.OneOf([
+            A.RandomBrightnessContrast(brightness_limit=tuple(aug_cfg.brightness_limit),
+                                       contrast_limit=tuple(aug_cfg.contrast_limit), p=1.0),
+            A.FancyPCA(p=1.0),
+            A.HueSaturationValue(p=1.0),
+        ], p=aug_cfg.brightness_prob),
+        A.ImageCompression(quality_range=(int(aug_cfg.quality_lower),
+                                          int(aug_cfg.quality_upper)),
+                           p=aug_cfg.quality_prob),
+    ])
+
+
+class Augment(grain.transforms.RandomMap):
+    """Applies the DeepfakeBench augmentation with grain's per-record generator, so the
+    result depends on (seed, position in the stream) only, not on worker count or
+    timing, and a resumed run sees the same augmented images."""
+
+    def __init__(self, aug_cfg):
+        self._cfg = aug_cfg.to_dict() if hasattr(aug_cfg, 'to_dict') else dict(aug_cfg)
+        self._compose: A.Compose | None = None
+
+    def __getstate__(self):
+        return {'_cfg': self._cfg, '_compose': None}
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        if self._compose is None:
+            import ml_collections
+            self._compose = build_augmentation(ml_collections.ConfigDict(self._cfg))
+        self._compose.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+        element['image'] = self._compose(image=element['image'])['image']
+        return element
+
+
+class Normalize(grain.transforms.Map):
+    """uint8 RGB -> float32 (x/255 - mean) / std, the CLIP preprocessing."""
+
+    def __init__(self, mean, std):
+        self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+        self.offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(
+            np.float32)
+
+    def map(self, element: dict) -> dict:
+        element['image'] = element['image'].astype(np.float32) * self.scale + self.offset
+        return element

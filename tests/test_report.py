@@ -1,0 +1,335 @@
+"""Report files: numbers survive the JSON and Markdown round trips, charts are real PNGs,
+and the demo verdict is computed from the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmsd_jax.metrics import compute_metrics, roc
+from fmsd_jax.report import (
+    DemoRow,
+    compare_to_baselines,
+    demo_table,
+    plot_layer_scores,
+    plot_roc,
+    read_results,
+    results_table,
+    write_demo_report,
+    write_results,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _parse_md_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """First Markdown table in ``text`` as (header, rows of cells)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    assert set("".join(split[1])) <= set("-: "), "second line must be the alignment row"
+    return split[0], split[2:]
+
+
+def _num(cell: str) -> float:
+    return math.nan if cell.startswith("n/a") else float(cell.rstrip("†"))
+
+
+def _assert_png(path: Path, min_bytes: int = 10_000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > min_bytes, f"{path} is only {len(data)} bytes"
+    # IHDR: width and height are big-endian uint32 at bytes 16..24.
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert w > 200 and h > 200
+
+
+@pytest.fixture
+def results():
+    rng = np.random.default_rng(0)
+    out = {}
+    for k, name in enumerate(["CDF-v1", "CDF-v2", "DFDC"]):
+        y = np.repeat(rng.integers(0, 2, 40), 4)
+        p = np.clip(0.5 + (y - 0.5) * (0.2 + 0.1 * k) + rng.normal(0, 0.2, y.size), 0, 1)
+        out[name] = compute_metrics(p, y, np.arange(y.size) // 4)
+    return out
+
+
+def test_results_json_round_trip(tmp_path, results):
+    json_path, md_path = write_results(tmp_path, results)
+    assert json_path == tmp_path / "results.json" and md_path == tmp_path / "results.md"
+    raw = json.loads(json_path.read_text())
+    assert list(raw) == list(results)
+    for d, m in results.items():
+        for k in ("frame_auc", "video_auc", "acc", "ap", "eer"):
+            assert isinstance(raw[d][k], float)
+            assert raw[d][k] == m[k]  # exact: JSON keeps float64 repr
+        assert raw[d]["num_frames"] == m["num_frames"] == 160
+        assert raw[d]["num_videos"] == 40
+    assert read_results(tmp_path) == results
+
+
+def test_results_markdown_parses_back(tmp_path, results):
+    _, md_path = write_results(tmp_path, results)
+    header, rows = _parse_md_table(md_path.read_text())
+    assert header[:3] == ["dataset", "frames", "videos"]
+    # Every metric column says its level, and no column holds both levels.
+    for col in header[3:]:
+        assert ("(frame)" in col) != ("(video)" in col), col
+    col = {h: i for i, h in enumerate(header)}
+    by_name = {r[0]: r for r in rows}
+    for d, m in results.items():
+        r = by_name[d]
+        assert _num(r[col["AUC (frame)"]]) == pytest.approx(m["frame_auc"], abs=5e-5)
+        assert _num(r[col["AUC (video)"]]) == pytest.approx(m["video_auc"], abs=5e-5)
+        assert _num(r[col["AP (frame)"]]) == pytest.approx(m["ap"], abs=5e-5)
+        assert _num(r[col["ACC@0.5 (frame)"]]) == pytest.approx(m["acc"], abs=5e-5)
+        assert _num(r[col["EER (frame)"]]) == pytest.approx(m["eer"], abs=5e-5)
+        assert int(r[col["frames"]]) == 160
+    avg = by_name["**average**"]
+    expect = np.mean([m["video_auc"] for m in results.values()])
+    assert _num(avg[col["AUC (video)"]]) == pytest.approx(expect, abs=5e-5)
+
+
+def test_nan_is_null_and_na_and_average_is_marked(tmp_path, results):
+    results = dict(results)
+    results["fakes-only"] = {**results["DFDC"], "frame_auc": math.nan, "video_auc": float("nan")}
+    write_results(tmp_path, results)
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert raw["fakes-only"]["frame_auc"] is None
+    assert math.isnan(read_results(tmp_path)["fakes-only"]["video_auc"])
+    text = (tmp_path / "results.md").read_text()
+    header, rows = _parse_md_table(text)
+    by_name = {r[0]: r for r in rows}
+    assert by_name["fakes-only"][header.index("AUC (frame)")] == "n/a"
+    avg = by_name["**average**"][header.index("AUC (frame)")]
+    assert avg.endswith("†")
+    defined = [m["frame_auc"] for d, m in results.items() if d != "fakes-only"]
+    assert _num(avg) == pytest.approx(np.mean(defined), abs=5e-5)
+    assert "† averaged over the datasets where the metric is defined" in text
+
+
+def test_rewrite_replaces_and_missing_key_is_named(tmp_path, results):
+    write_results(tmp_path, results)
+    write_results(tmp_path, {"CDF-v2": results["CDF-v2"]})
+    assert list(read_results(tmp_path)) == ["CDF-v2"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match=r"'DFD'.*\['video_auc'\]"):
+        write_results(tmp_path, {"DFD": {"frame_auc": 0.9, "acc": 1, "ap": 1, "eer": 0}})
+    with pytest.raises(FileNotFoundError, match="--mode evaluate"):
+        read_results(tmp_path / "nowhere")
+
+
+def test_single_dataset_table_has_no_average(results):
+    _, rows = _parse_md_table(results_table({"DFDC": results["DFDC"]}))
+    assert [r[0] for r in rows] == ["DFDC"]
+
+
+def test_plot_roc_png(tmp_path):
+    rng = np.random.default_rng(1)
+    curves = {}
+    for name in ["CDF-v2", "DFDC"]:
+        y = rng.integers(0, 2, 300)
+        p = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, 300), 0, 1)
+        curves[name] = roc(p, y)
+    curves["empty"] = (np.zeros(0), np.zeros(0), math.nan)  # a single-class set
+    out = plot_roc(curves, tmp_path / "sub" / "roc.png")
+    _assert_png(out)
+    with pytest.raises(ValueError, match="at least one"):
+        plot_roc({}, tmp_path / "x.png")
+
+
+def _layer_scores(rng, n_layers=12, n_targets=4):
+    bias = rng.lognormal(0, 1.5, (n_layers, n_targets))
+    variance = rng.lognormal(1, 1, (n_layers, n_targets))
+    score = bias / variance
+    mask = score >= np.sort(score.ravel())[-6]
+    return {"score": score, "bias": bias, "variance": variance}, mask
+
+
+def test_plot_layer_scores_png(tmp_path):
+    rng = np.random.default_rng(2)
+    scores, mask = _layer_scores(rng)
+    out = plot_layer_scores(scores, ["q", "k", "v", "out"], mask, tmp_path / "layers.png")
+    _assert_png(out, min_bytes=20_000)
+    # Score only, non-positive scores (linear colour scale), custom layer names, ViT-L size.
+    big, big_mask = _layer_scores(rng, n_layers=24, n_targets=6)
+    big["score"] = big["score"] - 1.0
+    del big["bias"]
+    out = plot_layer_scores(
+        big,
+        ["q", "k", "v", "out", "fc1", "fc2"],
+        big_mask,
+        tmp_path / "layers_l14.png",
+        layer_names=[f"block {i}" for i in range(24)],
+    )
+    _assert_png(out)
+
+
+def test_plot_layer_scores_accepts_the_mask_record(tmp_path):
+    # train.py passes the whole record it saves as JSON: extra keys, a GSNR score.
+    rng = np.random.default_rng(5)
+    scores, mask = _layer_scores(rng)
+    record = {
+        **scores,
+        "score": rng.lognormal(0, 1, mask.shape),  # per-element GSNR: not bias / variance
+        "mask": mask.astype(np.float32),
+        "targets": ["q", "k", "v", "out"],
+        "num_batches": 8,
+        "score_kind": "gsnr",
+    }
+    _assert_png(plot_layer_scores(record, record["targets"], mask, tmp_path / "g.png"))
+
+
+def test_plot_layer_scores_checks_shapes(tmp_path):
+    scores, mask = _layer_scores(np.random.default_rng(3))
+    with pytest.raises(ValueError, match="target_names"):
+        plot_layer_scores(scores, ["q", "k"], mask, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="mask shape"):
+        plot_layer_scores(scores, ["q", "k", "v", "out"], mask[:3], tmp_path / "a.png")
+    with pytest.raises(ValueError, match="variance"):
+        bad = {**scores, "variance": scores["variance"][:, :2]}
+        plot_layer_scores(bad, ["q", "k", "v", "out"], mask, tmp_path / "a.png")
+
+
+# ----------------------------------------------------------------------------------------
+# demo report
+
+FAMILIES = ["blend", "swap", "reenact", "noise"]
+
+
+def _row(method, frame, video, note=""):
+    """frame/video: AUC per family in FAMILIES order."""
+    return DemoRow(
+        method=method,
+        results={
+            f: {"frame_auc": a, "video_auc": b}
+            for f, a, b in zip(FAMILIES, frame, video, strict=True)
+        },
+        command=(
+            f"python -m fmsd_jax.main --config configs/demo.py:{method.lower()} "
+            f"--workdir runs/demo/{method}"
+        ),
+        note=note,
+    )
+
+
+@pytest.fixture
+def demo_rows():
+    return [
+        _row("FMSD", [0.99, 0.90, 0.85, 0.80], [1.00, 0.93, 0.88, 0.82], note="0.2M trainable"),
+        _row("Effort", [0.99, 0.85, 0.80, 0.78], [1.00, 0.88, 0.83, 0.80]),  # FMSD better
+        _row("LinearProbe", [0.95, 0.95, 0.90, 0.85], [0.96, 0.97, 0.92, 0.88]),  # FMSD worse
+        _row("FullFT", [1.00, 0.93, 0.82, 0.75], [1.00, 0.91, 0.90, 0.81]),  # mixed
+        _row("Near", [0.99, 0.901, 0.851, 0.799], [1.00, 0.93, 0.88, 0.82]),  # tie
+    ]
+
+
+def test_verdicts_are_computed(demo_rows):
+    v = {x.baseline: x for x in compare_to_baselines(demo_rows, train_families=["blend"])}
+    assert v["Effort"].families == ("swap", "reenact", "noise")
+    assert v["Effort"].beats and v["Effort"].frame_wins == 3
+    assert v["Effort"].ours_frame == pytest.approx(np.mean([0.90, 0.85, 0.80]))
+    assert not v["LinearProbe"].beats and v["LinearProbe"].frame == -1
+    assert v["LinearProbe"].video == -1
+    # Mean frame AUC: 0.85 vs 0.8333 (+); video: 0.8767 vs 0.8733 (within 0.005: tie).
+    assert not v["FullFT"].beats and v["FullFT"].frame == 1 and v["FullFT"].video == 0
+    assert not v["Near"].beats and v["Near"].frame == 0 and v["Near"].video == 0
+    # The training family never enters the comparison: making FMSD perfect there changes nothing.
+    rows = [demo_rows[0]] + demo_rows[1:]
+    rows[0] = _row("FMSD", [1.0, 0.90, 0.85, 0.80], [1.0, 0.93, 0.88, 0.82])
+    assert compare_to_baselines(rows, train_families=["blend"])[0] == v["Effort"]
+    with pytest.raises(ValueError, match="no row for our method"):
+        compare_to_baselines(demo_rows[1:], train_families=["blend"])
+    with pytest.raises(ValueError, match="no held-out family"):
+        compare_to_baselines(demo_rows, train_families=FAMILIES)
+
+
+def test_demo_report(tmp_path, demo_rows):
+    charts = tmp_path / "charts"
+    charts.mkdir()
+    layer_png, roc_png = charts / "layer_scores.png", charts / "roc_fmsd.png"
+    layer_png.write_bytes(PNG_MAGIC)
+    roc_png.write_bytes(PNG_MAGIC)
+    out = write_demo_report(
+        tmp_path / "report.md",
+        [r.__dict__ for r in demo_rows[:4]] + [demo_rows[4]],  # dicts are accepted too
+        train_families=["blend"],
+        layer_chart=layer_png,
+        roc_charts={"FMSD": roc_png},
+    )
+    text = out.read_text()
+
+    header, rows = _parse_md_table(text)
+    assert header[0] == "method"
+    assert header[1:3] == ["blend (train) · frame AUC", "blend (train) · video AUC"]
+    assert "swap · frame AUC" in header and "swap · video AUC" in header
+    assert header[-2:] == ["held-out mean · frame AUC", "held-out mean · video AUC"]
+    col = {h: i for i, h in enumerate(header)}
+    table = {r[0]: r for r in rows}
+    assert list(table) == ["FMSD", "Effort", "LinearProbe", "FullFT", "Near"]
+    for row in demo_rows:
+        for f in FAMILIES:
+            tag = " (train)" if f == "blend" else ""
+            assert (
+                _num(table[row.method][col[f"{f}{tag} · frame AUC"]]) == row.results[f]["frame_auc"]
+            )
+            assert (
+                _num(table[row.method][col[f"{f}{tag} · video AUC"]]) == row.results[f]["video_auc"]
+            )
+    assert _num(table["Effort"][col["held-out mean · video AUC"]]) == pytest.approx(
+        np.mean([0.88, 0.83, 0.80]), abs=5e-5
+    )
+
+    assert "FMSD beats 1 of 4 baselines" in text
+    assert "**FMSD beats Effort**" in text
+    assert "**FMSD does not beat LinearProbe; LinearProbe is better**" in text
+    assert "**FMSD does not clearly beat FullFT** (mixed)" in text
+    assert "**FMSD does not beat Near** (tie)" in text
+    # Links are relative to the report, so the workdir can move.
+    assert "](charts/layer_scores.png)" in text and "](charts/roc_fmsd.png)" in text
+    assert str(tmp_path) not in text
+    for row in demo_rows:
+        assert f"```bash\n{row.command}\n```" in text
+    assert "0.2M trainable" in text
+
+
+def test_demo_report_when_ours_loses_everywhere(tmp_path):
+    rows = [
+        _row("FMSD", [0.99, 0.60, 0.60, 0.60], [0.99, 0.60, 0.60, 0.60]),
+        _row("Effort", [0.99, 0.70, 0.70, 0.70], [0.99, 0.70, 0.70, 0.70]),
+    ]
+    text = write_demo_report(tmp_path / "r.md", rows, train_families=["blend"]).read_text()
+    assert "FMSD beats 0 of 1 baselines" in text
+    assert "**FMSD does not beat Effort; Effort is better**" in text
+    assert "beats Effort**" not in text
+
+
+def test_demo_table_missing_family_is_na():
+    rows = [
+        _row("FMSD", [0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6]),
+        DemoRow("Partial", {"blend": {"frame_auc": 0.9, "video_auc": 0.9}}, "cmd"),
+    ]
+    header, body = _parse_md_table(demo_table(rows, train_families=["blend"]))
+    partial = dict(zip(header, body[1], strict=True))
+    assert partial["swap · frame AUC"] == "n/a"
+    assert partial["held-out mean · frame AUC"] == "n/a"
+    with pytest.raises(ValueError, match="duplicate"):
+        demo_table(rows + rows[:1], train_families=["blend"])
+
+
+def test_layering_no_model_code_no_pyplot_no_jax():
+    # Reports are regenerated from a workdir on any machine: importing them must not pull in
+    # the model stack, JAX, or pyplot (which would pick a GUI backend in a user's session).
+    code = (
+        "import sys, fmsd_jax.report, fmsd_jax.metrics; "
+        "print(sorted(m for m in sys.modules if m.startswith(('fmsd_jax', 'jax', 'flax')) "
+        "or m == 'matplotlib.pyplot'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['fmsd_jax', 'fmsd_jax.metrics', 'fmsd_jax.report']"
