@@ -1,0 +1,112 @@
+"""Orbax checkpoints of a run, plus the JSON sidecars that make a workdir self-describing.
+
+`WORKDIR/checkpoints` holds the latest steps for resuming (step, trainable state, optimizer
+state, data-iterator state); `WORKDIR/best` holds the checkpoint chosen on the validation
+split. Orbax writes into a temporary directory and renames it, so a checkpoint is never half
+written; a SIGKILL at any moment leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_JSON = "config.json"
+MASK_JSON = "layer_mask.json"
+SPEC_JSON = "decomposition.json"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray | jax.Array):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class RunCheckpoints:
+    """The latest-step manager (resume) and the best-on-validation manager (evaluation)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 2,
+                 select_metric: str = "frame_auc"):
+        workdir = Path(workdir).absolute()
+        self.latest = ocp.CheckpointManager(
+            workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "data"),
+        )
+        self.best = ocp.CheckpointManager(
+            workdir / "best",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, best_fn=lambda m: m[select_metric],
+                best_mode="max"),
+            item_names=("state",),
+        )
+
+    def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.latest.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
+        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                       metrics={k: float(v) for k, v in metrics.items()}, force=True)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> Any:
+        step = self.latest.latest_step()
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def restore_for_eval(self, abstract_state: Any) -> tuple[int, Any, str]:
+        """The best-on-validation checkpoint if one exists, else the latest one."""
+        for name, mngr in (("best", self.best), ("latest", self.latest)):
+            step = mngr.best_step() if name == "best" else mngr.latest_step()
+            if step is not None:
+                restored = mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+                return step, restored["state"], name
+        raise FileNotFoundError(
+            "no checkpoint found under WORKDIR/best or WORKDIR/checkpoints; train first "
+            "(python -m fmsd_jax.main --mode train ...)")
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

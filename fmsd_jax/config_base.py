@@ -1,0 +1,174 @@
+"""The full config schema with documented defaults, shared by every file in `configs/`.
+
+Every field a run may read exists here, so `--config.a.b=value` on an unknown field is an error
+that names it (ml_collections refuses new keys on a locked ConfigDict). Each uncertain choice of
+the reconstructed method is a field whose default carries a one-line reason (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from fmsd_jax.data.config import get_data_config
+
+REGIMES = ("fmsd", "effort", "full", "linear_probe")
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 1024  # Effort / DeepfakeBench seed
+
+    c.model = mlc.ConfigDict()
+    c.model.variant = "B/16"  # declared geometry; 'auto' takes whatever init_from holds
+    c.model.init_from = ""  # pretrained CLIP file: HF model.safetensors, OpenAI .pt, open_clip
+    c.model.image_size = 224
+    c.model.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
+    c.model.attention_impl = mlc.FieldReference(None, field_type=str)  # None: backend picks
+    c.model.remat = False
+    c.model.num_classes = 2
+
+    c.method = mlc.ConfigDict()
+    c.method.regime = "fmsd"  # one of REGIMES
+    c.method.targets = ("q", "k", "v", "out")  # Effort's candidate layers; add fc1/fc2 for MLPs
+    c.method.num_subspaces = 4  # K artifact subspaces (FMSD's multi-artifact assumption)
+    c.method.rank = 1  # d per subspace: K*d trainable directions per layer, Effort used 1
+    c.method.lambda_orth = 0.1  # keeps artifact bases orthogonal; 0 reproduces Effort's code
+    c.method.lambda_spec = 0.1  # keeps the pretrained spectrum; 0 allowed
+    c.method.spectral_form = "frobenius"  # Effort's |‖Ŵ‖² − ‖W‖²|, or 'per_subspace'
+    c.method.mask = mlc.ConfigDict()
+    c.method.mask.enabled = True  # forgery-aware layer masking (v3 of the paper)
+    c.method.mask.num_batches = 16  # T mini-batches for the gradient moments
+    c.method.mask.score = "bias_variance"  # bias/(variance+eps) per layer, or 'gsnr'
+    c.method.mask.select = "top_k"  # or 'threshold' (min-max normalised, Auto-SNR style)
+    c.method.mask.top_k = 24  # half of ViT-B/16's 48 attention projections
+    c.method.mask.threshold = 0.5
+    c.method.mask.eps = 1e-12
+
+    c.optim = mlc.ConfigDict()
+    c.optim.name = "adam"  # torch-style Adam + L2 weight decay, as Effort; or 'adamw'
+    c.optim.lr = 2e-4  # Effort
+    c.optim.head_lr = 2e-4
+    c.optim.weight_decay = 5e-4  # Effort
+    c.optim.head_weight_decay = 5e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.schedule = "constant"  # Effort uses no scheduler; 'cosine' adds warm-up + cosine
+    c.optim.warmup_steps = 0
+    c.optim.grad_clip = 0.0  # global-norm clipping; 0 disables
+
+    c.data = get_data_config()
+
+    c.train = mlc.ConfigDict()
+    c.train.batch_size = 32  # global batch, Effort
+    c.train.num_epochs = 10
+    c.train.total_steps = 0  # 0: num_epochs over the training set
+    c.train.log_every = 50  # metrics are fetched from the device only this often
+    c.train.checkpoint_every = 500
+    c.train.eval_every = 0  # validation every N steps; 0: once per epoch
+    c.train.max_to_keep = 2
+    c.train.eval_after_training = True
+    # Fault injection for the resume tests: the process sends itself this signal right after
+    # finishing step `fault_after_step` (0: never).
+    c.train.fault_after_step = 0
+    c.train.fault_signal = "SIGKILL"
+
+    c.eval = mlc.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.splits_from_train = "val"  # checkpoint selection split (never a test set)
+    c.eval.select_metric = "frame_auc"
+
+    c.mesh = mlc.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1  # >1 shards large frozen weights over this axis
+    c.multihost = False  # jax.distributed.initialize() (auto-detects SLURM / TPU pods)
+    c.distributed = mlc.ConfigDict()  # explicit cluster, e.g. several processes on localhost
+    c.distributed.coordinator_address = ""  # 'host:port'; empty: auto-detect
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
+    c.export = mlc.ConfigDict()
+    c.export.out_dir = ""  # default: WORKDIR/export
+
+    c.predict = mlc.ConfigDict()
+    c.predict.batch_size = 32
+    c.predict.video_frames = 32  # frames sampled evenly per video file
+    return c
+
+
+def apply_regime(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Make a baseline regime's method fields consistent (Effort: K=1, d=1, no masking)."""
+    if c.method.regime == "effort":
+        c.method.num_subspaces = 1
+        c.method.rank = 1
+        c.method.mask.enabled = False
+        c.method.lambda_orth = 0.0
+        c.method.lambda_spec = 0.0
+    elif c.method.regime in ("full", "linear_probe"):
+        c.method.mask.enabled = False
+        c.method.lambda_orth = 0.0
+        c.method.lambda_spec = 0.0
+    return c
+
+
+def runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Shrink any config to a CPU smoke run: geometry from init_from, tiny images, few steps."""
+    c.model.variant = "auto"
+    c.model.image_size = 32
+    c.data.image_size = 32
+    c.data.frame_num.train = 2
+    c.data.frame_num.test = 2
+    c.data.workers = 0
+    c.method.mask.num_batches = 2
+    c.method.mask.top_k = 2
+    c.train.batch_size = 4
+    c.train.total_steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.eval_every = 4
+    c.eval.batch_size = 8
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+    """big_vision-style `path.py:key=value,flag` argument parsing."""
+    out = mlc.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(out)}")
+        default = out[key]
+        if not value:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+FFPP_TEST = ("Celeb-DF-v1", "Celeb-DF-v2", "DeepFakeDetection", "DFDC", "DFDCP")
+
+
+def paper_protocol(arg: str | None, *, variant: str, regime: str, **extra_args) -> tuple:
+    """The DeepfakeBench protocol (FF++ c23 → CDF-v1/v2, DFD, DFDC, DFDCP) for one regime.
+
+    Returns (config, parsed args); the caller edits the config, then calls `finish`.
+    """
+    args = parse_arg(arg, runlocal=False, bf16=False, **extra_args)
+    c = base_config()
+    c.model.variant = variant
+    c.method.regime = regime
+    apply_regime(c)
+    c.data.train_dataset = ("FaceForensics++",)
+    c.data.test_dataset = FFPP_TEST
+    return c, args
+
+
+def finish(c: mlc.ConfigDict, args: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Apply the common `:bf16` and `:runlocal` variants last, so they win."""
+    if args.bf16:
+        c.model.dtype = "bfloat16"
+    if args.runlocal:
+        runlocal(c)
+    return c

@@ -1,0 +1,128 @@
+"""Evaluation by DeepfakeBench's protocol: per test dataset, frame- and video-level metrics.
+
+`--mode evaluate` needs nothing but the workdir and the pretrained weights its config names: the
+module structure is rebuilt from those (mask and decomposition spec from the JSON sidecars) and
+the trained leaves are restored from the best-on-validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+from sklearn.metrics import roc_curve
+
+from fmsd_jax import checkpointing, metrics, report, sharding
+from fmsd_jax.data import pipeline
+
+log = logging.getLogger("fmsd_jax")
+
+
+def make_predict_fn(graphdef: Any, mesh) -> Any:
+    """jit(probability of 'fake') with the batch split over the mesh."""
+
+    def predict(trainable, frozen, images):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return jax.nn.softmax(model(images).astype(np.float32), axis=-1)[:, 1]
+
+    return jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
+
+
+def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
+                  predict=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves."""
+    predict = predict or make_predict_fn(run.graphdef, run.mesh)
+    acc = metrics.MetricAccumulator()
+    loader = pipeline.make_eval_loader(
+        cfg.data, name, split=split, batch_size=cfg.eval.batch_size,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    for batch in loader:
+        images = sharding.global_batch(run.mesh, batch, ("image",))["image"]
+        probs = predict(trainable, run.frozen, images)
+        local = np.asarray(probs) if jax.process_count() == 1 else _process_local(probs)
+        acc.add(local, batch["label"], batch["video_id"], batch["valid"])
+    result = acc.result()
+    probs, labels = acc.arrays()
+    return result, probs, labels
+
+
+def _process_local(global_array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, in order."""
+    shards = sorted(global_array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def validate(cfg: mlc.ConfigDict, run, trainable) -> dict[str, float] | None:
+    """Metrics on the validation split of the training datasets (checkpoint selection)."""
+    split = cfg.eval.splits_from_train
+    pooled_probs, pooled_labels, results = [], [], []
+    for name in cfg.data.train_dataset:
+        if not pipeline.has_split(cfg.data, name, split):
+            log.warning("dataset %s has no %r split: no validation for it", name, split)
+            continue
+        result, probs, labels = score_dataset(cfg, run, trainable, name, split)
+        results.append(result)
+        pooled_probs.append(probs)
+        pooled_labels.append(labels)
+    if not results:
+        return None
+    if len(results) == 1:
+        out = results[0]
+    else:
+        out = metrics.compute_metrics(np.concatenate(pooled_probs),
+                                      np.concatenate(pooled_labels))
+    out = {k: float(v) for k, v in out.items() if isinstance(v, float | int | np.floating)}
+    log.info("validation: %s", " ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
+    """Score every test dataset; write results.json, results.md and ROC curves."""
+    workdir = Path(workdir)
+    if run is None:
+        from fmsd_jax import train  # evaluation from a checkpoint rebuilds the run
+
+        mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
+        run = train.prepare(cfg, workdir, mesh, estimate=False)
+    trainable = restore_trainable(cfg, workdir, run)
+    predict = make_predict_fn(run.graphdef, run.mesh)
+    results, curves = {}, {}
+    for name in cfg.data.test_dataset:
+        result, probs, labels = score_dataset(cfg, run, trainable, name, "test", predict)
+        results[name] = result
+        if len(np.unique(labels)) == 2:
+            fpr, tpr, _ = roc_curve(labels, probs)
+            curves[name] = (fpr, tpr, result["frame_auc"])
+        log.info("%s: %s", name, " ".join(
+            f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    if jax.process_index() == 0:
+        report.write_results(workdir, results)
+        if curves:
+            report.plot_roc(curves, workdir / "roc.png")
+    return results
+
+
+def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
+    """The trained leaves from WORKDIR's best (else latest) checkpoint, on the run's mesh."""
+    from fmsd_jax.method.optimizer import make_optimizer
+
+    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
+                        spec=run.spec, total_steps=1)
+    state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
+             "opt_state": jax.eval_shape(tx.init, run.trainable)}
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=sharding.param_sharding(run.mesh, x)), state)
+    ckpts = checkpointing.RunCheckpoints(workdir, select_metric=cfg.eval.select_metric)
+    try:
+        step, restored, which = ckpts.restore_for_eval(abstract)
+    finally:
+        ckpts.close()
+    log.info("evaluating the %s checkpoint (step %d) of %s", which, step, workdir)
+    return restored["trainable"]

@@ -1,0 +1,48 @@
+"""What a running job tells its user: a progress line and TensorBoard event files."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+
+class Progress:
+    """Step rate, images/s and ETA measured over the interval since the last report."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int):
+        self.total = total_steps
+        self.batch_size = batch_size
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self.steps_per_s = 0.0
+        self.images_per_s = 0.0
+
+    def update(self, step: int, metrics: dict[str, float]) -> str:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        self.steps_per_s = (step - self._last_step) / elapsed
+        self.images_per_s = self.steps_per_s * self.batch_size
+        self._last_step, self._last_time = step, now
+        remaining = (self.total - step) / self.steps_per_s if self.steps_per_s else 0.0
+        eta = datetime.timedelta(seconds=int(remaining))
+        terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return (f"step {step}/{self.total} | {self.steps_per_s:.2f} steps/s "
+                f"{self.images_per_s:.1f} img/s | ETA {eta} | {terms}")
+
+
+class TensorBoard:
+    """Scalars into WORKDIR/tb (tensorboardX: event files without TensorFlow)."""
+
+    def __init__(self, logdir: str | Path):
+        self._writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self._writer.add_scalar(key, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,93 @@
+"""Command line: `python -m fmsd_jax.main --config configs/clip_b16.py --workdir DIR [--mode M]`.
+
+Modes: train (default: estimate the layer mask, decompose, train, evaluate), mask (estimate and
+save the layer mask only), evaluate (from the workdir's checkpoint), export (merged dense CLIP
+weights + head for PyTorch), predict (score image files, folders or videos given as arguments).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/clip_b16.py or configs/clip_b16.py:runlocal",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "mask", "evaluate", "export", "predict"],
+                          "What to do.")
+_OUT = flags.DEFINE_string("out", None, "export: output directory (default WORKDIR/export); "
+                           "predict: output JSON (default WORKDIR/predictions.json).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed(cfg) -> None:
+    """One JAX process per host (or per GPU); the global batch is assembled from all of them."""
+    import jax
+
+    # CPU processes (tests, CPU-only clusters) need a collectives backend for cross-process
+    # ops; the setting only concerns the CPU client, so GPU and TPU runs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    d = cfg.distributed
+    if d.coordinator_address:
+        jax.distributed.initialize(d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+    else:
+        jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU and Open MPI clusters
+
+
+def main(argv: list[str]) -> None:
+    from absl import logging as absl_logging
+
+    # Our progress goes to stdout; library chatter (orbax, XLA) only from warnings up.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    ours = logging.getLogger("fmsd_jax")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    cfg = _CONFIG.value
+
+    if cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1":
+        init_distributed(cfg)
+    from fmsd_jax import config_base
+
+    with cfg.unlocked():
+        config_base.apply_regime(cfg)
+    mode, workdir = _MODE.value, _WORKDIR.value
+    if mode != "predict" and len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (only --mode predict takes files)")
+    if mode == "train":
+        from fmsd_jax import train
+
+        try:
+            train.train(cfg, workdir)
+        except train.Preempted as e:
+            logging.getLogger("fmsd_jax").warning("%s; rerun the same command to resume", e)
+    elif mode == "mask":
+        from fmsd_jax import train
+
+        train.mask_only(cfg, workdir)
+    elif mode == "evaluate":
+        from fmsd_jax import evaluate
+
+        evaluate.evaluate(cfg, workdir)
+    elif mode == "export":
+        from fmsd_jax import export
+
+        export.export(cfg, workdir, _OUT.value)
+    else:
+        from fmsd_jax import predict
+
+        if len(argv) < 2:
+            raise app.UsageError("--mode predict needs image files, folders or videos to score")
+        predict.predict(cfg, workdir, argv[1:], _OUT.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

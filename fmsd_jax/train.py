@@ -1,0 +1,284 @@
+"""The training loop: mask estimation, decomposition, a sharded jitted step, checkpoints, eval.
+
+Modelled on Flax's NNX examples: the detector is `nnx.split` once into (graphdef, trainable,
+frozen) by Variable type; the step is a pure function of (trainable, optimizer state, frozen,
+batch) compiled once with explicit shardings and donated buffers. Metrics stay on device and
+are fetched every `log_every` steps, so the host never waits on the accelerator in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from flax import nnx
+
+from fmsd_jax import assemble, checkpointing, evaluate, feedback, report, sharding
+from fmsd_jax.data import pipeline
+from fmsd_jax.method import decompose as decomp
+from fmsd_jax.method import masking
+from fmsd_jax.method.objective import make_loss_fn
+from fmsd_jax.method.optimizer import make_optimizer
+
+log = logging.getLogger("fmsd_jax")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a loop needs about the assembled model, shared with evaluation."""
+
+    graphdef: Any
+    trainable: Any
+    frozen: Any
+    mask: np.ndarray
+    spec: decomp.DecompositionSpec | None
+    mesh: Any
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM once the state is saved; main exits cleanly."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+
+
+def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) -> Run:
+    """Pretrained detector → layer mask (estimated once, then read back) → decomposition."""
+    detector = assemble.build_detector(cfg)
+    mask_path = workdir / checkpointing.MASK_JSON
+    mask_needed = cfg.method.regime == "fmsd" and cfg.method.mask.enabled
+    if mask_needed and mask_path.exists():
+        mask = np.asarray(checkpointing.read_json(mask_path)["mask"], np.float32)
+    elif mask_needed:
+        if not estimate:
+            raise FileNotFoundError(
+                f"{mask_path} is missing: this workdir was never trained; run --mode train "
+                "or --mode mask first")
+        mask = estimate_mask(cfg, detector, workdir, mesh)
+    else:
+        mask = assemble.full_mask(cfg, detector)
+
+    spec = None
+    if assemble.uses_decomposition(cfg):
+        spec = assemble.decompose_detector(cfg, detector)
+        if jax.process_index() == 0:
+            checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
+
+    graphdef, trainable, frozen = nnx.split(
+        detector, decomp.trainable_filter(cfg.method.regime), ...)
+    trainable = sharding.shard_tree(mesh, trainable)
+    frozen = sharding.shard_tree(mesh, frozen)
+    return Run(graphdef, trainable, frozen, mask, spec, mesh)
+
+
+def estimate_mask(cfg: mlc.ConfigDict, detector, workdir: Path, mesh) -> np.ndarray:
+    """Forgery-aware layer masking on the dense pretrained detector (DESIGN.md §1.3)."""
+    loader = pipeline.make_train_loader(
+        cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed + 1,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    it = iter(loader)
+    batches = (sharding.global_batch(mesh, next(it), ("image", "label"))
+               for _ in range(cfg.method.mask.num_batches))
+    t0 = time.perf_counter()
+    graphdef, candidates, rest = masking.candidate_split(detector, tuple(cfg.method.targets))
+    scores = masking.estimate_layer_scores(
+        graphdef, candidates, rest, batches, loss_fn=make_loss_fn(lambda_orth=0.0,
+                                                                  lambda_spec=0.0),
+        targets=tuple(cfg.method.targets), score=cfg.method.mask.score, eps=cfg.method.mask.eps,
+        num_batches=cfg.method.mask.num_batches, mesh=mesh)
+    mask = masking.select_layers(
+        scores["score"], top_k=cfg.method.mask.top_k if cfg.method.mask.select == "top_k"
+        else None, threshold=cfg.method.mask.threshold
+        if cfg.method.mask.select == "threshold" else None)
+    mask = np.asarray(mask, np.float32)
+    log.info("layer mask: %d of %d candidate layers selected in %.1fs", int(mask.sum()),
+             mask.size, time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        record = {k: np.asarray(v) for k, v in scores.items()}
+        record.update(mask=mask, targets=list(cfg.method.targets),
+                      num_batches=cfg.method.mask.num_batches, score_kind=cfg.method.mask.score)
+        checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
+        report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
+                                 workdir / "layer_scores.png")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_shardings):
+    """jit(step) with explicit shardings; trainable and optimizer state buffers are donated."""
+    graphdef = run.graphdef
+    batch_sh = sharding.batch_sharding(run.mesh)
+    repl = sharding.replicated(run.mesh)
+    frozen_sh = sharding.tree_shardings(run.mesh, run.frozen)
+
+    def step(state, frozen, batch, metric_sums):
+        def objective(trainable):
+            model = nnx.merge(graphdef, trainable, frozen)
+            return loss_fn(model, batch)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["trainable"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   **{k: v for k, v in aux.items()}}
+        metric_sums = {k: metric_sums.get(k, 0.0) + v.astype(jnp.float32)
+                       for k, v in metrics.items()}
+        metric_sums["count"] = metric_sums.get("count", 0.0) + 1.0
+        new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
+        return new_state, metric_sums
+
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, frozen_sh, {"image": batch_sh, "label": batch_sh}, repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0, 3),
+    )
+
+
+def init_metric_sums(run: Run, loss_fn, step_fn_sample_batch) -> dict:
+    """Zeros with the keys the step produces (so the jitted signature never changes)."""
+    model = nnx.merge(run.graphdef, run.trainable, run.frozen)
+    _, aux = jax.eval_shape(lambda m, b: loss_fn(m, b), model, step_fn_sample_batch)
+    keys = ["loss", "grad_norm", *aux.keys(), "count"]
+    return {k: jnp.zeros((), jnp.float32) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def total_steps(cfg: mlc.ConfigDict, num_train_records: int) -> int:
+    if cfg.train.total_steps:
+        return int(cfg.train.total_steps)
+    per_epoch = max(1, num_train_records // cfg.train.batch_size)
+    return per_epoch * int(cfg.train.num_epochs)
+
+
+def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
+    """Train (resuming if WORKDIR holds a checkpoint), then evaluate on the test datasets."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_fits(mesh, cfg.train.batch_size)
+    sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
+    assemble.check_init_from(cfg)
+    loader = pipeline.make_train_loader(
+        cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    num_records = pipeline.num_records(loader)
+    if num_records == 0:
+        raise ValueError(f"the training set {tuple(cfg.data.train_dataset)} is empty")
+    if jax.process_index() == 0:
+        checkpointing.write_json_atomic(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
+
+    run = prepare(cfg, workdir, mesh)
+    steps = total_steps(cfg, num_records)
+    loss_fn = make_loss_fn(cfg)
+    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
+                        spec=run.spec, total_steps=steps)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
+             "opt_state": tx.init(run.trainable)}
+    state_sh = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), state)
+    state = jax.device_put(state, state_sh)
+
+    data_iter = iter(loader)
+    ckpts = checkpointing.RunCheckpoints(workdir, max_to_keep=cfg.train.max_to_keep,
+                                         select_metric=cfg.eval.select_metric)
+    if ckpts.latest_step() is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        state = ckpts.restore_latest(abstract, data_iter)
+        log.info("resumed from step %d", int(state["step"]))
+
+    sample = {"image": jax.ShapeDtypeStruct(
+        (cfg.train.batch_size, cfg.model.image_size, cfg.model.image_size, 3), jnp.float32),
+              "label": jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32)}
+    metric_sums = init_metric_sums(run, loss_fn, sample)
+    step_fn = make_train_step(run, loss_fn, tx, state_sh)
+    writer = feedback.TensorBoard(workdir / "tb") if jax.process_index() == 0 else None
+    schedule = getattr(tx, "learning_rate_fn", None)
+    eval_every = cfg.train.eval_every or max(1, num_records // cfg.train.batch_size)
+
+    preempted = {"flag": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    start = int(state["step"])
+    progress = feedback.Progress(steps, start, cfg.train.batch_size)
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = sharding.global_batch(mesh, next(data_iter), ("image", "label"))
+            state, metric_sums = step_fn(state, run.frozen, batch, metric_sums)
+            last = step == steps
+            if step % cfg.train.log_every == 0 or last or preempted["flag"] \
+                    or step % cfg.train.checkpoint_every == 0:
+                metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule)
+            if step % cfg.train.checkpoint_every == 0 or last or preempted["flag"]:
+                ckpts.save(step, state, data_iter, force=True)
+            if step == cfg.train.fault_after_step:
+                ckpts.wait()
+                os.kill(os.getpid(), getattr(signal, cfg.train.fault_signal))
+                time.sleep(0.5)  # let a SIGTERM handler run before the check below
+            if preempted["flag"]:
+                ckpts.wait()
+                raise Preempted(f"SIGTERM received: saved step {step} to {workdir}")
+            if step % eval_every == 0 or last:
+                val = evaluate.validate(cfg, run, state["trainable"])
+                if val is not None:
+                    ckpts.save_best(step, state, val)
+                    if writer:
+                        writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
+        ckpts.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpts.close()
+        if writer:
+            writer.close()
+
+    if not cfg.train.eval_after_training:
+        return {}
+    return evaluate.evaluate(cfg, workdir, run=run)
+
+
+def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule) -> dict:
+    host = jax.device_get(metric_sums)
+    count = max(float(host.pop("count")), 1.0)
+    means = {k: float(v) / count for k, v in host.items()}
+    if not np.isfinite(means["loss"]):
+        raise FloatingPointError(
+            f"loss became {means['loss']} by step {step}; training stopped and the last good "
+            "checkpoint was kept. Lower config.optim.lr or enable config.optim.grad_clip")
+    if schedule is not None:
+        means["lr"] = float(schedule(step))
+    line = progress.update(step, means)
+    log.info(line)
+    if writer:
+        writer.scalars(step, {f"train/{k}": v for k, v in means.items()}
+                       | {"train/images_per_s": progress.images_per_s})
+    return jax.tree.map(jnp.zeros_like, metric_sums)
+
+
+def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
+    """`--mode mask`: estimate, save and plot the layer mask, nothing else."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (cfg.method.regime == "fmsd" and cfg.method.mask.enabled):
+        raise ValueError(f"config.method.regime={cfg.method.regime!r} with mask.enabled="
+                         f"{cfg.method.mask.enabled} uses no layer mask; nothing to estimate")
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_fits(mesh, cfg.train.batch_size)
+    detector = assemble.build_detector(cfg)
+    sharding.shard_tree(mesh, nnx.state(detector))
+    return estimate_mask(cfg, detector, workdir, mesh)
