@@ -11,7 +11,6 @@ import ml_collections as mlc
 
 from fmsd_jax.data.config import get_data_config
 
-REGIMES = ("fmsd", "effort", "full", "linear_probe")
 
 
 def base_config() -> mlc.ConfigDict:
@@ -28,7 +27,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.num_classes = 2
 
     c.method = mlc.ConfigDict()
-    c.method.regime = "fmsd"  # one of REGIMES
+    c.method.regime = "fmsd"  # fmsd | effort | full | linear_probe
     c.method.targets = ("q", "k", "v", "out")  # Effort's candidate layers; add fc1/fc2 for MLPs
     c.method.num_subspaces = 4  # K artifact subspaces (FMSD's multi-artifact assumption)
     c.method.rank = 1  # d per subspace: K*d trainable directions per layer, Effort used 1

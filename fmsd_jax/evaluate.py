@@ -7,6 +7,7 @@ the trained leaves are restored from the best-on-validation checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ import jax
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
-from sklearn.metrics import roc_curve
 
 from fmsd_jax import checkpointing, metrics, report, sharding
 from fmsd_jax.data import pipeline
@@ -35,9 +35,13 @@ def make_predict_fn(graphdef: Any, mesh) -> Any:
 
 def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
                   predict=None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves."""
+    """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves.
+
+    Each process scores its own shard of the set; on several hosts the kept frames of every
+    process are gathered first, so every process computes metrics over the whole set.
+    """
     predict = predict or make_predict_fn(run.graphdef, run.mesh)
-    acc = metrics.MetricAccumulator()
+    acc = metrics.MetricAccumulator(name=name)
     loader = pipeline.make_eval_loader(
         cfg.data, name, split=split, batch_size=cfg.eval.batch_size,
         shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -46,15 +50,35 @@ def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
         probs = predict(trainable, run.frozen, images)
         local = np.asarray(probs) if jax.process_count() == 1 else _process_local(probs)
         acc.add(local, batch["label"], batch["video_id"], batch["valid"])
-    result = acc.result()
+    if jax.process_count() > 1:
+        acc = _gather_accumulator(acc, name)
     probs, labels = acc.arrays()
-    return result, probs, labels
+    return acc.result(), probs, labels
 
 
 def _process_local(global_array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in order."""
     shards = sorted(global_array.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _gather_accumulator(acc: metrics.MetricAccumulator, name: str) -> metrics.MetricAccumulator:
+    """All processes' frames in one accumulator (video ids travel as SHA-1 digests)."""
+    from jax.experimental import multihost_utils
+
+    probs, labels = acc.arrays()
+    digests = np.stack([np.frombuffer(hashlib.sha1(str(v).encode()).digest(), np.uint8)
+                        for v in acc.video_ids()]) if len(probs) else np.zeros((0, 20), np.uint8)
+    # Shards may keep different frame counts: pad to the largest and gather a validity mask.
+    n = int(np.max(multihost_utils.process_allgather(np.asarray([len(probs)]))))
+    pad = n - len(probs)
+    fields = [np.pad(probs.astype(np.float32), (0, pad)), np.pad(labels.astype(np.int32), (0, pad)),
+              np.pad(digests, ((0, pad), (0, 0))), np.arange(n) < len(probs)]
+    gathered = [np.asarray(multihost_utils.process_allgather(f)) for f in fields]
+    p, y, d, valid = (g.reshape(-1, *g.shape[2:]) for g in gathered)
+    out = metrics.MetricAccumulator(name=name)
+    out.add(p, y, np.asarray([x.tobytes().hex() for x in d], dtype=object), valid)
+    return out
 
 
 def validate(cfg: mlc.ConfigDict, run, trainable) -> dict[str, float] | None:
@@ -97,8 +121,7 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
         result, probs, labels = score_dataset(cfg, run, trainable, name, "test", predict)
         results[name] = result
         if len(np.unique(labels)) == 2:
-            fpr, tpr, _ = roc_curve(labels, probs)
-            curves[name] = (fpr, tpr, result["frame_auc"])
+            curves[name] = metrics.roc(probs, labels, name=name)
         log.info("%s: %s", name, " ".join(
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if jax.process_index() == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -62,11 +63,20 @@ def main(argv: list[str]) -> None:
     mode, workdir = _MODE.value, _WORKDIR.value
     if mode != "predict" and len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (only --mode predict takes files)")
+    if cfg.get("demo") is not None and mode != "train":
+        from fmsd_jax import demo  # configs/demo.py: other modes act on one trained row
+
+        cfg = demo.row_config(cfg, workdir)
     if mode == "train":
         from fmsd_jax import train
 
         try:
-            train.train(cfg, workdir)
+            if cfg.get("demo") is not None:  # configs/demo.py: data, backbone, 4 rows, report
+                from fmsd_jax import demo
+
+                demo.run(cfg, workdir)
+            else:
+                train.train(cfg, workdir)
         except train.Preempted as e:
             logging.getLogger("fmsd_jax").warning("%s; rerun the same command to resume", e)
     elif mode == "mask":
@@ -89,5 +99,22 @@ def main(argv: list[str]) -> None:
         predict.predict(cfg, workdir, argv[1:], _OUT.value)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with an unknown `--config.a.b` override named instead of a KeyError."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e).replace("\\n", "\n").replace("\\", "")
+        found = re.search(r"'([A-Za-z0-9_]+)'", text)
+        key = found.group(1) if found else text
+        hint = re.search(r"Did you mean \S+", text)
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
+        sys.exit(f"error: {', '.join(bad) or key}: the config has no field {key!r}"
+                 f"{'; ' + hint.group(0).replace(chr(34), '') if hint else ''}. Every field is "
+                 "defined, with its default, in fmsd_jax/config_base.py.")
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpfull for the flags.")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -133,7 +133,7 @@ def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_s
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["trainable"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    **{k: v for k, v in aux.items()}}
         metric_sums = {k: metric_sums.get(k, 0.0) + v.astype(jnp.float32)
                        for k, v in metrics.items()}
@@ -222,16 +222,19 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
             batch = sharding.global_batch(mesh, next(data_iter), ("image", "label"))
             state, metric_sums = step_fn(state, run.frozen, batch, metric_sums)
             last = step == steps
-            if step % cfg.train.log_every == 0 or last or preempted["flag"] \
-                    or step % cfg.train.checkpoint_every == 0:
+            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 \
+                    or last:
                 metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule)
-            if step % cfg.train.checkpoint_every == 0 or last or preempted["flag"]:
+            if step % cfg.train.checkpoint_every == 0 or last:
                 ckpts.save(step, state, data_iter, force=True)
             if step == cfg.train.fault_after_step:
                 ckpts.wait()
                 os.kill(os.getpid(), getattr(signal, cfg.train.fault_signal))
                 time.sleep(0.5)  # let a SIGTERM handler run before the check below
             if preempted["flag"]:
+                if step % cfg.train.checkpoint_every and not last:
+                    metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule)
+                    ckpts.save(step, state, data_iter, force=True)
                 ckpts.wait()
                 raise Preempted(f"SIGTERM received: saved step {step} to {workdir}")
             if step % eval_every == 0 or last:

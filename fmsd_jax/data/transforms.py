@@ -6,6 +6,8 @@ processes; closures and lambdas cannot cross that boundary.
 
 from __future__ import annotations
 
+import threading
+
 import albumentations as A
 import cv2
 import grain
@@ -105,17 +107,25 @@ class Augment(grain.transforms.RandomMap):
 
     def __init__(self, aug_cfg):
         self._cfg = aug_cfg.to_dict() if hasattr(aug_cfg, 'to_dict') else dict(aug_cfg)
-        self._compose: A.Compose | None = None
+        # One Compose per reader thread: set_random_seed + __call__ on a shared Compose races
+        # between grain's read threads, so a record could be augmented with another's seed.
+        self._local = threading.local()
 
     def __getstate__(self):
-        return {'_cfg': self._cfg, '_compose': None}
+        return {'_cfg': self._cfg}
+
+    def __setstate__(self, state):
+        self._cfg = state['_cfg']
+        self._local = threading.local()
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        if self._compose is None:
+        compose = getattr(self._local, 'compose', None)
+        if compose is None:
             import ml_collections
-            self._compose = build_augmentation(ml_collections.ConfigDict(self._cfg))
-        self._compose.set_random_seed(int(rng.integers(0, 2**31 - 1)))
-        element['image'] = self._compose(image=element['image'])['image']
+            compose = self._local.compose = build_augmentation(
+                ml_collections.ConfigDict(self._cfg))
+        compose.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+        element['image'] = compose(image=element['image'])['image']
         return element
 
 

@@ -69,7 +69,7 @@ class ArtifactFactor(nnx.Param):
 
 FROZEN_TYPES = (SemanticWeight, SemanticBasis, SpectralReference)
 
-REGIMES = ("fmsd", "full", "linear_probe")
+REGIMES = ("fmsd", "effort", "full", "linear_probe")
 
 
 def trainable_filter(regime: str) -> Any:
@@ -79,7 +79,7 @@ def trainable_filter(regime: str) -> Any:
     frozen types above are not Params, so a decomposed model keeps W_s frozen even here);
     'linear_probe': the head only.
     """
-    if regime == "fmsd":
+    if regime in ("fmsd", "effort"):  # Effort is FMSD with K=1, d=1 and no mask
         return nnx.Any(ArtifactFactor, HeadParam)
     if regime == "full":
         return nnx.Param

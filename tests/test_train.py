@@ -1,0 +1,353 @@
+"""End-to-end behaviour of the train / evaluate / export / predict modes on a tiny CLIP.
+
+Runs that need a fresh process (SIGKILL, SIGTERM, 8 virtual devices, 2 processes) go through
+`python -m fmsd_jax.main` exactly as a user runs it; the rest call the library in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fmsd_jax import config_base, evaluate, export, predict, sharding, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str = "runlocal"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def overrides(ckpt: Path, bench: Path) -> dict[str, str]:
+    return {"model.init_from": str(ckpt), "data.dataset_root": str(bench),
+            "data.dataset_json_folder": str(bench / "dataset_json"),
+            "data.train_dataset": "('SynBlend',)",
+            "data.test_dataset": "('SynBlend','SynUpsample')",
+            "train.total_steps": "6"}
+
+
+def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra):
+    cfg = load_config(name)
+    for key, value in {**overrides(ckpt, bench), **extra}.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        current = node[leaf]
+        node[leaf] = (eval(value) if isinstance(current, tuple)  # noqa: S307 (test literals)
+                      else type(current)(value) if current is not None else value)
+    config_base.apply_regime(cfg)
+    cfg.lock()
+    return cfg
+
+
+def cli(workdir: Path, ckpt: Path, bench: Path, *flags: str, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py:runlocal",
+            f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in overrides(ckpt, bench).items()] + list(flags)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def trainable_at(workdir: Path, step: int | None = None) -> dict:
+    """The trained leaves of a checkpoint as a flat {path: numpy array}."""
+    root = Path(workdir).absolute() / "checkpoints"
+    step = step if step is not None else max(int(p.name) for p in root.iterdir()
+                                             if p.name.isdigit())
+    path = root / str(step) / "state"
+    # Restore onto this process's first device, whatever mesh wrote the checkpoint.
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            tree)
+    state = ocp.StandardCheckpointer().restore(path, abstract)
+    return flat_arrays(state["trainable"])
+
+
+def flat_arrays(tree) -> dict:
+    """{'[a][b]': array} with nnx's `.value` accessors dropped, so states and dicts compare."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k).removesuffix(".value").removesuffix("['value']"): np.asarray(v)
+            for k, v in flat}
+
+
+def latest_step(workdir: Path) -> int:
+    return max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark):
+    """One uninterrupted 6-step FMSD run, shared by the tests that only read it."""
+    workdir = tmp_path_factory.mktemp("trained")
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
+    results = train.train(cfg, workdir)
+    return cfg, workdir, results
+
+
+def test_train_writes_everything_a_user_reads(trained):
+    cfg, workdir, results = trained
+    for name in ("config.json", "layer_mask.json", "decomposition.json", "results.json",
+                 "results.md", "roc.png", "layer_scores.png"):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "tb").iterdir()), "no TensorBoard event file"
+    saved = json.loads((workdir / "results.json").read_text())
+    assert set(saved) == {"SynBlend", "SynUpsample"}
+    for metrics in saved.values():
+        assert {"frame_auc", "video_auc", "acc", "ap", "eer"} <= set(metrics)
+        assert 0.0 <= metrics["frame_auc"] <= 1.0
+    mask = json.loads((workdir / "layer_mask.json").read_text())
+    selected = np.asarray(mask["mask"])
+    chex.assert_shape(selected, (2, 4))  # tiny tower: 2 layers x (q, k, v, out)
+    assert selected.sum() == cfg.method.mask.top_k
+    assert np.asarray(mask["score"]).shape == (2, 4)
+    assert latest_step(workdir) == 6
+    assert (workdir / "best").is_dir()
+
+
+def test_masked_out_layers_keep_their_pretrained_factors(trained, tiny_clip_checkpoint):
+    """Artifact factors of layers the mask left out are bit-identical to step 0's."""
+    cfg, workdir, _ = trained
+    mask = np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"], bool)
+    run = train.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    initial = flat_arrays(run.trainable)
+    final = trainable_at(workdir)
+    targets = list(cfg.method.targets)
+    checked = 0
+    for key, before in initial.items():
+        if "head" in key:
+            continue
+        target = next(t for t in targets if f"'{t}'" in key)
+        for layer in range(before.shape[0]):
+            same = np.array_equal(before[layer], final[key][layer])
+            assert same == (not mask[layer, targets.index(target)]), (key, layer)
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("name,trains", [("effort_b16", "artifact"), ("full_ft_b16", "all"),
+                                         ("linear_probe_b16", "head")])
+def test_baseline_configs_run_through_the_same_code(tmp_path, tiny_clip_checkpoint,
+                                                    tiny_benchmark, name, trains):
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, name, **{"train.total_steps": "2"})
+    results = train.train(cfg, tmp_path)
+    assert set(results) == {"SynBlend", "SynUpsample"}
+    keys = list(trainable_at(tmp_path))
+    if trains == "head":
+        assert all("head" in k for k in keys)
+    elif trains == "artifact":
+        assert any("head" in k for k in keys)
+        assert not any("kernel" in k for k in keys if "head" not in k)
+        assert not (tmp_path / "layer_mask.json").exists()  # Effort: no masking
+    else:
+        assert any("mlp" in k for k in keys) and any("patch_embed" in k for k in keys)
+
+
+def test_evaluate_mode_rewrites_results_from_the_checkpoint(trained, tmp_path):
+    cfg, workdir, results = trained
+    before = json.loads((workdir / "results.json").read_text())
+    (workdir / "results.json").unlink()
+    again = evaluate.evaluate(cfg, workdir)
+    after = json.loads((workdir / "results.json").read_text())
+    assert after == before
+    np.testing.assert_allclose(again["SynBlend"]["frame_auc"], results["SynBlend"]["frame_auc"])
+
+
+def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path, tiny_benchmark):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+    from safetensors.torch import load_file
+
+    cfg, workdir, _ = trained
+    out = export.export(cfg, workdir, tmp_path / "export")
+    run = train.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    trainable = evaluate.restore_trainable(cfg, workdir, run)
+    ours = nnx.merge(run.graphdef, trainable, run.frozen)
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    want = np.asarray(ours(images))
+
+    model = transformers.CLIPVisionModel.from_pretrained(out).eval()
+    head = torch.nn.Linear(model.config.hidden_size, 2)
+    head.load_state_dict(load_file(out / "head.safetensors"))
+    with torch.no_grad():
+        pooled = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output
+        got = head(pooled).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    cfg, workdir, _ = trained
+    folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
+    frames = sorted(folder.glob("*.png"))
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 32))
+    for f in frames * 2:
+        writer.write(cv2.imread(str(f)))
+    writer.release()
+    result = predict.predict(cfg, workdir, [str(folder), str(frames[0]), str(video)],
+                             tmp_path / "pred.json")
+    scored = result["inputs"]
+    assert scored[str(folder)]["frames"] == len(frames)
+    assert scored[str(frames[0])]["frames"] == 1
+    assert scored[str(video)]["frames"] == 2 * len(frames)
+    for r in scored.values():
+        assert 0.0 <= r["prob_fake"] <= 1.0
+        np.testing.assert_allclose(r["prob_fake"], np.mean(r["frame_probs"]), rtol=1e-6)
+    # The single frame scores the same alone as inside its folder.
+    np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
+                               scored[str(folder)]["frame_probs"][0], atol=1e-6)
+    assert json.loads((tmp_path / "pred.json").read_text())["inputs"].keys() == scored.keys()
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(trained, tmp_path,
+                                                         tiny_clip_checkpoint, tiny_benchmark):
+    """Killed after step 3 (checkpoint at 2), resumed: same data order, same final state."""
+    _, reference, _ = trained
+    killed = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
+                 "--config.train.fault_after_step=3", check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert latest_step(tmp_path) == 2
+    cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark)
+    want, got = trainable_at(reference), trainable_at(tmp_path)
+    assert want.keys() == got.keys()
+    for key in want:  # same process kind, same XLA program: bit-identical on CPU
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    proc = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
+               "--config.train.fault_after_step=3", "--config.train.fault_signal=SIGTERM")
+    assert latest_step(tmp_path) == 3
+    assert "SIGTERM received" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_checkpoint,
+                                                          tiny_benchmark):
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"train.total_steps": "2"})
+    train.train(cfg, tmp_path)
+    good = trainable_at(tmp_path, 2)
+    bad = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"optim.lr": "inf",
+                                                            "optim.head_lr": "inf"})
+    with pytest.raises(FloatingPointError, match="last good checkpoint was kept"):
+        train.train(bad, tmp_path)
+    assert latest_step(tmp_path) == 2
+    for key, value in trainable_at(tmp_path, 2).items():
+        np.testing.assert_array_equal(value, good[key])
+
+
+def test_clear_errors_before_any_compile(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    missing = make_cfg(tmp_path / "nope.safetensors", tiny_benchmark)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        train.train(missing, tmp_path / "a")
+    geometry = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"model.variant": "B/16"})
+    with pytest.raises(ValueError, match=r"width: config 768 vs checkpoint 32"):
+        train.train(geometry, tmp_path / "b")
+    empty_json = tmp_path / "json"
+    empty_json.mkdir()
+    (empty_json / "Empty.json").write_text(json.dumps(
+        {"Empty": {"FF-real": {"train": {}, "val": {}, "test": {}}}}))
+    empty = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{
+        "data.dataset_json_folder": str(empty_json), "data.train_dataset": "('Empty',)"})
+    with pytest.raises(ValueError, match="Empty"):
+        train.train(empty, tmp_path / "c")
+
+
+def test_cli_rejects_unknown_config_fields(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    proc = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark, "--config.train.batch_sz=4",
+               check=False)
+    assert proc.returncode != 0
+    assert "--config.train.batch_sz" in proc.stderr and "batch_size" in proc.stderr
+
+
+MULTI_DEVICE_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+sys.path.insert(0, {tests!r})
+from test_train import make_cfg, trainable_at
+from fmsd_jax import train
+from pathlib import Path
+ckpt, bench, out = Path({ckpt!r}), Path({bench!r}), Path({out!r})
+assert jax.device_count() == 8
+for name, mesh in (("data8", {{}}), ("fsdp2", {{"mesh.fsdp": "2"}})):
+    cfg = make_cfg(ckpt, bench, **{{"train.batch_size": "8", "train.total_steps": "3",
+                                   "train.eval_every": "3", **mesh}})
+    train.train(cfg, out / name)
+try:
+    bad = make_cfg(ckpt, bench, **{{"train.batch_size": "6"}})
+    train.train(bad, out / "bad")
+except ValueError as e:
+    print("BATCH_ERROR", e)
+"""
+
+
+def test_eight_devices_match_one_device(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    """Data-parallel over 8 virtual CPU devices (and data 4 x fsdp 2) = one device, to 1e-5."""
+    script = MULTI_DEVICE_SCRIPT.format(tests=str(ROOT / "tests"), ckpt=str(tiny_clip_checkpoint),
+                                        bench=str(tiny_benchmark), out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "config.train.batch_size=6 is not divisible by the 8 devices" in proc.stdout
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{
+        "train.batch_size": "8", "train.total_steps": "3", "train.eval_every": "3"})
+    train.train(cfg, tmp_path / "one")
+    want = trainable_at(tmp_path / "one")
+    for name in ("data8", "fsdp2"):
+        got = trainable_at(tmp_path / name)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=1e-5,
+                                       err_msg=f"{name} {key}")
+        one = json.loads((tmp_path / "one" / "results.json").read_text())
+        many = json.loads((tmp_path / name / "results.json").read_text())
+        np.testing.assert_allclose(many["SynBlend"]["frame_auc"], one["SynBlend"]["frame_auc"],
+                                   atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_train_and_checkpoint(tmp_path, tiny_clip_checkpoint,
+                                                          tiny_benchmark):
+    port = _free_port()
+    base = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py:runlocal",
+            f"--workdir={tmp_path}"]
+    base += [f"--config.{k}={v}" for k, v in overrides(tiny_clip_checkpoint,
+                                                       tiny_benchmark).items()]
+    base += ["--config.multihost=True", f"--config.distributed.coordinator_address="
+             f"127.0.0.1:{port}", "--config.distributed.num_processes=2",
+             "--config.train.total_steps=4"]
+    procs = [subprocess.Popen(base + [f"--config.distributed.process_id={i}"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert latest_step(tmp_path) == 4
+    results = json.loads((tmp_path / "results.json").read_text())
+    # Metrics cover every test frame, gathered from both processes (2 videos x 2 groups x 2).
+    assert results["SynBlend"]["num_frames"] == 8
