@@ -12,7 +12,6 @@ import ml_collections as mlc
 from fmsd_jax.data.config import get_data_config
 
 
-
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 1024  # Effort / DeepfakeBench seed
