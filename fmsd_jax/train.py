@@ -135,9 +135,8 @@ def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_s
         trainable = optax.apply_updates(state["trainable"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    **{k: v for k, v in aux.items()}}
-        metric_sums = {k: metric_sums.get(k, 0.0) + v.astype(jnp.float32)
-                       for k, v in metrics.items()}
-        metric_sums["count"] = metric_sums.get("count", 0.0) + 1.0
+        metric_sums = {**{k: metric_sums[k] + v.astype(jnp.float32) for k, v in metrics.items()},
+                       "count": metric_sums["count"] + 1.0}
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
         return new_state, metric_sums
 
@@ -154,7 +153,13 @@ def init_metric_sums(run: Run, loss_fn, step_fn_sample_batch) -> dict:
     model = nnx.merge(run.graphdef, run.trainable, run.frozen)
     _, aux = jax.eval_shape(lambda m, b: loss_fn(m, b), model, step_fn_sample_batch)
     keys = ["loss", "grad_norm", *aux.keys(), "count"]
-    return {k: jnp.zeros((), jnp.float32) for k in keys}
+    return zero_metric_sums(keys, run.mesh)
+
+
+def zero_metric_sums(keys, mesh) -> dict:
+    """Replicated zeros, committed like the step's outputs (so the step never recompiles)."""
+    return jax.device_put({k: jnp.zeros((), jnp.float32) for k in keys},
+                          sharding.replicated(mesh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +229,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
             last = step == steps
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 \
                     or last:
-                metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule)
+                metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule, mesh)
             if step % cfg.train.checkpoint_every == 0 or last:
                 ckpts.save(step, state, data_iter, force=True)
             if step == cfg.train.fault_after_step:
@@ -233,7 +238,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
                 time.sleep(0.5)  # let a SIGTERM handler run before the check below
             if preempted["flag"]:
                 if step % cfg.train.checkpoint_every and not last:
-                    metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule)
+                    metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule, mesh)
                     ckpts.save(step, state, data_iter, force=True)
                 ckpts.wait()
                 raise Preempted(f"SIGTERM received: saved step {step} to {workdir}")
@@ -255,7 +260,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     return evaluate.evaluate(cfg, workdir, run=run)
 
 
-def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule) -> dict:
+def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule, mesh) -> dict:
     host = jax.device_get(metric_sums)
     count = max(float(host.pop("count")), 1.0)
     means = {k: float(v) / count for k, v in host.items()}
@@ -270,7 +275,7 @@ def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule) -> di
     if writer:
         writer.scalars(step, {f"train/{k}": v for k, v in means.items()}
                        | {"train/images_per_s": progress.images_per_s})
-    return jax.tree.map(jnp.zeros_like, metric_sums)
+    return zero_metric_sums(metric_sums.keys(), mesh)
 
 
 def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
