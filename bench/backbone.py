@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench._common import limit_threads, median_seconds  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,50 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _limit_threads(n: int | None) -> int:
-    """Pin this process to n cores and tell XLA; must run before jax is imported.
-
-    Without `--threads` nothing is changed and both frameworks use every core they may.
-    """
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    if n is None:
-        return len(cores) if cores else os.cpu_count() or 1
-    if cores and n < len(cores):
-        os.sched_setaffinity(0, cores[:n])
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={str(n > 1).lower()} "
-                               f"intra_op_parallelism_threads={n}").strip()
-    return n
-
-
-def _median_seconds(step, iters: int, warmup: int) -> tuple[float, float]:
-    """(first call incl. compile, median of `iters` timed calls) in seconds."""
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        step()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = _limit_threads(args.threads)
+    threads = limit_threads(args.threads)
 
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import torch
     import transformers
+    from flax import nnx
 
     from fmsd_jax.model.checkpoint import load_clip_vision
     from fmsd_jax.model.vit import VARIANTS
@@ -126,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         ours_out["y"] = fwd(state, xj).block_until_ready()
 
     rows = []
-    first, med = _median_seconds(ours_step, args.iters, args.warmup)
+    first, med = median_seconds(ours_step, args.iters, args.warmup)
     dev_name = jax.devices()[0].device_kind if on_gpu else f"cpu x{threads} threads"
     rows.append(("fmsd_jax CLIPVisionTower (jit)", first, med))
 
@@ -142,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             if on_gpu:
                 torch.cuda.synchronize()
 
-        first_t, med_t = _median_seconds(torch_step, args.iters, args.warmup)
+        first_t, med_t = median_seconds(torch_step, args.iters, args.warmup)
         rows.append((f"transformers CLIPVisionModel ({args.hf_attn})", first_t, med_t))
         err = float(np.abs(np.asarray(ours_out["y"]) -
                            torch_out["y"].float().cpu().numpy()).max())

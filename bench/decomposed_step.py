@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench._common import device_peak, random_batch, xla_memory  # noqa: E402
 from fmsd_jax.method.decompose import (  # noqa: E402
     DecomposedDense,
     SemanticWeight,
@@ -93,25 +93,6 @@ def factor_semantic(det: Detector, targets: tuple[str, ...]) -> None:
         setattr(parent, t, new)
 
 
-def memory(compiled: Any) -> tuple[float, float]:
-    """(total, temporaries) in MiB from XLA's memory analysis."""
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return float("nan"), float("nan")
-    total = (
-        ma.argument_size_in_bytes
-        + ma.output_size_in_bytes
-        + ma.temp_size_in_bytes
-        - ma.alias_size_in_bytes
-    )
-    return total / 2**20, ma.temp_size_in_bytes / 2**20
-
-
-def device_peak() -> float:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", float("nan")) / 2**20
-
-
 def time_loop(
     fn: Callable, args: tuple, carry: Callable[[Any, tuple], tuple], *, warmup: int, iters: int
 ) -> tuple[float, list[float]]:
@@ -161,13 +142,7 @@ def main() -> None:
     args.targets = tuple(args.targets.split(","))
     rows = args.rows.split(",")
 
-    rng = np.random.default_rng(0)
-    batch = dict(
-        image=jnp.asarray(
-            rng.normal(size=(args.batch, args.image_size, args.image_size, 3)), jnp.float32
-        ),
-        label=jnp.asarray(rng.integers(0, 2, size=args.batch)),
-    )
+    batch = jax.tree.map(jnp.asarray, random_batch(args.batch, args.image_size))
     results: list[tuple[str, str, float, list[float], float, float, float, int]] = []
 
     def train_row(key: str, name: str, det: Detector, spec, regime: str, lambdas=(0.0, 0.0)):
@@ -191,7 +166,7 @@ def main() -> None:
             warmup=args.warmup,
             iters=args.iters,
         )
-        results.append((key, name, c, times, *memory(compiled), device_peak(), n_train))
+        results.append((key, name, c, times, *xla_memory(compiled), device_peak(), n_train))
 
     if "forward" in rows:
         _, det, _ = build(args, decomposed=False)
@@ -204,7 +179,7 @@ def main() -> None:
             fwd, (state, batch["image"]), lambda out, a: a, warmup=args.warmup, iters=args.iters
         )
         results.append(
-            ("forward", "forward (inference)", c, times, *memory(compiled), device_peak(), 0)
+            ("forward", "forward (inference)", c, times, *xla_memory(compiled), device_peak(), 0)
         )
     if "a" in rows:
         _, det, spec = build(args, decomposed=True)
@@ -236,7 +211,7 @@ def main() -> None:
                 "(d) mask estimator / batch",
                 c,
                 times,
-                *memory(compiled),
+                *xla_memory(compiled),
                 device_peak(),
                 sum(x.size for x in jax.tree.leaves(cand)),
             )

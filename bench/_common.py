@@ -1,0 +1,171 @@
+"""Helpers shared by the benchmarks in bench/, so every table measures the same way.
+
+JAX is imported lazily inside the helpers: `limit_threads` must run before the first
+`import jax` of the process (XLA reads its flags once), so this module must not import it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def limit_threads(n: int | None) -> int:
+    """Pin this process to n cores and tell XLA; must run before jax is imported.
+
+    Pinning (sched_setaffinity) is what actually holds XLA's CPU runtime to the count;
+    PyTorch is told separately with `torch.set_num_threads`. Without `n` nothing is changed
+    and both frameworks use every core they may. Also stops JAX preallocating GPU memory, so
+    a GPU can be shared with PyTorch in the same process.
+    """
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if n is None:
+        return len(cores) if cores else os.cpu_count() or 1
+    if cores and n < len(cores):
+        os.sched_setaffinity(0, cores[:n])
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={str(n > 1).lower()} "
+                               f"intra_op_parallelism_threads={n}").strip()
+    return n
+
+
+def median_seconds(step: Callable[[], Any], iters: int, warmup: int) -> tuple[float, float]:
+    """(first call incl. compile, median of `iters` timed calls) in seconds."""
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def interleaved_times(steps: dict[str, Callable[[], Any]], *, warmup: int, iters: int
+                      ) -> dict[str, list[float]]:
+    """Seconds per call of each blocking `step`, run round-robin (one call of each per round).
+
+    On shared CPU cores the load changes over minutes; interleaving makes every row see the
+    same load, so ratios between rows stay meaningful even when absolute times drift. The
+    order rotates every round so no row always runs right after the same neighbour.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(warmup + iters):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            steps[k]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[k].append(dt)
+    return times
+
+
+def spread(times: Sequence[float]) -> str:
+    """min–max of a list of seconds, in ms."""
+    return f"{min(times) * 1e3:.0f}–{max(times) * 1e3:.0f}"
+
+
+def xla_memory(compiled: Any) -> tuple[float, float]:
+    """(total, temporaries) in MiB from XLA's compiled memory analysis.
+
+    total = arguments + outputs + temporaries − aliased (donated) bytes: what the step needs
+    resident at its peak, on every backend (on CPU it is the only peak figure JAX offers).
+    """
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return float("nan"), float("nan")
+    total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+             - ma.alias_size_in_bytes)
+    return total / 2**20, ma.temp_size_in_bytes / 2**20
+
+
+def device_peak() -> float:
+    """The first device's peak_bytes_in_use in MiB (GPU/TPU; NaN on CPU). Monotone per process."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / 2**20
+
+
+def random_batch(batch: int, image_size: int, seed: int = 0) -> dict[str, Any]:
+    """A host batch {'image': f32 NHWC, 'label': i32} like the pipeline's, from a fixed seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {"image": rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
+            "label": rng.integers(0, 2, size=batch).astype(np.int32)}
+
+
+class ProductionStep:
+    """fmsd_jax.train's sharded jitted step on a given detector, compiled once, ready to time.
+
+    Built exactly as `train.train` builds it (split by the regime's Variable types, masked
+    optimizer from the config defaults, all-ones layer mask, replicated/fsdp shardings,
+    donated state and metric sums), so a bench row measures the step users run.
+    """
+
+    def __init__(self, det: Any, *, regime: str, spec: Any, lambda_orth: float = 0.0,
+                 lambda_spec: float = 0.0, batch: int, image_size: int,
+                 optim: dict[str, Any] | None = None):
+        import jax
+        import jax.numpy as jnp
+        import ml_collections as mlc
+        import numpy as np
+        from flax import nnx
+
+        from fmsd_jax import sharding, train
+        from fmsd_jax.method.decompose import trainable_filter
+        from fmsd_jax.method.objective import make_loss_fn
+        from fmsd_jax.method.optimizer import make_optimizer
+
+        mesh = sharding.make_mesh(mlc.ConfigDict({"data": -1, "fsdp": 1}))
+        graphdef, trainable, frozen = nnx.split(det, trainable_filter(regime), ...)
+        self.num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+        mask = (np.ones(spec.mask_shape, np.float32) if spec is not None else None)
+        self.run = train.Run(graphdef, sharding.shard_tree(mesh, trainable),
+                             sharding.shard_tree(mesh, frozen), mask, spec, mesh)
+        self.loss_fn = make_loss_fn(None, lambda_orth=lambda_orth, lambda_spec=lambda_spec)
+        tx = make_optimizer(optim or {}, trainable_state=self.run.trainable, layer_mask=mask,
+                            spec=spec, total_steps=10_000)
+        state = {"step": jnp.zeros((), jnp.int32), "trainable": self.run.trainable,
+                 "opt_state": tx.init(self.run.trainable)}
+        state_sh = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), state)
+        self.state = jax.device_put(state, state_sh)
+        sample = {"image": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
+                  "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+        self.metric_sums = train.init_metric_sums(self.run, self.loss_fn, sample)
+        self.jitted = train.make_train_step(self.run, self.loss_fn, tx, state_sh)
+        self.mesh = mesh
+        self.compiled = None
+
+    def device_batch(self, host: dict[str, Any]) -> dict[str, Any]:
+        from fmsd_jax import sharding
+
+        return sharding.global_batch(self.mesh, host, ("image", "label"))
+
+    def compile(self, batch: dict[str, Any]) -> float:
+        """Lower and compile for `batch` (device arrays); returns seconds."""
+        t0 = time.perf_counter()
+        self.compiled = self.jitted.lower(self.state, self.run.frozen, batch,
+                                          self.metric_sums).compile()
+        return time.perf_counter() - t0
+
+    def __call__(self, batch: dict[str, Any], *, block: bool = True) -> None:
+        fn = self.compiled if self.compiled is not None else self.jitted
+        self.state, self.metric_sums = fn(self.state, self.run.frozen, batch, self.metric_sums)
+        if block:
+            self.block()
+
+    def block(self) -> None:
+        import jax
+
+        jax.block_until_ready((self.state, self.metric_sums))

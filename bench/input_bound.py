@@ -1,0 +1,133 @@
+"""Is the training step limited by host work? Steps/s fed from memory vs from the real pipeline.
+
+    python bench/input_bound.py                      # demo geometry, synthetic benchmark 'small'
+    python bench/input_bound.py --variant B/16 --image-size 224 --batch 8 --steps 4
+
+Issue 7 asks that the step never wait on the host (input pipeline, metric fetches, Python in
+the loop). The production step (fmsd_jax.train.make_train_step, FMSD regime, regularisers on as
+in the demo config) is driven four ways on the same detector:
+
+  memory      the same device batch every step, dispatched back to back (the ceiling)
+  host arrays ready numpy batches, put on the device each step as train.py does (the cost of
+              `global_batch` and of the transfer, without decoding)
+  pipeline    the host side alone: `next()` on make_train_loader's iterator, no step
+  train loop  exactly train.train's loop body: `global_batch(mesh, next(it))`, then the step,
+              with async dispatch (the host builds batch n+1 while the device runs step n)
+  prefetched  the loader's iterator wrapped in grain's ThreadPrefetchDatasetIterator (a
+              background thread keeps `--prefetch` batches ready; it is checkpointable: its
+              state is the position of the last batch handed out, not of the read-ahead)
+
+Default geometry is the demo's (configs/demo.py: a CLIP-shaped ViT of width 64, 4 layers, patch
+8, at 64 px, batch 32, grain workers 0) on the synthetic benchmark at size 'small' (its
+SynBlend family, the demo's training set), written once to --data-dir. Each mode runs --steps
+steps after one warm-up step; steps/s is wall time over the run with one block at the end (as
+train.py, which syncs only every log_every).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import ProductionStep, limit_threads, random_batch  # noqa: E402
+
+DEMO = dict(width=64, layers=4, heads=4, patch_size=8, mlp_dim=256, proj_dim=None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="demo",
+                    help="'demo' (configs/demo.py's pretrained ViT) or a VARIANTS key")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prefetch", type=int, default=2, help="batches the prefetch thread keeps")
+    ap.add_argument("--data-dir", default="/tmp/fmsd_input_bound_blend",
+                    help="where the synthetic benchmark ('small') is written / found")
+    ap.add_argument("--workers", type=int, default=0, help="config.data.workers (grain)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    threads = limit_threads(args.threads)
+
+    import grain
+    import jax
+    from flax import nnx
+
+    from fmsd_jax.data import pipeline
+    from fmsd_jax.data.config import get_data_config
+    from fmsd_jax.data.synthetic import data_config_overrides, write_benchmark
+    from fmsd_jax.method.decompose import decompose
+    from fmsd_jax.model.detector import Detector
+    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig, resolve_attention_impl
+
+    write_benchmark(args.data_dir, size="small", families=("blend",))  # SynBlend only
+    data = get_data_config()
+    data.update(data_config_overrides(args.data_dir))
+    data.train_dataset = ("SynBlend",)
+    data.image_size = args.image_size
+    data.workers = args.workers
+
+    geometry = DEMO if args.variant == "demo" else {}
+    cfg = (ViTConfig(image_size=args.image_size, **geometry) if args.variant == "demo"
+           else ViTConfig.from_variant(args.variant, image_size=args.image_size, proj_dim=None))
+    det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    spec = decompose(det, num_subspaces=4, rank=1)
+    step = ProductionStep(det, regime="fmsd", spec=spec, lambda_orth=0.1, lambda_spec=0.1,
+                          batch=args.batch, image_size=args.image_size)
+    fixed = step.device_batch(random_batch(args.batch, args.image_size))
+    step.compile(fixed)
+
+    def loader() -> Any:
+        return pipeline.make_train_loader(data, global_batch_size=args.batch, seed=0)
+
+    def timed(body, n: int) -> float:
+        body()  # warm-up (first batch: file listing, first decode)
+        step.block()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            body()
+        step.block()
+        return n / (time.perf_counter() - t0)
+
+    results: dict[str, float] = {}
+    results["memory"] = timed(lambda: step(fixed, block=False), args.steps)
+
+    hosts = [random_batch(args.batch, args.image_size, seed=i) for i in range(4)]
+    count = iter(range(10**9))
+    results["host arrays"] = timed(
+        lambda: step(step.device_batch(hosts[next(count) % 4]), block=False), args.steps)
+
+    it = iter(loader())
+    results["pipeline"] = timed(lambda: next(it), args.steps)
+
+    it = iter(loader())
+    results["train loop"] = timed(lambda: step(step.device_batch(next(it)), block=False),
+                                  args.steps)
+
+    it = grain.experimental.ThreadPrefetchDatasetIterator(iter(loader()), args.prefetch)
+    results["prefetched"] = timed(lambda: step(step.device_batch(next(it)), block=False),
+                                  args.steps)
+
+    dev = jax.devices()[0]
+    name = "demo ViT (w64, 4 layers, p8)" if args.variant == "demo" else args.variant
+    print(f"\n{name} @ {args.image_size}px, batch {args.batch}, FMSD K=4 d=1 + L_orth + L_spec, "
+          f"attention {resolve_attention_impl(cfg.attention_impl)}; {dev.platform} "
+          f"({dev.device_kind}), {threads} threads; grain workers {args.workers}; "
+          f"{args.steps} steps per mode after 1 warm-up")
+    print("\n| mode | steps/s | images/s | vs memory |")
+    print("|---|---:|---:|---:|")
+    for mode, sps in results.items():
+        print(f"| {mode} | {sps:.2f} | {sps * args.batch:.0f} | {sps / results['memory']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
