@@ -139,9 +139,7 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
                         spec=run.spec, total_steps=1)
     state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
              "opt_state": jax.eval_shape(tx.init, run.trainable)}
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=sharding.param_sharding(run.mesh, x)), state)
+    abstract = sharding.abstract_tree(run.mesh, state)
     ckpts = checkpointing.RunCheckpoints(workdir, select_metric=cfg.eval.select_metric)
     try:
         step, restored, which = ckpts.restore_for_eval(abstract)

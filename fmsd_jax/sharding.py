@@ -73,6 +73,12 @@ def tree_shardings(mesh: Mesh, tree: Any) -> Any:
     return jax.tree.map(lambda x: param_sharding(mesh, x), tree)
 
 
+def abstract_tree(mesh: Mesh, tree: Any) -> Any:
+    """Shape, dtype and sharding of every leaf: the restore target for a checkpoint."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=param_sharding(mesh, x)), tree)
+
+
 def shard_tree(mesh: Mesh, tree: Any) -> Any:
     return jax.device_put(tree, tree_shardings(mesh, tree))
 

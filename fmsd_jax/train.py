@@ -97,17 +97,15 @@ def estimate_mask(cfg: mlc.ConfigDict, detector, workdir: Path, mesh) -> np.ndar
                                                                   lambda_spec=0.0),
         targets=tuple(cfg.method.targets), score=cfg.method.mask.score, eps=cfg.method.mask.eps,
         num_batches=cfg.method.mask.num_batches, mesh=mesh)
-    mask = masking.select_layers(
-        scores["score"], top_k=cfg.method.mask.top_k if cfg.method.mask.select == "top_k"
-        else None, threshold=cfg.method.mask.threshold
-        if cfg.method.mask.select == "threshold" else None)
+    mc = cfg.method.mask
+    mask = masking.select_layers(scores["score"],
+                                 top_k=mc.top_k if mc.select == "top_k" else None,
+                                 threshold=mc.threshold if mc.select == "threshold" else None)
     mask = np.asarray(mask, np.float32)
     log.info("layer mask: %d of %d candidate layers selected in %.1fs", int(mask.sum()),
              mask.size, time.perf_counter() - t0)
     if jax.process_index() == 0:
-        record = {k: np.asarray(v) for k, v in scores.items()}
-        record.update(mask=mask, targets=list(cfg.method.targets),
-                      num_batches=cfg.method.mask.num_batches, score_kind=cfg.method.mask.score)
+        record = masking.mask_report(scores, mask, cfg.method.targets) | {"score_kind": mc.score}
         checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
         report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
                                  workdir / "layer_scores.png")
@@ -134,7 +132,7 @@ def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_s
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   **{k: v for k, v in aux.items()}}
+                   **aux}
         metric_sums = {**{k: metric_sums[k] + v.astype(jnp.float32) for k, v in metrics.items()},
                        "count": metric_sums["count"] + 1.0}
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
@@ -151,7 +149,7 @@ def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_s
 def init_metric_sums(run: Run, loss_fn, step_fn_sample_batch) -> dict:
     """Zeros with the keys the step produces (so the jitted signature never changes)."""
     model = nnx.merge(run.graphdef, run.trainable, run.frozen)
-    _, aux = jax.eval_shape(lambda m, b: loss_fn(m, b), model, step_fn_sample_batch)
+    _, aux = jax.eval_shape(loss_fn, model, step_fn_sample_batch)
     keys = ["loss", "grad_norm", *aux.keys(), "count"]
     return zero_metric_sums(keys, run.mesh)
 
@@ -197,16 +195,14 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
                         spec=run.spec, total_steps=steps)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
              "opt_state": tx.init(run.trainable)}
-    state_sh = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), state)
+    state_sh = sharding.tree_shardings(mesh, state)
     state = jax.device_put(state, state_sh)
 
     data_iter = iter(loader)
     ckpts = checkpointing.RunCheckpoints(workdir, max_to_keep=cfg.train.max_to_keep,
                                          select_metric=cfg.eval.select_metric)
     if ckpts.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-        state = ckpts.restore_latest(abstract, data_iter)
+        state = ckpts.restore_latest(sharding.abstract_tree(mesh, state), data_iter)
         log.info("resumed from step %d", int(state["step"]))
 
     sample = {"image": jax.ShapeDtypeStruct(
