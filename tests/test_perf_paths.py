@@ -61,8 +61,10 @@ def test_default_is_einsum_on_cpu_and_unknown_is_refused():
         ViTConfig.from_variant("tiny", attention_impl="flash")
 
 
-def _detector_grads(impl: str) -> tuple[jax.Array, nnx.State]:
-    cfg = ViTConfig.from_variant("tiny", image_size=32, attention_impl=impl)
+def _detector_grads(impl: str, token_multiple: int | None = None
+                    ) -> tuple[jax.Array, nnx.State]:
+    cfg = ViTConfig.from_variant("tiny", image_size=32, attention_impl=impl,
+                                 token_multiple=token_multiple)
     det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
     decompose(det, num_subspaces=2, rank=2)
     graphdef, trainable, frozen = nnx.split(det, ArtifactFactor, ...)
@@ -78,3 +80,27 @@ def test_decomposed_detector_same_loss_and_factor_grads_with_einsum():
     (l_e, g_e), (l_x, g_x) = _detector_grads("einsum"), _detector_grads("xla")
     np.testing.assert_allclose(l_e, l_x, rtol=1e-5)
     chex.assert_trees_all_close(g_e, g_x, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_padded_tokens_change_nothing(impl):
+    """The cuDNN path pads 197 tokens to 200 (jax refuses odd lengths in training); padding
+    must be invisible: masked as keys, sliced off after the last block. Checked here with the
+    implementations CPU has; tiny at 32 px has 17 tokens, padded to 24."""
+    assert ViTConfig.from_variant("tiny", image_size=32, token_multiple=8).padded_tokens == 24
+    assert ViTConfig.from_variant("B/16", attention_impl="cudnn").padded_tokens == 200
+    assert ViTConfig.from_variant("B/16", attention_impl="xla").padded_tokens == 197
+    (l_p, g_p), (l_u, g_u) = _detector_grads(impl, 8), _detector_grads(impl)
+    np.testing.assert_allclose(l_p, l_u, rtol=1e-6)
+    chex.assert_trees_all_close(g_p, g_u, atol=1e-6, rtol=1e-5)
+
+
+def test_key_mask_of_einsum_attention_matches_xla_seq_lengths():
+    q, k, v, _ = _qkvg(jnp.float32, shape=(2, 24, 4, 16))
+    lengths = jnp.full((2,), 17, jnp.int32)
+    ref = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                       implementation="xla")
+    out = einsum_attention(q, k, v, num_valid=17)
+    chex.assert_trees_all_close(out, ref, atol=2e-6, rtol=2e-6)
+    # and it is attention over the first 17 keys alone, for every query
+    chex.assert_trees_all_close(out, _reference(q, k[:, :17], v[:, :17]), atol=2e-6, rtol=2e-6)

@@ -51,6 +51,10 @@ class ViTConfig:
     # None: 'einsum' on CPU, jax.nn.dot_product_attention's own choice elsewhere; 'einsum';
     # or an implementation of jax.nn.dot_product_attention ('xla', 'cudnn'). See Attention.
     attention_impl: str | None = None
+    # Pad the token sequence to a multiple of this inside the transformer; padded tokens are
+    # masked out as keys, so outputs are unchanged. None: 8 under 'cudnn' (jax's cuDNN path
+    # rejects odd lengths such as ViT-B/16's 197 when training), otherwise no padding.
+    token_multiple: int | None = None
     remat: bool = False  # rematerialise each block in the backward pass
 
     def __post_init__(self):
@@ -59,6 +63,8 @@ class ViTConfig:
                              f"{ATTENTION_IMPLS}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.token_multiple is not None and self.token_multiple < 1:
+            raise ValueError(f"token_multiple must be None or >= 1, got {self.token_multiple}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size "
@@ -78,6 +84,14 @@ class ViTConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid**2 + 1
+
+    @property
+    def padded_tokens(self) -> int:
+        """Sequence length inside the transformer (num_tokens rounded up; see token_multiple)."""
+        multiple = self.token_multiple
+        if multiple is None:
+            multiple = 8 if resolve_attention_impl(self.attention_impl) == "cudnn" else 1
+        return -(-self.num_tokens // multiple) * multiple
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -146,7 +160,8 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
 ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn")
 
 
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     num_valid: int | None = None) -> jax.Array:
     """softmax(q kᵀ / √d) v for (batch, tokens, heads, head_dim) inputs, as explicit matmuls.
 
     Why it exists: on CPU, XLA's lowering of `jax.nn.dot_product_attention` is slower than
@@ -156,7 +171,7 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     batched (b·h) matmuls without per-dot transposes, and the 1/√d scale is folded into q (a
     (t × d) multiply instead of a (t × t) one). Numerics follow the XLA path: scores and
     softmax in float32, probabilities cast back to the value dtype; equal to it to float32
-    rounding (tests/test_perf_paths.py).
+    rounding (tests/test_perf_paths.py). Keys at positions >= num_valid are masked out.
     """
     dt = v.dtype
     scale = q.shape[-1] ** -0.5
@@ -164,6 +179,8 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     k = k.transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
     s = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    if num_valid is not None and num_valid < s.shape[-1]:
+        s = jnp.where(jnp.arange(s.shape[-1]) < num_valid, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1).astype(dt)
     return jnp.matmul(p, v).transpose(0, 2, 1, 3)
 
@@ -189,15 +206,22 @@ class Attention(nnx.Module):
         self.heads = cfg.heads
         self.impl = cfg.attention_impl
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, num_valid: int | None = None) -> jax.Array:
+        """Self-attention over x (b, t, d); tokens at positions >= num_valid are padding and
+        are never attended to (their own rows are computed and ignored by the caller)."""
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         impl = resolve_attention_impl(self.impl)
+        padded = num_valid is not None and num_valid < t
         if impl == "einsum":
-            o = einsum_attention(q, k, v)
+            o = einsum_attention(q, k, v, num_valid)
         else:
-            o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+            # Only key lengths: padded queries still see every real key, so their rows stay
+            # finite and no masked-out row (a softmax over nothing) is ever formed.
+            lengths = jnp.full((b,), num_valid, jnp.int32) if padded else None
+            o = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                             implementation=impl)
         return self.out(o.reshape(b, t, d))
 
 
@@ -221,8 +245,8 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.width, cfg.layer_norm_eps)
         self.mlp = MLP(cfg, factory, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x))
+    def __call__(self, x: jax.Array, num_valid: int | None = None) -> jax.Array:
+        x = x + self.attn(self.ln_1(x), num_valid)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -239,11 +263,12 @@ class Transformer(nnx.Module):
         self.num_layers = cfg.layers
         self.remat = cfg.remat
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, num_valid: int | None = None) -> jax.Array:
+        """x (b, t, d); positions >= num_valid are padding (see Attention)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h), None
+            return nnx.merge(graphdef, layer_state)(h, num_valid), None
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
@@ -293,7 +318,11 @@ class CLIPVisionTower(nnx.Module):
     def tokens(self, images: jax.Array) -> jax.Array:
         """All output tokens of the last block (before ln_post)."""
         x = self.ln_pre(self.embed_patches(images))
-        return self.transformer(x)
+        t, padded = x.shape[1], self.cfg.padded_tokens
+        if padded == t:
+            return self.transformer(x)
+        x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0)))
+        return self.transformer(x, num_valid=t)[:, :t]
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.ln_post(self.tokens(images)[:, 0]).astype(jnp.float32)
