@@ -43,7 +43,8 @@ def build_detector(cfg: mlc.ConfigDict, *, seed: int | None = None) -> Detector:
         attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
     _check_geometry(cfg, tower.cfg, path)
     rngs = nnx.Rngs(cfg.seed if seed is None else seed)
-    return Detector(tower, num_classes=cfg.model.num_classes, rngs=rngs)
+    return Detector(tower, num_classes=cfg.model.num_classes, rngs=rngs,
+                    pixel_mean=cfg.data.mean, pixel_std=cfg.data.std)
 
 
 def _check_geometry(cfg: mlc.ConfigDict, got: Any, path: Path) -> None:

@@ -68,7 +68,6 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     trainable = evaluate.restore_trainable(cfg, workdir, run)
     predict_fn = evaluate.make_predict_fn(run.graphdef, mesh)
     reader = transforms.ImageReader.from_config(cfg.data)
-    normalize = transforms.Normalize(cfg.data.mean, cfg.data.std)
 
     probs, readable = [], []
     for start in range(0, len(frames), batch_size):
@@ -79,7 +78,7 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
             readable.append(image is not None)
             if image is None:  # scored as a blank frame, then dropped below
                 image = np.zeros((cfg.data.image_size,) * 2 + (3,), np.uint8)
-            images.append(normalize.map({"image": image})["image"])
+            images.append(image)  # uint8: the detector normalises on the device
         images += [np.zeros_like(images[0])] * (batch_size - len(images))  # static shapes
         batch = sharding.global_batch(mesh, {"image": np.stack(images)}, ("image",))
         probs.append(np.asarray(predict_fn(trainable, run.frozen, batch["image"]))[:len(chunk)])

@@ -185,6 +185,9 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     num_records = pipeline.num_records(loader)
     if num_records == 0:
         raise ValueError(f"the training set {tuple(cfg.data.train_dataset)} is empty")
+    log.info("input pipeline: %d grain worker processes (config.data.workers=%d), %d read "
+             "threads each", pipeline.resolve_workers(cfg.data.workers), cfg.data.workers,
+             cfg.data.read_threads)
     if jax.process_index() == 0:
         checkpointing.write_json_atomic(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
 
@@ -206,7 +209,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
         log.info("resumed from step %d", int(state["step"]))
 
     sample = {"image": jax.ShapeDtypeStruct(
-        (cfg.train.batch_size, cfg.model.image_size, cfg.model.image_size, 3), jnp.float32),
+        (cfg.train.batch_size, cfg.model.image_size, cfg.model.image_size, 3), jnp.uint8),
               "label": jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32)}
     metric_sums = init_metric_sums(run, loss_fn, sample)
     step_fn = make_train_step(run, loss_fn, tx, state_sh)

@@ -8,19 +8,20 @@ import os
 
 import chex
 import cv2
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from fmsd_jax.data import pipeline
 from fmsd_jax.data import transforms as tr
-from fmsd_jax.data.config import CLIP_MEAN, CLIP_STD, get_data_config
+from fmsd_jax.data.config import get_data_config
 
 N_VIDEOS, N_FRAMES, SIZE = 6, 4, 16  # 2 groups x 6 videos x 4 frames = 48 records
 
 
 def _value(k: int) -> int:
-    return 5 * k + 3  # distinct grey level per record, recoverable after normalisation
+    return 5 * k + 3  # distinct grey level per record
 
 
 @pytest.fixture(scope='module')
@@ -65,16 +66,15 @@ def _cfg(root, **kw) -> ml_collections.ConfigDict:
 
 
 def _ids(images: np.ndarray) -> np.ndarray:
-    """Record id from a normalised constant image (channel 0)."""
-    v = (images[:, 0, 0, 0] * CLIP_STD[0] + CLIP_MEAN[0]) * 255.0
-    return np.rint((v - 3) / 5).astype(int)
+    """Record id from a constant grey image (channel 0)."""
+    return np.rint((images[:, 0, 0, 0].astype(float) - 3) / 5).astype(int)
 
 
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
-def test_train_batches_are_normalised_static_and_cover_each_epoch(toy):
+def test_train_batches_are_uint8_static_and_cover_each_epoch(toy):
     c = _cfg(toy)
     c.augment.enabled = False
     loader = pipeline.make_train_loader(c, global_batch_size=8, seed=3)
@@ -83,11 +83,9 @@ def test_train_batches_are_normalised_static_and_cover_each_epoch(toy):
         batches = _take(it, 12)
     b = batches[0]
     chex.assert_shape(b['image'], (8, SIZE, SIZE, 3))
-    chex.assert_type(b['image'], np.float32)
+    chex.assert_type(b['image'], np.uint8)  # normalised on the device by the detector
     chex.assert_type(b['label'], np.int32)
-    v = _value(_ids(b['image'])[0]) / 255.0
-    np.testing.assert_allclose(b['image'][0, 0, 0], (v - np.array(CLIP_MEAN)) / CLIP_STD,
-                               atol=1e-5)
+    np.testing.assert_array_equal(b['image'][0, 0, 0], [_value(_ids(b['image'])[0])] * 3)
     epoch1 = np.concatenate([_ids(x['image']) for x in batches[:6]])
     epoch2 = np.concatenate([_ids(x['image']) for x in batches[6:]])
     assert sorted(epoch1) == list(range(48)) and sorted(epoch2) == list(range(48))
@@ -129,6 +127,29 @@ def test_resumed_iterator_continues_with_the_same_batches(toy, workers, tmp_path
     for x, y in zip(expected, resumed, strict=True):
         np.testing.assert_array_equal(x['image'], y['image'])
         np.testing.assert_array_equal(x['label'], y['label'])
+
+
+def test_resume_under_another_worker_count_is_refused_by_name(toy):
+    c = _cfg(toy, workers=0)
+    with iter(pipeline.make_train_loader(c, global_batch_size=8, seed=5)) as it:
+        _take(it, 2)
+        state = json.loads(json.dumps(it.get_state()))
+    assert state['workers'] == 0
+    state['workers'] = 3  # as written by a run on a machine where -1 resolved to 3
+    with iter(pipeline.make_train_loader(c, global_batch_size=8, seed=5)) as it:
+        with pytest.raises(ValueError, match='data.workers=3'):
+            it.set_state(state)
+
+
+def test_auto_workers_none_on_cpu_backend_and_two_cores_each_on_accelerators():
+    assert pipeline.auto_workers(16, accelerator=True) == 7  # an H100/H200 host
+    assert pipeline.auto_workers(2, accelerator=True) == 1
+    assert pipeline.auto_workers(64, accelerator=False) == 0
+    assert pipeline.resolve_workers(3) == 3
+    if jax.default_backend() == 'cpu':
+        assert pipeline.resolve_workers(-1) == 0
+    with pytest.raises(ValueError, match='data.workers=-2'):
+        pipeline.resolve_workers(-2)
 
 
 def test_shards_are_disjoint_and_cover_the_data(toy):

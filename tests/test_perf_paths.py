@@ -104,3 +104,20 @@ def test_key_mask_of_einsum_attention_matches_xla_seq_lengths():
     chex.assert_trees_all_close(out, ref, atol=2e-6, rtol=2e-6)
     # and it is attention over the first 17 keys alone, for every query
     chex.assert_trees_all_close(out, _reference(q, k[:, :17], v[:, :17]), atol=2e-6, rtol=2e-6)
+
+
+def test_uint8_pixels_normalised_on_device_equal_host_normalisation():
+    """The pipeline ships uint8 and the detector normalises; the logits must be those of the
+    CLIP-normalised float image (x/255 - mean) / std computed on the host in float64."""
+    from fmsd_jax.data.config import CLIP_MEAN, CLIP_STD
+    cfg = ViTConfig.from_variant("tiny", image_size=32)
+    det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1),
+                   pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    host = ((pixels / 255.0 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)).astype(np.float32)
+    np.testing.assert_allclose(det.normalise(jnp.asarray(pixels)), host, atol=1e-6)
+    chex.assert_trees_all_close(jax.jit(lambda x: det(x))(pixels), det(jnp.asarray(host)),
+                                atol=1e-5, rtol=1e-5)
+    bare = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="pixel_mean"):
+        bare(jnp.asarray(pixels))

@@ -1,18 +1,23 @@
 """grain pipelines for training and evaluation.
 
 Training: records -> this process's shard -> per-epoch shuffle -> repeat forever -> read
-(skipping unreadable files) -> DeepfakeBench augmentation -> CLIP normalisation -> batch
--> worker processes.  Everything random is keyed by (seed, position in the stream), so a
-run is reproducible and a restored iterator continues with the same batches.
+(skipping unreadable files) -> DeepfakeBench augmentation -> batch -> worker processes.
+Everything random is keyed by (seed, position in the stream), so a run is reproducible and a
+restored iterator continues with the same batches.
 
 Evaluation: records -> pad to a whole number of global batches -> this shard's block ->
-read -> normalise -> batch; padding and unreadable frames carry valid=False so every batch
-has the same shape under jit.
+read -> batch; padding and unreadable frames carry valid=False so every batch has the same
+shape under jit.
+
+Images leave as uint8 RGB: CLIP normalisation runs on the device (model.detector.Detector),
+where it is free, instead of costing the host a float pass per pixel and four times the
+bytes to transfer (issue 7: host work must not limit the step).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import grain
@@ -105,18 +110,19 @@ class _Accounting(grain.IterDataset):
     past config.data.max_unreadable_fraction."""
 
     def __init__(self, parent: grain.IterDataset, max_fraction: float, min_reads: int,
-                 what: str):
+                 what: str, workers: int):
         super().__init__(parent)
         self._max_fraction = float(max_fraction)
         self._min_reads = int(min_reads)
         self._what = what
+        self._workers = int(workers)
 
     def __str__(self) -> str:
         return '_Accounting'
 
     def __iter__(self) -> AccountingIterator:
         return AccountingIterator(self._parent.__iter__(), self._max_fraction,
-                                  self._min_reads, self._what)
+                                  self._min_reads, self._what, self._workers)
 
 
 class AccountingIterator(grain.DatasetIterator):
@@ -124,11 +130,12 @@ class AccountingIterator(grain.DatasetIterator):
     (JSON-serialisable, grain/orbax checkpointable) resume it, `stats()` reports reads."""
 
     def __init__(self, parent: grain.DatasetIterator, max_fraction: float, min_reads: int,
-                 what: str):
+                 what: str, workers: int = 0):
         super().__init__(parent)
         self._max_fraction = max_fraction
         self._min_reads = min_reads
         self._what = what
+        self._workers = workers
         self._read = 0
         self._unreadable = 0
         self._bad_paths: list[str] = []
@@ -171,11 +178,19 @@ class AccountingIterator(grain.DatasetIterator):
                 'bad_paths': list(self._bad_paths)}
 
     def get_state(self) -> dict[str, Any]:
-        return {'pipeline': self._parent.get_state(),
+        return {'pipeline': self._parent.get_state(), 'workers': self._workers,
                 'counts': {'read': self._read, 'unreadable': self._unreadable,
                            'bad_paths': list(self._bad_paths)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        # grain's state is per worker process: restored into another worker count it either
+        # fails deep inside grain or, worse, silently resumes a different data order.
+        saved = state.get('workers', self._workers)  # absent in checkpoints before the field
+        if saved != self._workers:
+            raise ValueError(
+                f'{self._what}: the checkpointed data iterator was written with {saved} grain '
+                f'worker processes, this run has {self._workers}; resume with '
+                f'--config.data.workers={saved} (data.workers=-1 picks a number per machine)')
         self._parent.set_state(state['pipeline'])
         counts = state['counts']
         self._read = int(counts['read'])
@@ -203,15 +218,39 @@ def _read_options(data_cfg) -> grain.ReadOptions:
                              prefetch_buffer_size=max(int(data_cfg.prefetch), 1))
 
 
-def _workers(ds: grain.IterDataset, data_cfg) -> grain.IterDataset:
-    if int(data_cfg.workers) > 0:
+def auto_workers(cores: int, accelerator: bool) -> int:
+    """Worker processes for `workers=-1`. On a CPU backend the step already uses every core,
+    so decoding in other processes only adds start-up time and contention: none. With an
+    accelerator the host's only job is feeding it: keep one core for the loop (dispatch,
+    transfers) and one more spare, and give each worker two (its read threads release
+    the GIL in decode and most augmentations)."""
+    return max(1, (cores - 2) // 2) if accelerator else 0
+
+
+def resolve_workers(workers: int) -> int:
+    """config.data.workers with -1 (auto) resolved for this process and backend."""
+    workers = int(workers)
+    if workers >= 0:
+        return workers
+    if workers != -1:
+        raise ValueError(f'config.data.workers={workers}: use -1 (auto), 0 (main process) or '
+                         'a number of worker processes')
+    import jax  # the backend decides; nothing else here depends on JAX
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (
+        os.cpu_count() or 1)
+    return auto_workers(cores, jax.default_backend() != 'cpu')
+
+
+def _workers(ds: grain.IterDataset, data_cfg, workers: int) -> grain.IterDataset:
+    if workers > 0:
         # grain's worker processes read absl flags; a library user (a notebook, pytest)
         # has not parsed any, and their defaults are what we want.
         from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(data_cfg.workers),
+            num_workers=workers,
             per_worker_buffer_size=max(int(data_cfg.worker_buffer), 1)))
     return ds
 
@@ -232,12 +271,14 @@ class TrainLoader(_Loader):
 
 def make_train_loader(data_cfg, *, global_batch_size: int, seed: int, shard_index: int = 0,
                       shard_count: int = 1) -> TrainLoader:
-    """Batches `{'image': f32 (B,H,W,3) CLIP-normalised, 'label': i32 (B,)}` forever, with
+    """Batches `{'image': uint8 (B,H,W,3) RGB, 'label': i32 (B,)}` forever, with
     B = global_batch_size // shard_count; each process reads a disjoint 1/shard_count of
     the records (pass jax.process_index() / jax.process_count()).
 
     Deterministic per (seed, data, shard, workers): changing `workers` changes which
-    records share a batch, not which records or augmentations appear.
+    records share a batch, not which records or augmentations appear. A checkpointed
+    iterator resumes only under the worker count it was written with (a clear error
+    otherwise); `workers=-1` resolves per machine (resolve_workers).
     """
     if global_batch_size % shard_count:
         raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
@@ -252,10 +293,11 @@ def make_train_loader(data_cfg, *, global_batch_size: int, seed: int, shard_inde
                         int(data_cfg.max_consecutive_unreadable))
     if data_cfg.augment.enabled:
         ds = ds.random_map(tr.Augment(data_cfg.augment), seed=seed)
-    ds = ds.map(tr.Normalize(data_cfg.mean, data_cfg.std))
     it = ds.to_iter_dataset(_read_options(data_cfg)).batch(local, drop_remainder=True)
-    it = _Accounting(_workers(it, data_cfg), data_cfg.max_unreadable_fraction,
-                     min_reads=max(100, local), what=f'training data {data_cfg.train_dataset}')
+    workers = resolve_workers(data_cfg.workers)
+    it = _Accounting(_workers(it, data_cfg, workers), data_cfg.max_unreadable_fraction,
+                     min_reads=max(100, local), what=f'training data {data_cfg.train_dataset}',
+                     workers=workers)
     return TrainLoader(it, info, global_batch_size, local)
 
 
@@ -304,9 +346,10 @@ def make_eval_loader(data_cfg, dataset_name: str, *, split: str = 'test', batch_
     per_shard = num_batches * local
     ds = _EvalElements(records, tr.ImageReader.from_config(data_cfg), per_shard,
                        offset=shard_index * per_shard, size=int(data_cfg.image_size))
-    ds = ds.map(tr.Normalize(data_cfg.mean, data_cfg.std)).batch(local, drop_remainder=False)
-    it = _workers(ds.to_iter_dataset(_read_options(data_cfg)), data_cfg)
+    ds = ds.batch(local, drop_remainder=False)
+    workers = resolve_workers(data_cfg.workers)
+    it = _workers(ds.to_iter_dataset(_read_options(data_cfg)), data_cfg, workers)
     it = _Accounting(it, data_cfg.max_unreadable_fraction,
                      min_reads=min(100, max(len(records), 1)),
-                     what=f'{dataset_name}/{split}')
+                     what=f'{dataset_name}/{split}', workers=workers)
     return EvalLoader(it, info, num_batches, local)
