@@ -57,6 +57,8 @@ SIZES: dict[str, SizeSpec] = {
     'tiny': SizeSpec(32, 3, {'train': 4, 'val': 2, 'test': 2}),
     # Demo on 2 CPU cores: 192 training frames per family at 64 px.
     'small': SizeSpec(64, 8, {'train': 12, 'val': 4, 'test': 8}),
+    # The 'small' layout at DeepfakeBench's stored 256 px: input-pipeline benchmarks at 224.
+    'small-256': SizeSpec(256, 8, {'train': 12, 'val': 4, 'test': 8}),
     'medium': SizeSpec(128, 8, {'train': 100, 'val': 20, 'test': 50}),
     # Thousands of videos: 4 x 2 x 1250 videos x 32 frames at DeepfakeBench's 256 px.
     'large': SizeSpec(256, 32, {'train': 1000, 'val': 100, 'test': 150}),
