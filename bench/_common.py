@@ -96,13 +96,17 @@ def device_peak() -> float:
     return stats.get("peak_bytes_in_use", float("nan")) / 2**20
 
 
-def random_batch(batch: int, image_size: int, seed: int = 0) -> dict[str, Any]:
-    """A host batch {'image': f32 NHWC, 'label': i32} like the pipeline's, from a fixed seed."""
+def random_batch(batch: int, image_size: int, seed: int = 0, *,
+                 pixels: bool = False) -> dict[str, Any]:
+    """A host batch {'image': NHWC, 'label': i32} from a fixed seed: normalised f32 values
+    (what both frameworks' models take), or uint8 pixels as the input pipeline ships them."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return {"image": rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
-            "label": rng.integers(0, 2, size=batch).astype(np.int32)}
+    shape = (batch, image_size, image_size, 3)
+    image = (rng.integers(0, 256, shape, dtype=np.uint8) if pixels
+             else rng.standard_normal(shape).astype(np.float32))
+    return {"image": image, "label": rng.integers(0, 2, size=batch).astype(np.int32)}
 
 
 class ProductionStep:

@@ -1,27 +1,32 @@
 """Is the training step limited by host work? Steps/s fed from memory vs from the real pipeline.
 
     python bench/input_bound.py                      # demo geometry, synthetic benchmark 'small'
-    python bench/input_bound.py --variant B/16 --image-size 224 --batch 8 --steps 4
+    python bench/input_bound.py --size small-256 --image-size 224   # 256 px frames -> 224
+    python bench/input_bound.py --variant B/16 --image-size 224 --batch 8 --steps 4 \
+        --size small-256
 
 Issue 7 asks that the step never wait on the host (input pipeline, metric fetches, Python in
 the loop). The production step (fmsd_jax.train.make_train_step, FMSD regime, regularisers on as
-in the demo config) is driven four ways on the same detector:
+in the demo config, the detector normalising uint8 pixels on the device) is driven these ways:
 
-  memory      the same device batch every step, dispatched back to back (the ceiling)
-  host arrays ready numpy batches, put on the device each step as train.py does (the cost of
-              `global_batch` and of the transfer, without decoding)
-  pipeline    the host side alone: `next()` on make_train_loader's iterator, no step
-  train loop  exactly train.train's loop body: `global_batch(mesh, next(it))`, then the step,
-              with async dispatch (the host builds batch n+1 while the device runs step n)
-  prefetched  the loader's iterator wrapped in grain's ThreadPrefetchDatasetIterator (a
-              background thread keeps `--prefetch` batches ready; it is checkpointable: its
-              state is the position of the last batch handed out, not of the read-ahead)
+  memory       the same device batch every step, dispatched back to back (the ceiling)
+  host arrays  ready uint8 numpy batches, put on the device each step as train.py does (the
+               cost of `global_batch` and of the transfer, without decoding)
+  pipeline     the host side alone: `next()` on make_train_loader's iterator, no step
+  train loop   exactly train.train's loop body: `global_batch(mesh, next(it))`, then the step,
+               with async dispatch (the host builds batch n+1 while the device runs step n)
+  host-normalised  the reference: the same loop with CLIP normalisation done on the host into
+               float32, as the pipeline did before (4x the bytes, one float pass per pixel)
+  prefetched   the loop with the iterator wrapped in grain's ThreadPrefetchDatasetIterator (a
+               background thread keeps `--prefetch` batches ready; checkpointable)
 
 Default geometry is the demo's (configs/demo.py: a CLIP-shaped ViT of width 64, 4 layers, patch
 8, at 64 px, batch 32, grain workers 0) on the synthetic benchmark at size 'small' (its
 SynBlend family, the demo's training set), written once to --data-dir. Each mode runs --steps
 steps after one warm-up step; steps/s is wall time over the run with one block at the end (as
-train.py, which syncs only every log_every).
+train.py, which syncs only every log_every); the table gives the median over --rounds
+interleaved rounds and the spread. `--size small-256` stores frames at DeepfakeBench's 256 px,
+so `--image-size 224` measures the real decode + resize + augmentation cost.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prefetch", type=int, default=2, help="batches the prefetch thread keeps")
-    ap.add_argument("--data-dir", default="/tmp/fmsd_input_bound_blend",
-                    help="where the synthetic benchmark ('small') is written / found")
+    ap.add_argument("--size", default="small", choices=["small", "small-256"],
+                    help="synthetic benchmark size: 64 px frames, or DeepfakeBench's 256 px")
+    ap.add_argument("--data-dir", default=None,
+                    help="where the synthetic benchmark is written / found "
+                         "[default /tmp/fmsd_input_bound_SIZE]")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="config.data.workers (grain)")
     return ap.parse_args(argv)
 
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import grain
     import jax
+    import numpy as np
     from flax import nnx
 
     from fmsd_jax.data import pipeline
@@ -69,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     from fmsd_jax.model.detector import Detector
     from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig, resolve_attention_impl
 
-    write_benchmark(args.data_dir, size="small", families=("blend",))  # SynBlend only
+    args.data_dir = args.data_dir or f"/tmp/fmsd_input_bound_{args.size}"
+    write_benchmark(args.data_dir, size=args.size, families=("blend",))  # SynBlend only
     data = get_data_config()
     data.update(data_config_overrides(args.data_dir))
     data.train_dataset = ("SynBlend",)
@@ -79,12 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     geometry = DEMO if args.variant == "demo" else {}
     cfg = (ViTConfig(image_size=args.image_size, **geometry) if args.variant == "demo"
            else ViTConfig.from_variant(args.variant, image_size=args.image_size, proj_dim=None))
-    det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1),
+                   pixel_mean=data.mean, pixel_std=data.std)
     spec = decompose(det, num_subspaces=4, rank=1)
     step = ProductionStep(det, regime="fmsd", spec=spec, lambda_orth=0.1, lambda_spec=0.1,
                           batch=args.batch, image_size=args.image_size)
-    fixed = step.device_batch(random_batch(args.batch, args.image_size))
-    step.compile(fixed)
+    fixed = step.device_batch(random_batch(args.batch, args.image_size, pixels=True))
+    step(fixed)
+    mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
+
+    def host_normalised(batch: dict[str, Any]) -> dict[str, Any]:
+        return {**batch, "image": (batch["image"].astype(np.float32) / 255.0 - mean) / std}
 
     def loader() -> Any:
         return pipeline.make_train_loader(data, global_batch_size=args.batch, seed=0)
@@ -98,35 +115,52 @@ def main(argv: list[str] | None = None) -> None:
         step.block()
         return n / (time.perf_counter() - t0)
 
-    results: dict[str, float] = {}
-    results["memory"] = timed(lambda: step(fixed, block=False), args.steps)
-
-    hosts = [random_batch(args.batch, args.image_size, seed=i) for i in range(4)]
+    hosts = [random_batch(args.batch, args.image_size, seed=i, pixels=True) for i in range(4)]
     count = iter(range(10**9))
-    results["host arrays"] = timed(
-        lambda: step(step.device_batch(hosts[next(count) % 4]), block=False), args.steps)
 
-    it = iter(loader())
-    results["pipeline"] = timed(lambda: next(it), args.steps)
+    def modes() -> dict[str, Callable[[], Callable[[], Any]]]:
+        """mode -> a factory of its loop body (a fresh iterator per round)."""
+        def loop(wrap=lambda it: it, host=lambda b: b):
+            it = wrap(iter(loader()))
+            return lambda: step(step.device_batch(host(next(it))), block=False)
 
-    it = iter(loader())
-    results["train loop"] = timed(lambda: step(step.device_batch(next(it)), block=False),
-                                  args.steps)
+        def pipeline_only():
+            it = iter(loader())
+            return lambda: next(it)
 
-    it = grain.experimental.ThreadPrefetchDatasetIterator(iter(loader()), args.prefetch)
-    results["prefetched"] = timed(lambda: step(step.device_batch(next(it)), block=False),
-                                  args.steps)
+        prefetch = lambda it: grain.experimental.ThreadPrefetchDatasetIterator(it, args.prefetch)
+        return {
+            "memory": lambda: lambda: step(fixed, block=False),
+            "host arrays": lambda: lambda: step(step.device_batch(hosts[next(count) % 4]),
+                                                block=False),
+            "pipeline": pipeline_only,
+            "train loop": loop,
+            "host-normalised": lambda: loop(host=host_normalised),
+            "prefetched": lambda: loop(wrap=prefetch),
+        }
+
+    # Both input dtypes compiled before timing (jit caches one executable per dtype).
+    step(step.device_batch(host_normalised(random_batch(args.batch, args.image_size))))
+    rates: dict[str, list[float]] = {}
+    for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits all
+        for mode, make in modes().items():
+            rates.setdefault(mode, []).append(timed(make(), args.steps))
+    results = {mode: float(np.median(r)) for mode, r in rates.items()}
+    spread = {mode: (min(r), max(r)) for mode, r in rates.items()}
 
     dev = jax.devices()[0]
     name = "demo ViT (w64, 4 layers, p8)" if args.variant == "demo" else args.variant
     print(f"\n{name} @ {args.image_size}px, batch {args.batch}, FMSD K=4 d=1 + L_orth + L_spec, "
           f"attention {resolve_attention_impl(cfg.attention_impl)}; {dev.platform} "
           f"({dev.device_kind}), {threads} threads; grain workers {args.workers}; "
-          f"{args.steps} steps per mode after 1 warm-up")
-    print("\n| mode | steps/s | images/s | vs memory |")
-    print("|---|---:|---:|---:|")
+          f"{args.steps} steps per mode after 1 warm-up, median of {args.rounds} interleaved "
+          f"rounds; frames {args.size} ({args.data_dir})")
+    print("\n| mode | steps/s | (min-max) | images/s | vs memory |")
+    print("|---|---:|---:|---:|---:|")
     for mode, sps in results.items():
-        print(f"| {mode} | {sps:.2f} | {sps * args.batch:.0f} | {sps / results['memory']:.2f} |")
+        lo, hi = spread[mode]
+        print(f"| {mode} | {sps:.2f} | {lo:.2f}-{hi:.2f} | {sps * args.batch:.0f} | "
+              f"{sps / results['memory']:.2f} |")
 
 
 if __name__ == "__main__":
