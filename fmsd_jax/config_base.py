@@ -22,7 +22,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.image_size = 224
     c.model.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
     c.model.attention_impl = mlc.FieldReference(None, field_type=str)  # None: backend picks
-    c.model.remat = False
+    c.model.remat = "dots"  # dots | none | full: what each block keeps for the backward
     c.model.num_classes = 2
 
     c.method = mlc.ConfigDict()

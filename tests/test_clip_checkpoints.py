@@ -178,9 +178,9 @@ def test_assign_weights_is_strict():
 
 
 def test_loaded_tower_jits_and_options_flow(ref):
-    tower = load_clip_vision(FIX / "tiny/hf_clip", remat=True, attention_impl="xla",
+    tower = load_clip_vision(FIX / "tiny/hf_clip", remat="full", attention_impl="xla",
                              rngs=nnx.Rngs(0))  # built concretely, then overwritten
-    assert tower.cfg.remat and tower.cfg.attention_impl == "xla"
+    assert tower.cfg.remat == "full" and tower.cfg.attention_impl == "xla"
     fwd = nnx.jit(lambda m, x: m(x))
     with jax.default_matmul_precision("float32"):
         got = np.asarray(fwd(tower, jnp.asarray(ref["tiny_images"])))

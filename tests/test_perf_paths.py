@@ -61,10 +61,10 @@ def test_default_is_einsum_on_cpu_and_unknown_is_refused():
         ViTConfig.from_variant("tiny", attention_impl="flash")
 
 
-def _detector_grads(impl: str, token_multiple: int | None = None
-                    ) -> tuple[jax.Array, nnx.State]:
+def _detector_grads(impl: str, token_multiple: int | None = None, remat: str = "dots",
+                    temp_bytes: dict | None = None) -> tuple[jax.Array, nnx.State]:
     cfg = ViTConfig.from_variant("tiny", image_size=32, attention_impl=impl,
-                                 token_multiple=token_multiple)
+                                 token_multiple=token_multiple, remat=remat)
     det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
     decompose(det, num_subspaces=2, rank=2)
     graphdef, trainable, frozen = nnx.split(det, ArtifactFactor, ...)
@@ -73,7 +73,10 @@ def _detector_grads(impl: str, token_multiple: int | None = None
     def loss(t):
         return jnp.sum(nnx.merge(graphdef, t, frozen)(images) ** 2)
 
-    return jax.jit(jax.value_and_grad(loss))(trainable)
+    fn = jax.jit(jax.value_and_grad(loss))
+    if temp_bytes is not None:
+        temp_bytes[remat] = fn.lower(trainable).compile().memory_analysis().temp_size_in_bytes
+    return fn(trainable)
 
 
 def test_decomposed_detector_same_loss_and_factor_grads_with_einsum():
@@ -121,3 +124,17 @@ def test_uint8_pixels_normalised_on_device_equal_host_normalisation():
     bare = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="pixel_mean"):
         bare(jnp.asarray(pixels))
+
+
+def test_remat_policies_change_memory_not_results():
+    """'dots' (the default) and 'full' recompute parts of each block in the backward pass;
+    the gradients must be those of keeping everything ('none')."""
+    temp: dict[str, int] = {}
+    (l_n, g_n) = _detector_grads("einsum", remat="none", temp_bytes=temp)
+    for policy in ("dots", "full"):
+        l_p, g_p = _detector_grads("einsum", remat=policy, temp_bytes=temp)
+        np.testing.assert_allclose(l_p, l_n, rtol=1e-6)
+        chex.assert_trees_all_close(g_p, g_n, atol=1e-6, rtol=1e-5)
+    assert temp["full"] < temp["dots"] < temp["none"], temp  # XLA's compiled temporaries
+    with pytest.raises(ValueError, match="remat"):
+        ViTConfig.from_variant("tiny", remat=True)

@@ -718,7 +718,7 @@ def assign_weights(tower: nnx.Module, weights: Mapping[str, np.ndarray], *,
 
 def load_clip_vision(path: PathLike, *, image_size: int | None = None,
                      dtype: str = "float32", attention_impl: str | None = None,
-                     remat: bool = False, linear_factory: LinearFactory = dense_factory,
+                     remat: str = "dots", linear_factory: LinearFactory = dense_factory,
                      rngs: nnx.Rngs | None = None, heads: int | None = None,
                      activation: str | None = None) -> CLIPVisionTower:
     """The CLIP vision tower in `path` with its weights in place.
@@ -754,8 +754,7 @@ def tower_weights(tower: CLIPVisionTower) -> dict[str, np.ndarray]:
 
 def to_hf_state_dict(cfg: ViTConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our layout -> Hugging Face keys (`vision_model.*`, `visual_projection.weight`)."""
-    shapes = expected_shapes(dataclasses.replace(cfg, dtype="float32", attention_impl=None,
-                                                 remat=False))
+    shapes = expected_shapes(dataclasses.replace(cfg, dtype="float32", attention_impl=None))
     problems = [f"missing   {k}  (expected {list(s)})" for k, s in shapes.items()
                 if k not in weights]
     problems += [f"unused    {k}  {list(np.shape(w))}" for k, w in weights.items()
