@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{transformers.__version__}; ours attention_impl={args.attention_impl} "
           f"(runs {resolve_attention_impl(args.attention_impl)}), XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r}, "
-          f"HF attention={args.hf_attn}")
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, HF attention={args.hf_attn}")
     if parity is not None:
         print(f"max |logits ours − Effort (PyTorch)| before training: {parity:.2e}")
     ref = statistics.median(times["b"]) if "b" in times else None
