@@ -29,7 +29,8 @@ Rows:
 On a GPU the table adds model FLOP utilisation (item 3 of issue 7): the FLOPs the method needs
 (`model_flops`) over the step time, against the card's dense bf16 peak (or --peak-tflops).
 Inference (item 4 of issue 7): our plain dense detector vs the same detector decomposed,
-trained-looking (perturbed factors) and merged back (`decompose.merge`): merged/plain ≥ 0.98.
+trained-looking (perturbed factors) and merged back (`decompose.merge`): merged/plain ≥ 0.98;
+the table also says whether both compile to the same XLA program (then the ratio is noise).
 
 Timing: rows run round-robin in one process (one step of each per round; DESIGN.md §3: the
 CPU is shared, so only interleaved ratios are trustworthy); median and min–max of --iters
@@ -306,6 +307,14 @@ def _deadline(seconds: float):
 # ---------------------------------------------------------------------------------------------
 
 
+def _program_text(compiled: Any) -> str:
+    """The optimised HLO without names and source metadata, for an equality check."""
+    import re
+
+    text = re.sub(r", metadata=\{[^}]*\}", "", compiled.as_text())
+    return re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     threads = limit_threads(args.threads)
@@ -444,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
             compiled = fwd.lower(st, img).compile()
             jax.block_until_ready(compiled(st, img))
             info[key] = dict(fw="jax", first=time.perf_counter() - t0,
-                             mem=xla_memory(compiled)[0], n=0)
+                             mem=xla_memory(compiled)[0], n=0,
+                             program=_program_text(compiled))
             steps[key] = (lambda c=compiled, s=st: jax.block_until_ready(c(s, img)))
 
     times = interleaved_times(steps, warmup=args.warmup, iters=args.iters)
@@ -495,6 +505,9 @@ def main(argv: list[str] | None = None) -> None:
             med = statistics.median(t)
             print(f"| {names[key]} | {args.batch / med:.2f} | {med * 1e3:.0f} | {spread(t)} | "
                   f"{info[key]['mem']:.0f} | {base / med:.3f} |")
+        same = info["plain"]["program"] == info["merged"]["program"]
+        print(f"merged and plain compile to {'the same' if same else 'DIFFERENT'} XLA program"
+              + (" (the timing ratio is noise around 1)" if same else ""))
     print(f"\nmodel FLOPs per step: forward {forward_flops(cfg, args.batch) / 1e9:.0f} GFLOP; "
           "decomposed methods 2x, full fine-tuning 3x; MFU against "
           + (f"{peak:.0f} TFLOP/s" if peak else "no peak (pass --peak-tflops)"))
