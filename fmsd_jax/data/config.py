@@ -64,7 +64,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.std = CLIP_STD
     # grain worker processes; 0 = load in the main process; -1 = auto (pipeline.resolve_workers:
     # none when JAX computes on the CPU, else one per two free cores: at 224 px one core
-    # decodes and augments ~290 img/s, a fifth of what one H200 trains FMSD at).
+    # decodes and augments 250-290 img/s, a sixth of what one H200 trains FMSD at).
     c.workers = -1
     c.read_threads = 2  # threads per process; cv2 decode releases the GIL
     c.prefetch = 8  # elements buffered per reading process (ReadOptions.prefetch_buffer_size)
