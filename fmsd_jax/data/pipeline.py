@@ -130,7 +130,7 @@ class AccountingIterator(grain.DatasetIterator):
     (JSON-serialisable, grain/orbax checkpointable) resume it, `stats()` reports reads."""
 
     def __init__(self, parent: grain.DatasetIterator, max_fraction: float, min_reads: int,
-                 what: str, workers: int = 0):
+                 what: str, workers: int):
         super().__init__(parent)
         self._max_fraction = max_fraction
         self._min_reads = min_reads

@@ -10,7 +10,6 @@ which is the scarce resource when decode and augmentation feed a fast accelerato
 normalisation then runs on the device, fused by XLA into the patch embedding.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -31,8 +31,8 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 ATTN_PROJECTIONS = ("q", "k", "v", "out")
-REMAT_POLICIES = ("dots", "none", "full")
 MLP_PROJECTIONS = ("fc1", "fc2")
+REMAT_POLICIES = ("dots", "none", "full")
 
 
 @dataclasses.dataclass(frozen=True)
