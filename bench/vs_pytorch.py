@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"subset of {ALL_ROWS}")
     ap.add_argument("--attention-impl", default=None,
                     help="our ViTConfig.attention_impl (default: the backend's choice)")
+    ap.add_argument("--remat", default="dots", choices=["dots", "none", "full"],
+                    help="our ViTConfig.remat: what each block keeps for the backward")
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
                     help="transformers attention implementation")
     ap.add_argument("--compile-timeout", type=float, default=900.0,
@@ -355,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = ViTConfig.from_variant(args.variant, image_size=args.image_size,
                                  dtype="bfloat16" if bf16 else "float32",
-                                 attention_impl=args.attention_impl, proj_dim=None)
+                                 attention_impl=args.attention_impl, proj_dim=None,
+                                 remat=args.remat)
 
     def detector(attention_impl: str | None = args.attention_impl) -> Detector:
         """The same random detector every call (fixed seeds), built fresh for each row."""
@@ -471,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {args.iters} interleaved rounds after {args.warmup} warm-up")
     print(f"jax {jax.__version__} / torch {torch.__version__} / transformers "
           f"{transformers.__version__}; ours attention_impl={args.attention_impl} "
-          f"(runs {resolve_attention_impl(args.attention_impl)}), XLA_FLAGS="
+          f"(runs {resolve_attention_impl(args.attention_impl)}), remat={args.remat}, XLA_FLAGS="
           f"{os.environ.get('XLA_FLAGS', '')!r}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, HF attention={args.hf_attn}")
     if parity is not None:
