@@ -199,9 +199,13 @@ class AccountingIterator(grain.DatasetIterator):
 
 
 class _Loader:
-    def __init__(self, dataset: grain.IterDataset):
+    def __init__(self, dataset: grain.IterDataset, info: dict, local_batch_size: int):
         self._dataset = dataset
         self._last: AccountingIterator | None = None
+        self.info = info
+        self.num_records = info['frames']
+        self.num_videos = info['videos']
+        self.local_batch_size = local_batch_size
 
     def __iter__(self) -> AccountingIterator:
         self._last = iter(self._dataset)
@@ -260,12 +264,8 @@ class TrainLoader(_Loader):
 
     def __init__(self, dataset: grain.IterDataset, info: dict, global_batch_size: int,
                  local_batch_size: int):
-        super().__init__(dataset)
-        self.info = info
-        self.num_records = info['frames']
-        self.num_videos = info['videos']
+        super().__init__(dataset, info, local_batch_size)
         self.global_batch_size = global_batch_size
-        self.local_batch_size = local_batch_size
         self.steps_per_epoch = max(self.num_records // global_batch_size, 1)
 
 
@@ -306,12 +306,8 @@ class EvalLoader(_Loader):
 
     def __init__(self, dataset: grain.IterDataset, info: dict, num_batches: int,
                  local_batch_size: int):
-        super().__init__(dataset)
-        self.info = info
-        self.num_records = info['frames']
-        self.num_videos = info['videos']
+        super().__init__(dataset, info, local_batch_size)
         self.num_batches = num_batches
-        self.local_batch_size = local_batch_size
 
     def __len__(self) -> int:
         return self.num_batches
