@@ -126,7 +126,7 @@ class ProductionStep:
         import numpy as np
         from flax import nnx
 
-        from fmsd_jax import sharding, train
+        from fmsd_jax import build, sharding, train
         from fmsd_jax.method.decompose import trainable_filter
         from fmsd_jax.method.objective import make_loss_fn
         from fmsd_jax.method.optimizer import make_optimizer
@@ -135,7 +135,7 @@ class ProductionStep:
         graphdef, trainable, frozen = nnx.split(det, trainable_filter(regime), ...)
         self.num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
         mask = (np.ones(spec.mask_shape, np.float32) if spec is not None else None)
-        self.run = train.Run(graphdef, sharding.shard_tree(mesh, trainable),
+        self.run = build.Run(graphdef, sharding.shard_tree(mesh, trainable),
                              sharding.shard_tree(mesh, frozen), mask, spec, mesh)
         self.loss_fn = make_loss_fn(None, lambda_orth=lambda_orth, lambda_spec=lambda_spec)
         tx = make_optimizer(optim or {}, trainable_state=self.run.trainable, layer_mask=mask,

@@ -17,7 +17,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from fmsd_jax import checkpointing, metrics, report, sharding
+from fmsd_jax import build, metrics, report, sharding
 from fmsd_jax.data import pipeline
 
 log = logging.getLogger("fmsd_jax")
@@ -109,12 +109,10 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
     """Score every test dataset; write results.json, results.md and ROC curves."""
     workdir = Path(workdir)
     if run is None:
-        from fmsd_jax import train  # evaluation from a checkpoint rebuilds the run
-
         mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
-        run = train.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = restore_trainable(cfg, workdir, run)
+        run = build.prepare(cfg, workdir, mesh, estimate=False)
+    trainable = build.restore_trainable(cfg, workdir, run)
     predict = make_predict_fn(run.graphdef, run.mesh)
     results, curves = {}, {}
     for name in cfg.data.test_dataset:
@@ -129,21 +127,3 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
         if curves:
             report.plot_roc(curves, workdir / "roc.png")
     return results
-
-
-def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
-    """The trained leaves from WORKDIR's best (else latest) checkpoint, on the run's mesh."""
-    from fmsd_jax.method.optimizer import make_optimizer
-
-    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
-                        spec=run.spec, total_steps=1)
-    state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
-             "opt_state": jax.eval_shape(tx.init, run.trainable)}
-    abstract = sharding.abstract_tree(run.mesh, state)
-    ckpts = checkpointing.RunCheckpoints(workdir, select_metric=cfg.eval.select_metric)
-    try:
-        step, restored, which = ckpts.restore_for_eval(abstract)
-    finally:
-        ckpts.close()
-    log.info("evaluating the %s checkpoint (step %d) of %s", which, step, workdir)
-    return restored["trainable"]

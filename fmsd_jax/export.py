@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from fmsd_jax import assemble, checkpointing, evaluate, sharding, train
+from fmsd_jax import assemble, build, checkpointing, sharding
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.checkpoint import save_hf_clip_vision
 
@@ -30,8 +30,8 @@ def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None 
     workdir = Path(workdir)
     out = Path(out_dir or cfg.export.out_dir or workdir / "export")
     mesh = sharding.make_mesh(cfg.mesh)
-    run = train.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = evaluate.restore_trainable(cfg, workdir, run)
+    run = build.prepare(cfg, workdir, mesh, estimate=False)
+    trainable = build.restore_trainable(cfg, workdir, run)
     detector = nnx.merge(run.graphdef, jax.device_get(trainable), jax.device_get(run.frozen))
     if assemble.uses_decomposition(cfg):
         decomp.merge(detector)

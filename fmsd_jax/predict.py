@@ -17,7 +17,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fmsd_jax import checkpointing, evaluate, sharding, train
+from fmsd_jax import build, checkpointing, evaluate, sharding
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
@@ -64,8 +64,8 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size = cfg.predict.batch_size
     sharding.check_batch_fits(mesh, batch_size, "config.predict.batch_size")
-    run = train.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = evaluate.restore_trainable(cfg, workdir, run)
+    run = build.prepare(cfg, workdir, mesh, estimate=False)
+    trainable = build.restore_trainable(cfg, workdir, run)
     predict_fn = evaluate.make_predict_fn(run.graphdef, mesh)
     reader = transforms.ImageReader.from_config(cfg.data)
 

@@ -8,13 +8,11 @@ are fetched every `log_every` steps, so the host never waits on the accelerator 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,26 +21,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fmsd_jax import assemble, checkpointing, evaluate, feedback, report, sharding
+from fmsd_jax import assemble, build, checkpointing, evaluate, feedback, layer_mask, sharding
 from fmsd_jax.data import pipeline
-from fmsd_jax.method import decompose as decomp
-from fmsd_jax.method import masking
 from fmsd_jax.method.objective import make_loss_fn
 from fmsd_jax.method.optimizer import make_optimizer
 
 log = logging.getLogger("fmsd_jax")
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything a loop needs about the assembled model, shared with evaluation."""
-
-    graphdef: Any
-    trainable: Any
-    frozen: Any
-    mask: np.ndarray
-    spec: decomp.DecompositionSpec | None
-    mesh: Any
 
 
 class Preempted(Exception):
@@ -53,70 +37,11 @@ class Preempted(Exception):
 # Assembly
 
 
-def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) -> Run:
-    """Pretrained detector → layer mask (estimated once, then read back) → decomposition."""
-    detector = assemble.build_detector(cfg)
-    mask_path = workdir / checkpointing.MASK_JSON
-    mask_needed = cfg.method.regime == "fmsd" and cfg.method.mask.enabled
-    if mask_needed and mask_path.exists():
-        mask = np.asarray(checkpointing.read_json(mask_path)["mask"], np.float32)
-    elif mask_needed:
-        if not estimate:
-            raise FileNotFoundError(
-                f"{mask_path} is missing: this workdir was never trained; run --mode train "
-                "or --mode mask first")
-        mask = estimate_mask(cfg, detector, workdir, mesh)
-    else:
-        mask = assemble.full_mask(cfg, detector)
-
-    spec = None
-    if assemble.uses_decomposition(cfg):
-        spec = assemble.decompose_detector(cfg, detector)
-        if jax.process_index() == 0:
-            checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
-
-    graphdef, trainable, frozen = nnx.split(
-        detector, decomp.trainable_filter(cfg.method.regime), ...)
-    trainable = sharding.shard_tree(mesh, trainable)
-    frozen = sharding.shard_tree(mesh, frozen)
-    return Run(graphdef, trainable, frozen, mask, spec, mesh)
-
-
-def estimate_mask(cfg: mlc.ConfigDict, detector, workdir: Path, mesh) -> np.ndarray:
-    """Forgery-aware layer masking on the dense pretrained detector (DESIGN.md §1.3)."""
-    loader = pipeline.make_train_loader(
-        cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed + 1,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
-    it = iter(loader)
-    batches = (sharding.global_batch(mesh, next(it), ("image", "label"))
-               for _ in range(cfg.method.mask.num_batches))
-    t0 = time.perf_counter()
-    graphdef, candidates, rest = masking.candidate_split(detector, tuple(cfg.method.targets))
-    scores = masking.estimate_layer_scores(
-        graphdef, candidates, rest, batches, loss_fn=make_loss_fn(lambda_orth=0.0,
-                                                                  lambda_spec=0.0),
-        targets=tuple(cfg.method.targets), score=cfg.method.mask.score, eps=cfg.method.mask.eps,
-        num_batches=cfg.method.mask.num_batches, mesh=mesh)
-    mc = cfg.method.mask
-    mask = masking.select_layers(scores["score"],
-                                 top_k=mc.top_k if mc.select == "top_k" else None,
-                                 threshold=mc.threshold if mc.select == "threshold" else None)
-    mask = np.asarray(mask, np.float32)
-    log.info("layer mask: %d of %d candidate layers selected in %.1fs", int(mask.sum()),
-             mask.size, time.perf_counter() - t0)
-    if jax.process_index() == 0:
-        record = masking.mask_report(scores, mask, cfg.method.targets) | {"score_kind": mc.score}
-        checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
-        report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
-                                 workdir / "layer_scores.png")
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------
 # The step
 
 
-def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_shardings):
+def make_train_step(run: build.Run, loss_fn, tx: optax.GradientTransformation, state_shardings):
     """jit(step) with explicit shardings; trainable and optimizer state buffers are donated."""
     graphdef = run.graphdef
     batch_sh = sharding.batch_sharding(run.mesh)
@@ -146,7 +71,7 @@ def make_train_step(run: Run, loss_fn, tx: optax.GradientTransformation, state_s
     )
 
 
-def init_metric_sums(run: Run, loss_fn, step_fn_sample_batch) -> dict:
+def init_metric_sums(run: build.Run, loss_fn, step_fn_sample_batch) -> dict:
     """Zeros with the keys the step produces (so the jitted signature never changes)."""
     model = nnx.merge(run.graphdef, run.trainable, run.frozen)
     _, aux = jax.eval_shape(loss_fn, model, step_fn_sample_batch)
@@ -191,7 +116,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     if jax.process_index() == 0:
         checkpointing.write_json_atomic(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
 
-    run = prepare(cfg, workdir, mesh)
+    run = build.prepare(cfg, workdir, mesh)
     steps = total_steps(cfg, num_records)
     loss_fn = make_loss_fn(cfg)
     tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
@@ -288,4 +213,4 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
     detector = assemble.build_detector(cfg)
     sharding.shard_tree(mesh, nnx.state(detector))
-    return estimate_mask(cfg, detector, workdir, mesh)
+    return layer_mask.estimate_mask(cfg, detector, workdir, mesh)

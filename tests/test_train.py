@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fmsd_jax import config_base, evaluate, export, predict, sharding, train
+from fmsd_jax import build, config_base, evaluate, export, predict, sharding, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_masked_out_layers_keep_their_pretrained_factors(trained, tiny_clip_chec
     """Artifact factors of layers the mask left out are bit-identical to step 0's."""
     cfg, workdir, _ = trained
     mask = np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"], bool)
-    run = train.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
     initial = flat_arrays(run.trainable)
     final = trainable_at(workdir)
     targets = list(cfg.method.targets)
@@ -179,8 +179,8 @@ def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path, t
 
     cfg, workdir, _ = trained
     out = export.export(cfg, workdir, tmp_path / "export")
-    run = train.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    trainable = evaluate.restore_trainable(cfg, workdir, run)
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    trainable = build.restore_trainable(cfg, workdir, run)
     ours = nnx.merge(run.graphdef, trainable, run.frozen)
     images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
     want = np.asarray(ours(images))
