@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from fmsd_jax.data import file_records
 from fmsd_jax.data import records as rec
-from fmsd_jax.data import sources
 from fmsd_jax.data import transforms as tr
 
 BUILDER_NAME = 'fmsd_frames'
@@ -95,7 +95,7 @@ class FmsdFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         out, self._counts = {}, {}
         for split in self.builder_config.splits:
             try:
-                records = sources.list_records(cfg, self.builder_config.dataset, split)
+                records = file_records.list_records(cfg, self.builder_config.dataset, split)
             except KeyError as e:
                 if 'has no split' not in str(e):
                     raise
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
                                 description='Pack a dataset into TFDS ArrayRecord files.')
     p.add_argument('--dataset', required=True)
     p.add_argument('--out', required=True, help='TFDS data_dir')
-    p.add_argument('--source', default='deepfakebench', choices=sources.SOURCES[:3])
+    p.add_argument('--source', default='deepfakebench', choices=file_records.FILE_SOURCES)
     p.add_argument('--root', required=True, help='dataset_root (the manual_dir)')
     p.add_argument('--json_folder', default='', help='DeepfakeBench dataset_json_folder')
     p.add_argument('--frame_num', type=int, default=8, help='frames per video, 0 = all')
