@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmsd_jax import atomic
+from fmsd_jax.errors import InputNotFound
 
 CONFIG_JSON = "config.json"
 MASK_JSON = "layer_mask.json"
@@ -95,7 +96,7 @@ class RunCheckpoints:
                 restored = mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
                 return step, restored["state"], name
-        raise FileNotFoundError(
+        raise InputNotFound(
             "no checkpoint found under WORKDIR/best or WORKDIR/checkpoints; train first "
             "(python -m fmsd_jax.main --mode train ...)")
 

@@ -31,7 +31,7 @@ def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None 
     out = Path(out_dir or cfg.export.out_dir or workdir / "export")
     mesh = sharding.make_mesh(cfg.mesh)
     run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    trainable = build.restore_trainable(cfg, workdir, run, "exporting")
     detector = nnx.merge(run.graphdef, jax.device_get(trainable), jax.device_get(run.frozen))
     if assemble.uses_decomposition(cfg):
         decomp.merge(detector)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fmsd_jax.data.deepfakebench import deepfakebench_records
 from fmsd_jax.data.folder import folder_records
+from fmsd_jax.errors import BadInput
 
 SOURCES = ('deepfakebench', 'folder', 'video', 'tfds')
 FILE_SOURCES = SOURCES[:3]
@@ -35,4 +36,4 @@ def list_records(data_cfg, dataset: str, split: str, *,
     if source == 'tfds':
         raise ValueError('list_records reads file-backed sources; TFDS records live in '
                          'ArrayRecord files, use sources.record_dataset().')
-    raise ValueError(f'config.data.source={source!r}; expected one of {SOURCES}.')
+    raise BadInput(f'config.data.source={source!r}; expected one of {SOURCES}.')

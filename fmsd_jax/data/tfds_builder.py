@@ -29,6 +29,7 @@ from etils import epath
 from fmsd_jax.data import file_records
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms as tr
+from fmsd_jax.errors import InputNotFound, UnknownName
 
 BUILDER_NAME = 'fmsd_frames'
 COUNTS_FILE = 'fmsd_counts.json'
@@ -176,13 +177,13 @@ def tfds_data_source(data_cfg, dataset: str, split: str):
     """(random-access source of examples, counts) for one split of a packed dataset."""
     path = builder_dir(data_cfg, dataset)
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise InputNotFound(
             f'no TFDS dataset for {dataset!r} at {path}; pack it first with '
             'fmsd_jax.data.tfds_builder.build_tfds (or its command) and set '
             '--config.data.tfds.data_dir.')
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
-        raise KeyError(f'{path}: dataset {dataset!r} has no split {split!r} '
+        raise UnknownName(f'{path}: dataset {dataset!r} has no split {split!r} '
                        f'(have {sorted(builder.info.splits)}).')
     source = builder.as_data_source(split=split)
     counts_path = os.path.join(path, COUNTS_FILE)
