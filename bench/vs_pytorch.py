@@ -70,7 +70,7 @@ from bench._common import (  # noqa: E402
     spread,
     xla_memory,
 )
-from bench.effort_torch import effort_detector, torch_detector  # noqa: E402
+from bench.effort_torch import effort_adam, effort_detector, torch_detector  # noqa: E402
 
 ALL_ROWS = ("a", "a+", "ax", "b", "b+", "bc", "bc+", "c", "tf", "infer")
 LAMBDA = 0.1
@@ -144,8 +144,7 @@ class TorchRow:
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.num_trainable = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.Adam(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8,
-                                    weight_decay=5e-4)
+        self.opt = effort_adam(model, lr=2e-4, weight_decay=5e-4)
         self.x, self.y, self.sync = x, y, sync
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
