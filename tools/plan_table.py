@@ -1,7 +1,7 @@
 """The README's pod-planning table: compile the train step for TPU slices from this machine.
 
   python tools/plan_table.py --out runs/plan_table.json                 # the full grid
-  python tools/plan_table.py --variants B/16 --slices v5e-8 --out t.json  # one slice
+  python tools/plan_table.py --variants B/16 --slices v5e-8 --fsdp 1 2 --out t.json
 
 For every (variant, slice, mesh) it compiles the FMSD train step (bf16, the run's shardings)
 at the DeepfakeBench global batch (32; or the smallest multiple of the chip count) and full
@@ -76,7 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=["B/16", "L/14", "H/14"])
     ap.add_argument("--slices", nargs="+", default=["v5e-8", "v5e-256", "v4-128", "v5p-512"])
-    ap.add_argument("--fsdp", type=int, default=4, help="the fsdp size of the data x fsdp rows")
+    ap.add_argument("--fsdp", type=int, nargs="+", default=[1, 4],
+                    help="fsdp sizes of the rows (1: data only)")
     ap.add_argument("--batch", type=int, default=32, help="DeepfakeBench's global batch")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--out", type=Path, required=True)
@@ -87,7 +88,7 @@ def main() -> None:
             _, devices = plan.topology_devices(slice_)
             chips = len(devices)
             batch = max(args.batch, chips) // chips * chips
-            for fsdp in sorted({1, min(args.fsdp, chips)}):
+            for fsdp in sorted({min(f, chips) for f in args.fsdp}):
                 row = compile_row(variant, "fmsd", slice_, batch, fsdp)
                 full = compile_row(variant, "full", slice_, batch, fsdp)
                 row["full_peak_gib"] = full["peak_gib"]
