@@ -28,8 +28,8 @@ FSDP_MIN_SIZE = 2**18  # arrays smaller than this are cheaper replicated than ga
 def make_mesh(mesh_cfg: mlc.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp) mesh over `devices` (default: every device of this run).
 
-    The device order follows the physical topology (jax's mesh_utils), so that on a TPU slice
-    the fsdp groups, which gather weights every layer, sit on neighbouring chips.
+    On TPU the device order follows the physical topology (jax's mesh_utils), so that the
+    fsdp groups, which gather weights every layer, sit on neighbouring chips.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -43,11 +43,11 @@ def make_mesh(mesh_cfg: mlc.ConfigDict, devices: Sequence[Any] | None = None) ->
         raise ValueError(
             f"config.mesh.data={mesh_cfg.data} x config.mesh.fsdp={fsdp} = {data * fsdp} "
             f"devices, but {n} are available; set config.mesh.data=-1 to use all of them")
-    try:
+    if devices[0].platform == "tpu":
         grid = mesh_utils.create_device_mesh((data, fsdp), devices,
                                              allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(data, fsdp)  # a device kind without a known layout
+    else:  # CPU/GPU: process-major order, so each process's batch rows are contiguous
+        grid = np.asarray(devices).reshape(data, fsdp)
     return Mesh(grid, BATCH_AXES)
 
 

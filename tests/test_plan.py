@@ -144,6 +144,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     assert got["all-reduce"] == {"count": 1, "bytes": 4096, "dtypes": ["f32"]}
 
 
+@pytest.mark.slow
 def test_counted_flops_match_an_unrolled_compile(monkeypatch):
     """XLA's cost analysis counts a scanned layer loop once; our jaxpr count does not.
 
@@ -196,6 +197,7 @@ def test_without_libtpu_the_planner_says_how_to_install_it(monkeypatch):
     assert "pip install -r requirements-tpu.txt" in str(e.value)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_cli_plan_writes_json_and_errors_in_one_line(tmp_path):
     base = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py",

@@ -81,7 +81,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="DeepfakeBench's global batch")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--max-batch-only", action="store_true",
+                    help="only add the largest batch to the rows already in --out")
     args = ap.parse_args()
+    if args.max_batch_only:
+        rows = json.loads(args.out.read_text())
+        for row in rows:
+            fsdp = int(row["mesh"].split("x")[1])
+            if "max_per_chip_batch" in row or fsdp not in args.fsdp:
+                continue
+            row["max_per_chip_batch"], row["max_row"] = largest_batch(
+                row["variant"], row["slice"], fsdp, row["chips"], row["hbm_gib"], row)
+            args.out.write_text(json.dumps(rows, indent=1, default=str))
+        print(table(rows))
+        return
     rows = []
     for variant in args.variants:
         for slice_ in args.slices:
