@@ -30,6 +30,7 @@ import ml_collections as mlc
 import numpy as np
 
 from fmsd_jax import assemble, build, evaluate, layer_mask, sharding, train
+from fmsd_jax.errors import BadInput
 from fmsd_jax.method import masking
 
 log = logging.getLogger("fmsd_jax")
@@ -59,8 +60,8 @@ _ALIASES = {"v5litepod": "v5e", "v6": "v6e"}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-class PlanError(ValueError):
-    """A user-facing problem with the plan's arguments (one line, non-zero exit)."""
+class PlanError(BadInput):
+    """A user-facing problem with the plan's arguments (one line, exit status 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def plan(cfg: mlc.ConfigDict, topology: str, *, which: tuple[str, ...] = PROGRAM
         mesh = sharding.make_mesh(cfg.mesh, devices)
         sharding.check_batch_fits(mesh, cfg.train.batch_size)
         sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
-    except ValueError as e:
+    except BadInput as e:
         raise PlanError(str(e)) from e
     chip = CHIPS[gen]
     result = dict(

@@ -205,11 +205,11 @@ def test_cli_plan_writes_json_and_errors_in_one_line(tmp_path):
             "--config.model.image_size=32", "--config.train.batch_size=8",
             "--config.eval.batch_size=8", "--config.method.mask.top_k=2"]
     proc = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: --mode plan needs --topology")
     proc = subprocess.run(base + ["--topology=v5e-4", "--config.mesh.fsdp=3"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "config.mesh.fsdp=3 does not divide the 4" in proc.stderr.strip().splitlines()[-1]
     proc = subprocess.run(base + ["--topology=v5e-4"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
