@@ -2,10 +2,13 @@
 
 Shared by training, evaluation, export and prediction, so every mode rebuilds exactly the
 same module structure from the workdir's sidecars and the pretrained weights it names.
+`abstract_detector` builds that same structure as shapes only (no weights file, no SVD run),
+for compiling the steps ahead of time (fmsd_jax/plan.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from fmsd_jax.errors import BadInput, InputNotFound
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.checkpoint import load_clip_vision
 from fmsd_jax.model.detector import Detector
-from fmsd_jax.model.vit import VARIANTS
+from fmsd_jax.model.vit import VARIANTS, CLIPVisionTower, ViTConfig
 
 
 def check_init_from(cfg: mlc.ConfigDict) -> Path:
@@ -46,6 +49,45 @@ def build_detector(cfg: mlc.ConfigDict, *, seed: int | None = None) -> Detector:
     rngs = nnx.Rngs(cfg.seed if seed is None else seed)
     return Detector(tower, num_classes=cfg.model.num_classes, rngs=rngs,
                     pixel_mean=cfg.data.mean, pixel_std=cfg.data.std)
+
+
+def tower_config(cfg: mlc.ConfigDict) -> ViTConfig:
+    """The tower's geometry without loading weights: the variant's, or init_from's for 'auto'."""
+    numerics = dict(image_size=cfg.model.image_size, dtype=cfg.model.dtype,
+                    attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
+    if cfg.model.variant != "auto":
+        if cfg.model.variant not in VARIANTS:
+            raise ValueError(f"config.model.variant={cfg.model.variant!r} is unknown; use one "
+                             f"of {sorted(VARIANTS)} or 'auto'")
+        return ViTConfig.from_variant(cfg.model.variant, **numerics)
+    if not cfg.model.init_from:
+        raise ValueError("config.model.variant='auto' takes the geometry from "
+                         "config.model.init_from, which is empty: set config.model.variant "
+                         f"to one of {sorted(VARIANTS)} or point init_from at a checkpoint")
+    from fmsd_jax.model.checkpoint import read_clip_vision
+
+    geometry, _ = read_clip_vision(check_init_from(cfg), cfg.model.image_size)
+    return dataclasses.replace(geometry, **numerics)
+
+
+def abstract_detector(cfg: mlc.ConfigDict, *, decomposed: bool = True
+                      ) -> tuple[Detector, decomp.DecompositionSpec | None]:
+    """The detector a run would train, as ShapeDtypeStructs: built and decomposed under
+    `nnx.eval_shape`, so the SVD is traced, never run, and no weights file is read.
+    `decomposed=False`: the dense pretrained detector that the mask estimator differentiates."""
+    vit_cfg = tower_config(cfg)
+    specs = []
+
+    def make() -> Detector:
+        tower = CLIPVisionTower(vit_cfg, rngs=nnx.Rngs(0))
+        detector = Detector(tower, num_classes=cfg.model.num_classes, rngs=nnx.Rngs(cfg.seed),
+                            pixel_mean=cfg.data.mean, pixel_std=cfg.data.std)
+        if decomposed and uses_decomposition(cfg):
+            specs.append(decompose_detector(cfg, detector))
+        return detector
+
+    detector = nnx.eval_shape(make)
+    return detector, (specs[0] if specs else None)
 
 
 def _check_geometry(cfg: mlc.ConfigDict, got: Any, path: Path) -> None:

@@ -36,11 +36,27 @@ class Run:
     mask: np.ndarray
     spec: decomp.DecompositionSpec | None
     mesh: Any
+    abstract: bool = False  # leaves are ShapeDtypeStructs with shardings (planning only)
 
 
+def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool = True,
+            abstract: bool = False) -> Run:
+    """Pretrained detector → layer mask (estimated once, then read back) → decomposition.
 
-def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) -> Run:
-    """Pretrained detector → layer mask (estimated once, then read back) → decomposition."""
+    `abstract=True` builds the same structure as sharded ShapeDtypeStructs on `mesh`, which
+    may hold devices this host cannot address (a TPU topology compiled for from a CPU): no
+    weights file, no data, no device transfer. The mask is then all-ones, unless the workdir
+    holds one: its values are data of the compiled step, never structure (DESIGN.md §3).
+    """
+    if abstract:
+        detector, spec = assemble.abstract_detector(cfg)
+        mask_path = workdir / checkpointing.MASK_JSON if workdir else None
+        if mask_path is not None and mask_path.exists():
+            mask = np.asarray(checkpointing.read_json(mask_path)["mask"], np.float32)
+        else:
+            mask = assemble.full_mask(cfg, detector)
+        return _split_and_place(cfg, detector, mask, spec, mesh, abstract=True)
+
     detector = assemble.build_detector(cfg)
     mask_path = workdir / checkpointing.MASK_JSON
     mask_needed = cfg.method.regime == "fmsd" and cfg.method.mask.enabled
@@ -60,12 +76,16 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) 
         spec = assemble.decompose_detector(cfg, detector)
         if jax.process_index() == 0:
             checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
+    return _split_and_place(cfg, detector, mask, spec, mesh, abstract=False)
 
+
+def _split_and_place(cfg, detector, mask, spec, mesh, *, abstract: bool) -> Run:
+    """(trainable, frozen) by Variable type, each leaf placed with sharding.param_sharding."""
     graphdef, trainable, frozen = nnx.split(
         detector, decomp.trainable_filter(cfg.method.regime), ...)
-    trainable = sharding.shard_tree(mesh, trainable)
-    frozen = sharding.shard_tree(mesh, frozen)
-    return Run(graphdef, trainable, frozen, mask, spec, mesh)
+    place = sharding.abstract_tree if abstract else sharding.shard_tree
+    return Run(graphdef, place(mesh, trainable), place(mesh, frozen), mask, spec, mesh,
+               abstract=abstract)
 
 
 def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run,

@@ -22,6 +22,11 @@ from fmsd_jax.method.objective import make_loss_fn
 log = logging.getLogger("fmsd_jax")
 
 
+def estimator_loss_fn():
+    """The loss whose gradients score the layers: cross-entropy only (no decomposition yet)."""
+    return make_loss_fn(lambda_orth=0.0, lambda_spec=0.0)
+
+
 def estimate_mask(cfg: mlc.ConfigDict, detector, workdir: Path, mesh) -> np.ndarray:
     """Forgery-aware layer masking on the dense pretrained detector (DESIGN.md §1.3)."""
     loader = pipeline.make_train_loader(
@@ -33,8 +38,7 @@ def estimate_mask(cfg: mlc.ConfigDict, detector, workdir: Path, mesh) -> np.ndar
     t0 = time.perf_counter()
     graphdef, candidates, rest = masking.candidate_split(detector, tuple(cfg.method.targets))
     scores = masking.estimate_layer_scores(
-        graphdef, candidates, rest, batches, loss_fn=make_loss_fn(lambda_orth=0.0,
-                                                                  lambda_spec=0.0),
+        graphdef, candidates, rest, batches, loss_fn=estimator_loss_fn(),
         targets=tuple(cfg.method.targets), score=cfg.method.mask.score, eps=cfg.method.mask.eps,
         num_batches=cfg.method.mask.num_batches, mesh=mesh)
     mc = cfg.method.mask

@@ -3,7 +3,9 @@
 Modes: train (default: estimate the layer mask, decompose, train, evaluate), mask (estimate and
 save the layer mask only), evaluate (from the workdir's checkpoint), export (merged dense CLIP
 weights + head for PyTorch), predict (score image files, folders or videos given as arguments;
-prints P(fake) per input and the label at config.predict.threshold).
+prints P(fake) per input and the label at config.predict.threshold), plan (compile the run's
+steps for a TPU slice given by --topology, from any machine; prints per-chip memory, FLOPs and
+collectives and writes WORKDIR/plan.json).
 
 Config: `--config FILE.py` or `--config FILE.py:ARGS`, where ARGS picks a variant the file
 defines, e.g. `configs/clip_b16.py:runlocal`, `configs/clip_b16.py:bf16,runlocal`,
@@ -34,8 +36,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/clip_b16.py or configs/clip_b16.py:runlocal",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "mask", "evaluate", "export", "predict"],
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "mask", "evaluate", "export", "predict", "plan"],
                           "What to do.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "plan: the TPU slice, e.g. v5e-256, v4-128, "
+                                "v5p-512 or v5e:16x16; the mesh is config.mesh.")
 _OUT = flags.DEFINE_string("out", None, "export: output directory (default WORKDIR/export); "
                            "predict: output JSON (default WORKDIR/predictions.json).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -104,6 +109,10 @@ def main(argv: list[str]) -> None:
         from fmsd_jax import evaluate
 
         evaluate.evaluate(cfg, workdir)
+    elif mode == "plan":
+        from fmsd_jax import plan
+
+        plan.run_plan(cfg, workdir, _TOPOLOGY.value)
     elif mode == "export":
         from fmsd_jax import export
 

@@ -2,16 +2,22 @@
 
 The batch is split over every mesh axis; parameters are replicated over `data` and, when the
 `fsdp` axis is larger than one, large weights are split along it (XLA gathers them where used).
+
+Nothing here reads the host's devices unless no devices are given: the planner
+(`fmsd_jax/plan.py`) builds meshes over a TPU topology's devices on a CPU machine with the same
+functions a real run uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections as mlc
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,8 +27,14 @@ BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**18  # arrays smaller than this are cheaper replicated than gathered
 
 
-def make_mesh(mesh_cfg: mlc.ConfigDict) -> Mesh:
-    n = jax.device_count()
+def make_mesh(mesh_cfg: mlc.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: every device of this run).
+
+    On TPU the device order follows the physical topology (jax's mesh_utils), so that the
+    fsdp groups, which gather weights every layer, sit on neighbouring chips.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
     fsdp = int(mesh_cfg.fsdp)
     data = int(mesh_cfg.data)
     if fsdp < 1 or n % fsdp:
@@ -33,8 +45,17 @@ def make_mesh(mesh_cfg: mlc.ConfigDict) -> Mesh:
         raise BadInput(
             f"config.mesh.data={mesh_cfg.data} x config.mesh.fsdp={fsdp} = {data * fsdp} "
             f"devices, but {n} are available; set config.mesh.data=-1 to use all of them")
-    devices = np.asarray(jax.devices()).reshape(data, fsdp)
-    return Mesh(devices, BATCH_AXES)
+    if devices[0].platform == "tpu":
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices,
+                                             allow_split_physical_axes=True)
+    else:  # CPU/GPU: process-major order, so each process's batch rows are contiguous
+        grid = np.asarray(devices).reshape(data, fsdp)
+    return Mesh(grid, BATCH_AXES)
+
+
+def num_processes(mesh: Mesh) -> int:
+    """Hosts that own the mesh's devices (jax.process_count() of the run that uses it)."""
+    return len({d.process_index for d in mesh.devices.flat})
 
 
 def check_batch_fits(mesh: Mesh, batch_size: int, what: str = "config.train.batch_size") -> None:
@@ -44,9 +65,9 @@ def check_batch_fits(mesh: Mesh, batch_size: int, what: str = "config.train.batc
         raise BadInput(
             f"{what}={batch_size} is not divisible by the {n} devices of the mesh "
             f"{dict(mesh.shape)}; choose a multiple of {n}")
-    if batch_size % jax.process_count():
-        raise BadInput(
-            f"{what}={batch_size} is not divisible by the {jax.process_count()} processes")
+    hosts = num_processes(mesh)
+    if batch_size % hosts:
+        raise BadInput(f"{what}={batch_size} is not divisible by the {hosts} processes")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -84,9 +84,13 @@ def make_train_step(run: build.Run, loss_fn, tx: optax.GradientTransformation, s
 
 def init_metric_sums(run: build.Run, loss_fn, step_fn_sample_batch) -> dict:
     """Zeros with the keys the step produces (so the jitted signature never changes)."""
-    model = nnx.merge(run.graphdef, run.trainable, run.frozen)
-    _, aux = jax.eval_shape(loss_fn, model, step_fn_sample_batch)
+    _, aux = jax.eval_shape(
+        lambda t, f, b: loss_fn(nnx.merge(run.graphdef, t, f), b),
+        run.trainable, run.frozen, step_fn_sample_batch)
     keys = ["loss", "grad_norm", *aux.keys(), "count"]
+    if run.abstract:
+        repl = sharding.replicated(run.mesh)
+        return {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=repl) for k in keys}
     return zero_metric_sums(keys, run.mesh)
 
 
@@ -94,6 +98,45 @@ def zero_metric_sums(keys, mesh) -> dict:
     """Replicated zeros, committed like the step's outputs (so the step never recompiles)."""
     return jax.device_put({k: jnp.zeros((), jnp.float32) for k in keys},
                           sharding.replicated(mesh))
+
+
+def batch_spec(cfg: mlc.ConfigDict, batch_size: int, mesh, *, labels: bool = True) -> dict:
+    """Shape, dtype and sharding of a global batch as the loader delivers it (uint8 NHWC)."""
+    size, batch_sh = cfg.model.image_size, sharding.batch_sharding(mesh)
+    spec = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
+                                          sharding=batch_sh)}
+    if labels:
+        spec["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh)
+    return spec
+
+
+def make_state(run: build.Run, tx: optax.GradientTransformation) -> tuple[dict, dict]:
+    """(train state, its shardings): step, trainable leaves, optimizer state for them only.
+
+    On an abstract run the state is ShapeDtypeStructs (the optimizer state from
+    `jax.eval_shape(tx.init, ...)`), so the same code serves the planner."""
+    if run.abstract:
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": run.trainable,
+                 "opt_state": jax.eval_shape(tx.init, run.trainable)}
+        state = sharding.abstract_tree(run.mesh, state)
+        return state, sharding.tree_shardings(run.mesh, state)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
+             "opt_state": tx.init(run.trainable)}
+    state_sh = sharding.tree_shardings(run.mesh, state)
+    return jax.device_put(state, state_sh), state_sh
+
+
+def assemble_step(cfg: mlc.ConfigDict, run: build.Run, steps: int) -> dict:
+    """Loss, optimizer, state, metric accumulators and the jitted step of a run: what `train`
+    runs and what `--mode plan` compiles for a TPU slice, built by the same code."""
+    loss_fn = make_loss_fn(cfg)
+    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
+                        spec=run.spec, total_steps=steps)
+    state, state_sh = make_state(run, tx)
+    sample = batch_spec(cfg, cfg.train.batch_size, run.mesh)
+    return dict(loss_fn=loss_fn, tx=tx, state=state, state_shardings=state_sh, sample=sample,
+                metric_sums=init_metric_sums(run, loss_fn, sample),
+                step_fn=make_train_step(run, loss_fn, tx, state_sh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,13 +176,9 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
 
     run = build.prepare(cfg, workdir, mesh)
     steps = total_steps(cfg, num_records)
-    loss_fn = make_loss_fn(cfg)
-    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
-                        spec=run.spec, total_steps=steps)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
-             "opt_state": tx.init(run.trainable)}
-    state_sh = sharding.tree_shardings(mesh, state)
-    state = jax.device_put(state, state_sh)
+    parts = assemble_step(cfg, run, steps)
+    tx, state, step_fn = parts["tx"], parts["state"], parts["step_fn"]
+    metric_sums = parts["metric_sums"]
 
     data_iter = iter(loader)
     ckpts = checkpointing.RunCheckpoints(workdir, max_to_keep=cfg.train.max_to_keep,
@@ -148,11 +187,6 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
         state = ckpts.restore_latest(sharding.abstract_tree(mesh, state), data_iter)
         log.info("resumed from step %d", int(state["step"]))
 
-    sample = {"image": jax.ShapeDtypeStruct(
-        (cfg.train.batch_size, cfg.model.image_size, cfg.model.image_size, 3), jnp.uint8),
-              "label": jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32)}
-    metric_sums = init_metric_sums(run, loss_fn, sample)
-    step_fn = make_train_step(run, loss_fn, tx, state_sh)
     writer = feedback.TensorBoard(workdir / "tb") if jax.process_index() == 0 else None
     schedule = getattr(tx, "learning_rate_fn", None)
     eval_every = cfg.train.eval_every or max(1, num_records // cfg.train.batch_size)

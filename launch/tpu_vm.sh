@@ -40,6 +40,9 @@ Options (environment variable in brackets):
   --queued / --no-queued force / forbid queued resources (default: queued when multi-host)
   --spot                 Spot capacity (cheaper, preemptible: training resumes from the
                          last checkpoint when re-run with the same --workdir)
+  --fsdp N               mesh: fsdp axis size (data takes the other chips) [default: the
+                         mesh README's 'Planning a pod run' table shows best for the slice;
+                         --dry-run prints it]. Check another with --mode plan first.
   --config CFG           config file[:variant] [default configs/clip_b16.py]
   --workdir DIR          run directory on the workers [default runs/NAME, relative to the code
                          dir]. Multi-host slices need one every worker sees: gs://BUCKET/run
@@ -87,6 +90,7 @@ DETACH=0
 KEEP=0
 STEP=""
 MAIN_ARGS=()
+FSDP=""
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -100,6 +104,7 @@ while [[ $# -gt 0 ]]; do
     --queued) QUEUED=1 ;;
     --no-queued) QUEUED=0 ;;
     --spot) SPOT=1 ;;
+    --fsdp) need_value "$@"; FSDP="$2"; shift ;;
     --config) need_value "$@"; CONFIG="$2"; shift ;;
     --workdir) need_value "$@"; WORKDIR="$2"; shift ;;
     --code-dir) need_value "$@"; CODE_DIR="$2"; shift ;;
@@ -133,6 +138,23 @@ if [[ -z "${VERSION}" ]]; then
     v6e) VERSION="v2-alpha-tpuv6e" ;;
     *) die "no default software version for '${GENERATION}'; pass --version" ;;
   esac
+fi
+# Chips in the slice: v4/v5p accelerator types count TensorCores (2 per chip), v5e/v6e chips.
+case "${GENERATION}" in
+  v4 | v5p) CHIPS=$((SIZE / 2)) ;;
+  *) CHIPS="${SIZE}" ;;
+esac
+# The mesh from the evidence: README 'Planning a pod run' compiles the FMSD train step for
+# these slices (tools/plan_table.py). With FMSD every slice there fits data-only, and fsdp only
+# adds weight all-gathers (collective bytes per step in the table), so data-only is the default.
+# Full fine-tuning of L/14 or H/14 on v5e (16 GiB) needs fsdp: pass --fsdp and plan it first.
+if [[ -z "${FSDP}" ]]; then FSDP=1; fi
+if ! [[ "${FSDP}" =~ ^[1-9][0-9]*$ ]] || ((CHIPS % FSDP)); then
+  die "--fsdp ${FSDP} must be a positive divisor of the ${CHIPS} chips of ${ACCEL}"
+fi
+MESH_ARGS=(--config.mesh.data=-1 "--config.mesh.fsdp=${FSDP}")
+if [[ "${DRY_RUN}" == 1 ]]; then
+  echo "mesh for ${ACCEL} (${CHIPS} chips): data=$((CHIPS / FSDP)) x fsdp=${FSDP}" >&2
 fi
 # One TPU VM host carries up to 8 cores/chips; bigger slices are multi-host, and capacity
 # for them is only reliably obtained through queued resources.
@@ -219,7 +241,7 @@ step_setup() {
 
 step_run() {
   local cmd=(.venv/bin/python -m fmsd_jax.main --config "${CONFIG}" --workdir "${WORKDIR}")
-  cmd+=("${MAIN_ARGS[@]}")
+  cmd+=("${MESH_ARGS[@]}" "${MAIN_ARGS[@]}")
   local quoted
   quoted="$(printf ' %q' "${cmd[@]}")"
   local dir

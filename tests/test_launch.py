@@ -109,7 +109,9 @@ def test_tpu_single_host_lifecycle():
     setup, run = _remote(ssh[0]), _remote(ssh[-1])
     assert "pip install -q -r requirements.txt" in setup and "jax[tpu]==" in setup
     remote = shlex.split(run.split("&&")[-1])
-    assert remote[0] == ".venv/bin/python" and remote[1:] == [*MAIN, "runs/fmsd-tpu"]
+    assert remote[0] == ".venv/bin/python"
+    assert remote[1:] == [*MAIN, "runs/fmsd-tpu", "--config.mesh.data=-1",
+                          "--config.mesh.fsdp=1"]
     assert "FMSD_MULTIHOST=1" in run
 
     scp = [c for c in cmds if c[3:5] == ["tpu-vm", "scp"]]
@@ -130,7 +132,8 @@ def test_tpu_multi_host_uses_queued_resources():
     assert "--runtime-version=v2-alpha-tpuv5" in create and "--spot" in create
     assert cmds[1][4] == "describe"  # waits for ACTIVE
     run = _remote([c for c in cmds if c[3:5] == ["tpu-vm", "ssh"]][-1])
-    assert run.endswith("--workdir gs://bucket/run1 --config.train.epochs=3")
+    assert run.endswith("--workdir gs://bucket/run1 --config.mesh.data=-1 --config.mesh.fsdp=1 "
+                        "--config.train.epochs=3")
     assert ["gcloud", "storage", "cp", "--recursive", "gs://bucket/run1/*", "runs/pod/"] in cmds
     assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "pod-qr"]
     assert "--force" in cmds[-1]
@@ -152,9 +155,23 @@ def test_tpu_single_steps_and_clone():
 
 
 @pytest.mark.parametrize(
+    ("accel", "chips"), [("v5litepod-8", 8), ("v5litepod-256", 256), ("v4-128", 64),
+                         ("v5p-512", 256)])
+def test_tpu_dry_run_prints_the_planned_mesh(accel, chips):
+    """The default mesh is the one README's planning table shows best (data-only for FMSD)."""
+    proc = sh("tpu_vm.sh", "--dry-run", "--accelerator", accel, "run")
+    assert f"mesh for {accel} ({chips} chips): data={chips} x fsdp=1" in proc.stderr
+    assert "--config.mesh.fsdp=1" in proc.stdout
+    proc = sh("tpu_vm.sh", "--dry-run", "--accelerator", accel, "--fsdp", "4", "run")
+    assert f"data={chips // 4} x fsdp=4" in proc.stderr
+    assert "--config.mesh.fsdp=4" in proc.stdout
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         ([], "no step given"),
+        (["--fsdp", "3", "create"], "must be a positive divisor of the 4 chips"),
         (["create", "delete"], "only one step"),
         (["launch"], "unknown step 'launch'"),
         (["--accelerator", "tpu8", "create"], "not of the form"),

@@ -197,11 +197,47 @@ class DecomposedDense(nnx.Module):
             y = x @ self.merged_weight().astype(dt)
         else:
             y = x @ self.semantic[...].astype(dt)
-            z = (x @ self.u[...].astype(dt)) * self.s[...].astype(dt)
-            y = y + z @ self.v[...].astype(dt).T
+            y = y + artifact_path(x, self.u[...], self.s[...], self.v[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         return y
+
+
+@jax.custom_vjp
+def artifact_path(x: jax.Array, u: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
+    """((x·U)·diag(s))·Vᵀ in x's dtype, with the gradients of U, s, V summed in float32.
+
+    Why a custom VJP: under bf16 compute, autodiff forms each factor's gradient as a bf16 dot
+    or reduce over the batch, and on a sharded batch XLA all-reduces those bf16 partial sums
+    across chips before the cast back to the fp32 parameter (seen in the compiled TPU step,
+    tests/test_plan.py). Here the batch contractions produce float32, so the cross-chip sums
+    are float32 too. The forward and the input gradient are unchanged; the recomputed skinny
+    matmuls cost K·d/width of a layer's FLOPs.
+    """
+    dt = x.dtype
+    return ((x @ u.astype(dt)) * s.astype(dt)) @ v.astype(dt).T
+
+
+def _artifact_fwd(x, u, s, v):
+    dt = x.dtype
+    a = x @ u.astype(dt)
+    return (a * s.astype(dt)) @ v.astype(dt).T, (x, a, u, s, v)
+
+
+def _artifact_bwd(res, g):
+    x, a, u, s, v = res
+    dt, f32 = x.dtype, jnp.float32
+    z = a * s.astype(dt)
+    dz = g @ v.astype(dt)
+    dv = jnp.einsum("...o,...k->ok", g, z, preferred_element_type=f32)
+    ds = jnp.einsum("...k,...k->k", dz, a, preferred_element_type=f32)
+    da = dz * s.astype(dt)
+    du = jnp.einsum("...i,...k->ik", x, da, preferred_element_type=f32)
+    dx = (da @ u.astype(dt).T).astype(dt)
+    return dx, du.astype(u.dtype), ds.astype(s.dtype), dv.astype(v.dtype)
+
+
+artifact_path.defvjp(_artifact_fwd, _artifact_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

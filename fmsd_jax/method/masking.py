@@ -119,6 +119,25 @@ def make_moment_update(
     return update
 
 
+def jit_moment_update(
+    graphdef: nnx.GraphDef,
+    loss_fn: Callable[..., tuple[jax.Array, Any]],
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+) -> Callable[[Moments, nnx.State, nnx.State, Any], Moments]:
+    """The jitted estimator step exactly as `estimate_layer_scores` runs it (the planner
+    compiles this same function for a TPU slice): moments donated; with a mesh, the batch
+    split over `data_axis` and everything else replicated."""
+    update = make_moment_update(graphdef, loss_fn)
+    if mesh is None:
+        return jax.jit(update, donate_argnums=0)
+    repl = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(data_axis))
+    return jax.jit(
+        update, in_shardings=(repl, repl, repl, data), out_shardings=repl, donate_argnums=0
+    )
+
+
 def estimate_layer_scores(
     graphdef: nnx.GraphDef,
     trainable_state: nnx.State,
@@ -151,20 +170,15 @@ def estimate_layer_scores(
         raise ValueError(f"candidate leaves disagree on the stacked layer axis: {num_layers}")
     (L,) = num_layers
 
-    update = make_moment_update(graphdef, loss_fn)
+    step = jit_moment_update(graphdef, loss_fn, mesh, data_axis)
     acc = init_moments(trainable_state)
+    data = None
     if mesh is not None:
         repl = NamedSharding(mesh, P())
         data = NamedSharding(mesh, P(data_axis))
         acc = jax.device_put(acc, repl)
         trainable_state = jax.device_put(trainable_state, repl)
         frozen_state = jax.device_put(frozen_state, repl)
-        step = jax.jit(
-            update, in_shardings=(repl, repl, repl, data), out_shardings=repl, donate_argnums=0
-        )
-    else:
-        data = None
-        step = jax.jit(update, donate_argnums=0)
 
     t = 0
     for batch in batches:
