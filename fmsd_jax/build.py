@@ -69,6 +69,11 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) 
 
 def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
     """The trained leaves from WORKDIR's best (else latest) checkpoint, on the run's mesh."""
+    return restore_evaluated(cfg, workdir, run)[0]
+
+
+def restore_evaluated(cfg: mlc.ConfigDict, workdir: Path, run) -> tuple[Any, int, str]:
+    """(trained leaves, step, 'best' | 'latest') of the checkpoint that evaluation uses."""
     tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
                         spec=run.spec, total_steps=1)
     state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
@@ -80,4 +85,4 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
     finally:
         ckpts.close()
     log.info("evaluating the %s checkpoint (step %d) of %s", which, step, workdir)
-    return restored["trainable"]
+    return restored["trainable"], int(step), which

@@ -85,6 +85,11 @@ def base_config() -> mlc.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
 
+    # Adaptation diagnostics at the end of every run (fmsd_jax/diagnostics.py).
+    c.diagnostics = mlc.ConfigDict()
+    c.diagnostics.bootstrap = 1000  # paired resamples of validation videos for Δ AUC's 95 % CI
+    c.diagnostics.spectra = 4  # SVDs of the most-moved adapted layers only (cheap on ViT-L)
+
     c.export = mlc.ConfigDict()
     c.export.out_dir = ""  # default: WORKDIR/export
 

@@ -37,6 +37,7 @@ __all__ = [
     "Verdict",
     "compare_to_baselines",
     "demo_table",
+    "plot_adaptation",
     "plot_layer_scores",
     "plot_roc",
     "read_results",
@@ -47,6 +48,7 @@ __all__ = [
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+DIAGNOSTICS_JSON = "diagnostics.json"  # written by fmsd_jax.diagnostics, shown in results.md
 
 # Column order and headers of results.md; the level is in every header so that no reader
 # can take a frame-level number for a video-level one.
@@ -169,12 +171,15 @@ def write_results(
     *,
     title: str = "Evaluation results",
     notes: Sequence[str] = (),
+    diagnostics: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``workdir/results.json`` and ``workdir/results.md``, replacing earlier ones.
 
     ``--mode evaluate`` calls this again on a finished run, so both files are rewritten whole
     (atomically) rather than merged. JSON holds ``dataset -> metric -> value`` with the five
     DFB metric keys as floats (``null`` where undefined) and the frame/video counts as ints.
+    ``diagnostics`` (the run's diagnostics.json) adds the backbone's contribution and how far
+    the adapted layers moved below the table.
     """
     norm = _normalise_results(results)
     wd = Path(workdir)
@@ -193,8 +198,50 @@ def write_results(
     ]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md.append(results_table(norm))
+    if diagnostics is not None:
+        md += ["", adaptation_section(diagnostics)]
     _atomic_write_text(md_path, "\n".join(md))
     return json_path, md_path
+
+
+def adaptation_section(diag: Mapping[str, Any]) -> str:
+    """results.md's account of whether the backbone adapted (see fmsd_jax/diagnostics.py)."""
+    lines = ["## Did the backbone adapt?", ""]
+    c = diag.get("contribution")
+    if c is None:
+        lines.append(f"Backbone contribution: {diag.get('contribution_note') or 'not measured'}.")
+    else:
+        lines += [
+            f"Backbone contribution on the {_md_escape(c['split'])} split of "
+            f"{_md_escape(', '.join(c['datasets']))} ({c['num_videos']} videos, "
+            f"{c['num_frames']} frames; checkpoint: {diag.get('checkpoint') or '?'} step "
+            f"{diag.get('step')}): AUC of the trained detector minus AUC of the pretrained "
+            "backbone carrying the trained head, 95 % interval from a paired bootstrap over "
+            f"{c['unit']}s ({c['resamples']} resamples).",
+            "",
+            "| level | trained | pretrained backbone + trained head | contribution "
+            "| 95 % interval |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, level in (("frame_auc", "AUC (frame)"), ("video_auc", "AUC (video)")):
+            if key not in c:
+                continue
+            lo, hi = (_to_float(x) for x in c["ci95"][key])
+            lines.append(f"| {level} | {_fmt(_to_float(c['trained'][key]))} | "
+                         f"{_fmt(_to_float(c['pretrained_backbone'][key]))} | "
+                         f"{_to_float(c[key]):+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+        lines += ["", f"**{_md_escape(c['verdict'][:1].upper() + c['verdict'][1:])}.**"]
+    wc = diag.get("weight_change")
+    if wc:
+        rel = np.asarray(wc["relative"], float)
+        mask = np.asarray(wc["mask"], bool)
+        moved = rel[mask] if mask.any() else rel.ravel()
+        lines += ["", f"Adapted layers ({int(mask.sum())} of {mask.size} candidate cells): "
+                      f"‖W − W₀‖/‖W₀‖ median {_fmt(float(np.median(moved)), 4)}, max "
+                      f"{_fmt(float(moved.max()), 4)} ({_md_escape(wc.get('note', ''))}); the "
+                      f"head moved {_fmt(_to_float(diag.get('head_change')), 3)} of its norm. "
+                      "Chart: adaptation.png; numbers: diagnostics.json."]
+    return "\n".join(lines) + "\n"
 
 
 def read_results(workdir: str | os.PathLike[str]) -> dict[str, dict[str, float | int]]:
@@ -348,6 +395,50 @@ def plot_layer_scores(
         ax2.grid(alpha=0.3, which="both")
         ax2.legend(fontsize=7, loc="best")
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """How far the backbone moved: relative change per (block, projection), spectra of the
+    most-moved layers before/after, and the change of each singular value (diagnostics.json)."""
+    wc = diag["weight_change"]
+    rel = np.asarray(wc["relative"], float)
+    mask = np.asarray(wc["mask"], bool)
+    targets = list(wc["targets"])
+    spectra = list(diag.get("spectra") or [])
+    fig = Figure(figsize=(4.0 + 0.6 * len(targets) + (9.0 if spectra else 0),
+                          max(3.8, 0.3 * rel.shape[0] + 1.8)), layout="constrained")
+    ax = fig.add_subplot(1, 3, 1) if spectra else fig.add_subplot()
+    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest",
+                   norm=Normalize(vmin=0.0, vmax=max(float(rel.max()), 1e-12)))
+    for i, j in zip(*np.nonzero(mask), strict=True):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set_yticks(range(rel.shape[0]), [str(i) for i in range(rel.shape[0])], fontsize=7)
+    ax.set_xlabel("candidate projection")
+    ax.set_ylabel("block")
+    ax.set_title("‖W − W₀‖ / ‖W₀‖ (adapted cells boxed)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    if spectra:
+        ax2, ax3 = fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
+        for k, sp in enumerate(spectra):
+            before, after = np.asarray(sp["before"], float), np.asarray(sp["after"], float)
+            label = f"block {sp['layer']} {sp['target']}"
+            color = f"C{k % 10}"
+            ax2.semilogy(before, "--", color=color, linewidth=1)
+            ax2.semilogy(after, "-", color=color, linewidth=1, label=label)
+            ax3.plot(after - before, color=color, linewidth=1, label=label)
+        ax2.set_xlabel("singular value index")
+        ax2.set_title("spectrum: pretrained (dashed) vs trained", fontsize=9)
+        ax2.legend(fontsize=7)
+        ax3.axhline(0.0, color="0.6", linewidth=0.8)
+        ax3.set_xlabel("singular value index")
+        ax3.set_title("σ_trained − σ_pretrained", fontsize=9)
+        for a in (ax2, ax3):
+            a.grid(alpha=0.3)
+    c = diag.get("contribution")
+    sub = (c["verdict"] if c else diag.get("contribution_note") or "contribution not measured")
+    fig.suptitle(f"Backbone adaptation ({diag.get('regime', '')}): {sub}", fontsize=9)
     return _save(fig, path)
 
 

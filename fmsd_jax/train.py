@@ -21,7 +21,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fmsd_jax import assemble, build, checkpointing, evaluate, feedback, layer_mask, sharding
+from fmsd_jax import (
+    assemble,
+    build,
+    checkpointing,
+    diagnostics,
+    evaluate,
+    feedback,
+    layer_mask,
+    sharding,
+)
 from fmsd_jax.data import pipeline
 from fmsd_jax.method.objective import make_loss_fn
 from fmsd_jax.method.optimizer import make_optimizer
@@ -121,6 +130,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     loss_fn = make_loss_fn(cfg)
     tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
                         spec=run.spec, total_steps=steps)
+    head0 = diagnostics.head_snapshot(run.trainable)  # the step donates run.trainable
     state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
              "opt_state": tx.init(run.trainable)}
     state_sh = sharding.tree_shardings(mesh, state)
@@ -179,9 +189,12 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
         if writer:
             writer.close()
 
+    del state  # the optimizer state is not needed any more; free it before the diagnostics
+    trainable, step, which = build.restore_evaluated(cfg, workdir, run)
+    diagnostics.run_diagnostics(cfg, workdir, run, trainable, head0, step=step, checkpoint=which)
     if not cfg.train.eval_after_training:
         return {}
-    return evaluate.evaluate(cfg, workdir, run=run)
+    return evaluate.evaluate(cfg, workdir, run=run, trainable=trainable)
 
 
 def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule, mesh) -> dict:
