@@ -61,7 +61,7 @@ from fmsd_jax.data.config import SYNTHETIC_DATASETS
 
 
 def get_config(arg: str | None = None):
-    args = config_base.parse_arg(arg, method="all", quick=False)
+    args = config_base.parse_arg(arg, method="all", quick=False, sweep=False)
     c = config_base.base_config()
     c.model.variant = "auto"  # geometry comes from the pretrained file
     c.model.image_size = 64
@@ -96,6 +96,11 @@ def get_config(arg: str | None = None):
         temperature=0.2, proj_hidden=256, proj_dim=64, log_every=50, seed=0,
         # CLIP-like invariances (crop, flip, colour), no blur: see fmsd_jax/pretrain.py.
         crop_scale=(0.2, 0.9), jitter=0.4, gray_prob=0.2, blur_prob=0.0))
+    # The learning-rate sweep (`:sweep`): one grid of backbone lrs, the same for every method
+    # that trains a backbone, each point scored on SynBlend's validation split only.
+    d.sweep = mlc.ConfigDict(dict(
+        enabled=bool(args.sweep), methods=("fmsd", "effort", "full"),
+        lrs=(2e-4, 2e-3, 2e-2)))
     d.optim = mlc.ConfigDict({
         "fmsd": {"lr": 2e-4, "head_lr": 1e-3},
         "effort": {"lr": 2e-4, "head_lr": 1e-3},
@@ -117,6 +122,7 @@ def get_config(arg: str | None = None):
         c.train.eval_every = 4
         c.eval.batch_size = 16
         d.data_size = "tiny"
+        d.sweep.lrs = (2e-4, 2e-2)
         d.pretrain.update(dict(width=32, layers=2, heads=2, mlp_dim=64, image_size=32,
                                steps=6, batch_size=16, warmup_steps=2, proj_hidden=32,
                                proj_dim=16, log_every=3))

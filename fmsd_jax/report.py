@@ -41,7 +41,9 @@ __all__ = [
     "plot_layer_scores",
     "plot_roc",
     "read_results",
+    "roc_figure",
     "results_table",
+    "sweep_table",
     "write_demo_report",
     "write_results",
 ]
@@ -265,12 +267,37 @@ def plot_roc(
     path: str | os.PathLike[str],
     *,
     title: str = "ROC (frame level)",
+    video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
 ) -> Path:
-    """One ROC chart with a curve per dataset (``name -> (fpr, tpr, auc)``), AUC in the legend."""
+    """ROC chart with a curve per dataset (``name -> (fpr, tpr, auc)``), AUC in the legend.
+
+    With ``video_curves`` (the same, from per-video mean probabilities) the chart has two
+    panels, frame level and video level, under ``title`` (name the method in it: a reader
+    comparing several runs' charts must know which is which)."""
+    return _save(roc_figure(curves, title=title, video_curves=video_curves), path)
+
+
+def roc_figure(
+    curves: Mapping[str, tuple[Any, Any, float]],
+    *,
+    title: str = "ROC (frame level)",
+    video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
+) -> Figure:
+    """The figure `plot_roc` saves."""
     if not curves:
         raise ValueError("plot_roc needs at least one curve")
-    fig = Figure(figsize=(5.5, 5.0))
-    ax = fig.add_subplot()
+    panels = [("frame level", curves)] + ([("video level", video_curves)] if video_curves else [])
+    fig = Figure(figsize=(5.5 * len(panels), 5.0), layout="constrained")
+    for i, (level, level_curves) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _roc_panel(ax, level_curves)
+        ax.set_title(level if len(panels) > 1 else title, fontsize=10 if len(panels) > 1 else None)
+    if len(panels) > 1:
+        fig.suptitle(title)
+    return fig
+
+
+def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for name, (fpr, tpr, auc) in curves.items():
         fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
@@ -283,11 +310,9 @@ def plot_roc(
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false positive rate (real flagged as fake)")
     ax.set_ylabel("true positive rate (fake detected)")
-    ax.set_title(title)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
 
 
 def plot_layer_scores(
@@ -454,6 +479,10 @@ class DemoRow:
     results: Mapping[str, Mapping[str, Any]]
     command: str
     note: str = ""
+    # Validation frame AUC of the trained detector minus that of the pretrained backbone with
+    # the trained head (None: not measured, e.g. the linear probe, whose backbone is frozen).
+    contribution: float | None = None
+    contribution_ci: tuple[float, float] | None = None  # its 95 % interval, when measured
 
 
 @dataclass(frozen=True)
@@ -615,7 +644,8 @@ def demo_table(
     for f in fams:
         tag = " (train)" if f in train_families else ""
         header += [f"{_md_escape(f)}{tag} · frame AUC", f"{_md_escape(f)}{tag} · video AUC"]
-    header += ["held-out mean · frame AUC", "held-out mean · video AUC"]
+    header += ["held-out mean · frame AUC", "held-out mean · video AUC",
+               "backbone contribution · val frame AUC"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -628,8 +658,107 @@ def demo_table(
             vals = [_metric(r, f, key) for f in held]
             mean, n = _nanmean(vals)
             cells.append(_fmt(mean) + ("" if n == len(held) else "†") if n else "n/a")
+        c = r.contribution
+        cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def below_chance_sentences(
+    rows: Sequence[DemoRow | Mapping[str, Any]], *, train_families: Sequence[str]
+) -> list[str]:
+    """One sentence per held-out family on which some method's frame AUC is below 0.5: what
+    that means, for which methods it holds, and whether the video level agrees."""
+    all_rows = _rows(rows)
+    out = []
+    for fam in _families(all_rows, train_families):
+        if fam in train_families:
+            continue
+        frame = {r.method: _metric(r, fam, "frame_auc") for r in all_rows}
+        video = {r.method: _metric(r, fam, "video_auc") for r in all_rows}
+        below = [m for m, v in frame.items() if math.isfinite(v) and v < 0.5]
+        if not below:
+            continue
+        finite = [v for v in frame.values() if math.isfinite(v)]
+        lo, hi = min(finite), max(finite)
+        who = (
+            f"every method ({len(below)} of {len(all_rows)})"
+            if len(below) == len(all_rows)
+            else f"{len(below)} of {len(all_rows)} methods ({', '.join(below)}; not "
+            + ", ".join(m for m in frame if m not in below)
+            + ")"
+        )
+        v_below = [m for m in below if math.isfinite(video[m]) and video[m] < 0.5]
+        v_text = (
+            "the video level agrees for all of them"
+            if len(v_below) == len(below)
+            else f"at video level {len(v_below)} of them stay below 0.5"
+        )
+        out.append(
+            f"**{_md_escape(fam)} is below chance for {who}**: frame AUC "
+            f"{_fmt(lo, 3)}–{_fmt(hi, 3)}; {v_text}. An AUC under 0.5 means the ranking is "
+            f"inverted: the detector gives {fam}'s fakes a *lower* fake score than its real "
+            f"frames, so what it learned to call fake on {', '.join(train_families)} points the "
+            f"other way on this artifact (a flipped score would reach {_fmt(1 - hi, 3)}–"
+            f"{_fmt(1 - lo, 3)}, but nothing in training can choose that sign)."
+        )
+    return out
+
+
+def sweep_table(
+    points: Sequence[Mapping[str, Any]], chosen: Mapping[str, float], *, metric: str = "frame_auc"
+) -> str:
+    """The learning-rate sweep as Markdown: one row per method, one column per backbone lr,
+    each cell the best validation ``metric`` (and the step it was reached at), the chosen lr
+    marked. Only validation numbers exist here: the sweep never evaluates a test set."""
+    lrs = sorted({float(p["lr"]) for p in points})
+    methods = list(dict.fromkeys(str(p["method"]) for p in points))
+    by = {(str(p["method"]), float(p["lr"])): p for p in points}
+    header = ["method", "head lr"] + [f"lr {lr:g}" for lr in lrs] + ["chosen lr"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for m in methods:
+        head = next(float(p["head_lr"]) for p in points if p["method"] == m)
+        cells = [_md_escape(m), f"{head:g}"]
+        for lr in lrs:
+            p = by.get((m, lr))
+            if p is None:
+                cells.append("")
+                continue
+            best = p["best"]
+            text = f"{_fmt(_to_float(best.get(metric)))} @{best.get('step')}"
+            if p.get("contribution") is not None:
+                text += f" (Δ {float(p['contribution']):+.3f})"
+            cells.append(f"**{text}**" if chosen.get(m) == lr else text)
+        cells.append(f"{chosen[m]:g}" if m in chosen else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines)
+        + f"\n\nCells: best validation {metric} of the run @ the step it was reached at "
+        "(the checkpoint that run would keep) and, where measured, (Δ the backbone's "
+        "contribution: validation frame AUC minus that of the pretrained backbone with the "
+        "same head); bold: the chosen lr.\n"
+    )
+
+
+def _contribution_note(r: DemoRow, tol: float) -> str:
+    """Words for one row's backbone contribution: noise is its 95 % interval containing 0
+    when one was measured, else |contribution| <= tol."""
+    c, ci = float(r.contribution), r.contribution_ci
+    span = f"95 % interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"tolerance ±{tol:g}"
+    within = ci[0] <= 0.0 <= ci[1] if ci else abs(c) <= tol
+    if within:
+        return (
+            f"- **{_md_escape(r.method)}: the backbone did not adapt; the head did the work** "
+            f"(contribution {c:+.4f}, {span}, contains 0)."
+        )
+    sign = "adds" if c > 0 else "loses"
+    return (
+        f"- {_md_escape(r.method)}: the adapted backbone {sign} {abs(c):.4f} validation frame "
+        f"AUC against the pretrained one with the same head ({span})."
+    )
 
 
 def write_demo_report(
@@ -643,12 +772,17 @@ def write_demo_report(
     title: str = "FMSD demo: cross-forgery generalisation",
     intro: Sequence[str] = (),
     tie_tol: float = 0.005,
+    contribution_tol: float = 0.01,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write the demo's ``report.md`` and return its path.
 
     The verdict against each baseline is computed from ``rows`` (``compare_to_baselines``),
-    never written by hand, so a run where FMSD loses says so. Chart paths are linked relative
-    to the report so the workdir can be moved or published as is.
+    never written by hand, so a run where FMSD loses says so; so are the backbone-contribution
+    notes (``contribution_tol``: the half-width called "no adaptation") and the sentence on
+    each held-out family some method scores below chance on. ``sections`` are extra Markdown
+    blocks placed before the reproduce commands. Chart paths are linked relative to the report
+    so the workdir can be moved or published as is.
     """
     out = Path(path)
     all_rows = _rows(rows)
@@ -656,6 +790,11 @@ def write_demo_report(
         all_rows, ours=ours, train_families=train_families, tie_tol=tie_tol
     )
     held = verdicts[0].families if verdicts else ()
+    contribution_notes = [
+        _contribution_note(r, contribution_tol)
+        for r in all_rows
+        if r.contribution is not None and math.isfinite(r.contribution)
+    ]
 
     def link(p: str | os.PathLike[str]) -> str:
         return Path(os.path.relpath(Path(p).resolve(), out.parent.resolve())).as_posix()
@@ -676,6 +815,17 @@ def write_demo_report(
     ]
     if any("†" in line for line in md[-1].splitlines()[2:]):
         md += ["† mean over the held-out families where the metric is defined.", ""]
+    md += [
+        "Backbone contribution: validation frame AUC (SynBlend's validation split, the "
+        "checkpoint-selection split) of the trained detector minus that of the *pretrained* "
+        "backbone carrying the same trained head. Near zero, the head did the work and the "
+        "method's adaptation did not act; n/a where the backbone is frozen or it was not "
+        "measured.",
+        "",
+    ]
+    md += [*contribution_notes, ""] if contribution_notes else []
+    chance = below_chance_sentences(all_rows, train_families=train_families)
+    md += [*(f"- {c}" for c in chance), ""] if chance else []
     md += ["## Does FMSD beat the baselines?", ""]
     if verdicts:
         n_beaten = sum(v.beats for v in verdicts)
@@ -705,6 +855,8 @@ def write_demo_report(
                 f"![ROC {name}]({link(p)})",
                 "",
             ]
+    for section in sections:
+        md += [section, ""]
     md += ["## Reproduce", "", "Each row comes from one command:", ""]
     for r in all_rows:
         label = f"**{r.method}**" + (f" — {r.note}" if r.note else "")
