@@ -47,12 +47,7 @@ log = logging.getLogger("fmsd_jax")
 
 METHODS = ("fmsd", "effort", "full", "linear_probe")
 # Row names in the report; "FMSD" is ours, the others are baselines.
-ROW_NAMES = {
-    "fmsd": "FMSD",
-    "effort": "Effort (K=1, d=1, no mask)",
-    "full": "Full fine-tuning",
-    "linear_probe": "Linear probe",
-}
+ROW_NAMES = {m: report.method_name(m) for m in METHODS}
 CONFIG_FILE = "configs/demo.py"
 
 

@@ -127,12 +127,17 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None)
     if trainable is None:
         trainable = build.restore_trainable(cfg, workdir, run)
     predict = make_predict_fn(run.graphdef, run.mesh)
-    results, curves = {}, {}
+    results, curves, video_curves = {}, {}, {}
     for name in cfg.data.test_dataset:
-        result, probs, labels = score_dataset(cfg, run, trainable, name, "test", predict)
+        acc = score_split(cfg, run, trainable, name, "test", predict)
+        result, (probs, labels), vids = acc.result(), acc.arrays(), acc.video_ids()
         results[name] = result
         if len(np.unique(labels)) == 2:
             curves[name] = metrics.roc(probs, labels, name=name)
+            if vids is not None:  # the per-video mean probabilities video AUC ranks
+                vp, vy, _ = metrics.aggregate_by_video(probs, labels, vids)
+                if len(np.unique(vy)) == 2:
+                    video_curves[name] = metrics.roc(vp, vy, name=f"{name} (video level)")
         log.info("%s: %s", name, " ".join(
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if jax.process_index() == 0:
@@ -140,5 +145,7 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None)
         report.write_results(workdir, results,
                              diagnostics=json.loads(diag.read_text()) if diag.is_file() else None)
         if curves:
-            report.plot_roc(curves, workdir / "roc.png")
+            report.plot_roc(curves, workdir / "roc.png", video_curves=video_curves or None,
+                            title=f"ROC: {report.method_name(cfg.method.regime)} "
+                                  f"({workdir.name})")
     return results

@@ -37,6 +37,7 @@ __all__ = [
     "Verdict",
     "compare_to_baselines",
     "demo_table",
+    "method_name",
     "plot_adaptation",
     "plot_layer_scores",
     "plot_roc",
@@ -48,6 +49,13 @@ __all__ = [
     "write_results",
 ]
 
+# Display names of the training regimes (method.regime), in reports and chart titles.
+METHOD_NAMES = {
+    "fmsd": "FMSD",
+    "effort": "Effort (K=1, d=1, no mask)",
+    "full": "Full fine-tuning",
+    "linear_probe": "Linear probe",
+}
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 DIAGNOSTICS_JSON = "diagnostics.json"  # written by fmsd_jax.diagnostics, shown in results.md
@@ -109,6 +117,10 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(out, format="png", dpi=120, bbox_inches="tight")
     return out
+
+
+def method_name(regime: str) -> str:
+    return METHOD_NAMES.get(regime, regime)
 
 
 # --------------------------------------------------------------------------------------
