@@ -36,6 +36,13 @@ def base_config() -> mlc.ConfigDict:
     c.method.mask = mlc.ConfigDict()
     c.method.mask.enabled = True  # forgery-aware layer masking (v3 of the paper)
     c.method.mask.num_batches = 16  # T mini-batches for the gradient moments
+    # The moments are taken with a head fitted on the frozen backbone first (a random head's
+    # gradients describe the random head): Adam steps of a linear probe on the frozen features
+    # (layer_mask.json's head.loss_first/loss_last show whether it levelled off). 0: random head.
+    # The warmed head is used for the mask only; training starts from the fresh head.
+    c.method.mask.warmup_steps = 100
+    c.method.mask.warmup_lr = 1e-3
+    c.method.mask.stability_seeds = 3  # --mode mask: repeat with this many head/data seeds
     c.method.mask.score = "bias_variance"  # bias/(variance+eps) per layer, or 'gsnr'
     c.method.mask.select = "top_k"  # or 'threshold' (min-max normalised, Auto-SNR style)
     c.method.mask.top_k = 24  # half of ViT-B/16's 48 attention projections
@@ -123,6 +130,7 @@ def runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.data.frame_num.test = 2
     c.data.workers = 0
     c.method.mask.num_batches = 2
+    c.method.mask.warmup_steps = 2
     c.method.mask.top_k = 2
     c.train.batch_size = 4
     c.train.total_steps = 4

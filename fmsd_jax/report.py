@@ -365,6 +365,8 @@ def plot_layer_scores(
         kind, kind or "score"
     )
     has_bv = "bias" in scores and "variance" in scores
+    stab = scores.get("stability") or None
+    has_stab = bool(stab) and len(stab.get("seeds", ())) > 1
     bias = np.asarray(scores["bias"], float) if has_bv else None
     var = np.asarray(scores["variance"], float) if has_bv else None
     if has_bv and (bias.shape != score.shape or var.shape != score.shape):
@@ -373,10 +375,11 @@ def plot_layer_scores(
         )
 
     height = max(3.5, 0.32 * n_layers + 1.5)
+    n_panels = 1 + has_bv + has_stab
     fig = Figure(
-        figsize=(4.0 + 0.7 * n_targets + (5.5 if has_bv else 0), height), layout="constrained"
+        figsize=(4.0 + 0.7 * n_targets + 5.5 * (n_panels - 1), height), layout="constrained"
     )
-    ax = fig.add_subplot(1, 2, 1) if has_bv else fig.add_subplot()
+    ax = fig.add_subplot(1, n_panels, 1)
     finite = score[np.isfinite(score)]
     use_log = finite.size > 0 and bool(np.all(finite > 0))
     norm = (
@@ -406,7 +409,7 @@ def plot_layer_scores(
     fig.colorbar(im, ax=ax, label=f"score = {score_label}" + (" (log)" if use_log else ""))
 
     if has_bv:
-        ax2 = fig.add_subplot(1, 2, 2)
+        ax2 = fig.add_subplot(1, n_panels, 2)
         pos = (bias > 0) & (var > 0)
         for j, name in enumerate(target_names):
             col = pos[:, j]
@@ -431,8 +434,36 @@ def plot_layer_scores(
         ax2.set_title("bias vs variance per candidate layer", fontsize=9)
         ax2.grid(alpha=0.3, which="both")
         ax2.legend(fontsize=7, loc="best")
+    if has_stab:
+        _stability_panel(fig.add_subplot(1, n_panels, n_panels), stab)
+    head = scores.get("head") or {}
+    if head:
+        how = (f"head warmed {head.get('warmup_steps')} steps on the frozen backbone"
+               if head.get("kind") == "warmed" else "random head (no warm-up)")
+        title = f"{title} ({how})"
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
+    """Rank of every cell under each seed against its rank under the first seed: a stable
+    ranking lies on the diagonal."""
+    seeds = list(stab["seeds"])
+    ranks = [np.argsort(np.argsort(-np.asarray(sc, float).ravel(), kind="stable"), kind="stable")
+             for sc in stab["scores"]]
+    n = ranks[0].size
+    ax.plot([0, n - 1], [0, n - 1], "--", color="0.6", linewidth=1)
+    for k in range(1, len(seeds)):
+        ax.scatter(ranks[0], ranks[k], s=14, alpha=0.8, label=f"seed {seeds[k]}")
+    ax.set_xlabel(f"rank under seed {seeds[0]} (the mask used)")
+    ax.set_ylabel("rank under another head/data seed")
+    ax.set_title(f"ranking stability: Spearman ρ mean {_fmt(stab.get('mean_spearman'), 2)} "
+                 f"(min {_fmt(stab.get('min_spearman'), 2)}), selected-set overlap "
+                 f"{_fmt(stab.get('mean_overlap'), 2)}", fontsize=9)
+    ax.invert_xaxis()
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
 
 
 def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -225,5 +225,6 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
     detector = assemble.build_detector(cfg)
-    sharding.shard_tree(mesh, nnx.state(detector))
-    return layer_mask.estimate_mask(cfg, detector, workdir, mesh)
+    nnx.update(detector, sharding.shard_tree(mesh, nnx.state(detector)))
+    return layer_mask.estimate_mask(cfg, detector, workdir, mesh,
+                                    stability_seeds=cfg.method.mask.stability_seeds)
