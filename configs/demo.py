@@ -114,6 +114,7 @@ def get_config(arg: str | None = None):
         c.model.image_size = c.data.image_size = 32
         c.data.frame_num.train = c.data.frame_num.test = 3
         c.method.mask.num_batches = 2
+        c.method.mask.warmup_steps = 4  # the head warm-up before the mask: a token
         c.method.mask.top_k = 4
         c.train.batch_size = 8
         c.train.total_steps = 4
