@@ -29,6 +29,8 @@ num_batches, score_kind):
     head: {kind: 'warmed' | 'random', seed, warmup_steps, warmup_lr, loss_first, loss_last,
            accuracy_last, continues_into_training: false}
           loss_first / loss_last: mean CE of the first / last min(10, steps // 2) warm-up steps.
+    noise_floor: 1/(T−1) ('bias_variance': the score of a gradient with no consistent direction;
+                 cells near it are ranked by noise) | null ('gsnr')
     stability: null (training: not measured) | {
         seeds: [S ints], scores: [S × L × T], masks: [S × L × T bools],
         spearman: S × S, mean_spearman, min_spearman   (off-diagonal pairs)
@@ -137,6 +139,17 @@ def select(cfg: mlc.ConfigDict, score: np.ndarray) -> np.ndarray:
                                  threshold=mc.threshold if mc.select == "threshold" else None)
 
 
+def noise_floor(cfg: mlc.ConfigDict, scores: dict) -> float | None:
+    """What bias/variance scores when the gradient is pure noise: with zero mean, E‖ḡ‖² = Σσ²/T
+    and the (1/T) variance estimate has E = Σσ²(T−1)/T, so the score is ≈ 1/(T−1).
+
+    Cells near it carry no consistent gradient, and their order is noise (None for 'gsnr')."""
+    t = float(scores["num_batches"])
+    if cfg.method.mask.score != "bias_variance" or t < 2:
+        return None
+    return 1.0 / (t - 1.0)
+
+
 def stability(seeds: list[int], scores: list[np.ndarray], masks: list[np.ndarray]) -> dict:
     """Pairwise Spearman ρ of the score rankings and overlap of the selected sets."""
     s = len(seeds)
@@ -173,6 +186,13 @@ def estimate_mask(cfg: mlc.ConfigDict, detector: nnx.Module, workdir: Path, mesh
     mask = np.asarray(masks[0], np.float32)
     log.info("layer mask: %d of %d candidate layers selected in %.1fs (%s head)",
              int(mask.sum()), mask.size, time.perf_counter() - t0, head_record["kind"])
+    floor = noise_floor(cfg, scores)
+    if floor is not None:
+        above = int(np.sum(scores["score"][mask.astype(bool)] > 2 * floor))
+        log.info("%d of the %d selected layers score above twice the pure-noise level "
+                 "1/(T-1) = %.3g (a gradient with no consistent direction scores about that)",
+                 above,
+                 int(mask.sum()), floor)
     stab = None
     if len(seeds) > 1:
         stab = stability(seeds, [r[0]["score"] for r in results], masks)
@@ -182,7 +202,8 @@ def estimate_mask(cfg: mlc.ConfigDict, detector: nnx.Module, workdir: Path, mesh
     if jax.process_index() == 0:
         mc = cfg.method.mask
         record = masking.mask_report(scores, mask, cfg.method.targets) | {
-            "score_kind": mc.score, "head": head_record, "stability": stab}
+            "score_kind": mc.score, "head": head_record, "stability": stab,
+            "noise_floor": floor}
         checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
         report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
                                  workdir / "layer_scores.png")
