@@ -30,9 +30,14 @@ def base_config() -> mlc.ConfigDict:
     c.method.targets = ("q", "k", "v", "out")  # Effort's candidate layers; add fc1/fc2 for MLPs
     c.method.num_subspaces = 4  # K artifact subspaces (FMSD's multi-artifact assumption)
     c.method.rank = 1  # d per subspace: K*d trainable directions per layer, Effort used 1
-    c.method.lambda_orth = 0.1  # keeps artifact bases orthogonal; 0 reproduces Effort's code
-    c.method.lambda_spec = 0.1  # keeps the pretrained spectrum; 0 allowed
-    c.method.spectral_form = "frobenius"  # Effort's |‖Ŵ‖² − ‖W‖²|, or 'per_subspace'
+    # Demo evidence (configs/demo.py docstring; FMSD at lr 2e-3, 200 steps): each λ > 0 measured
+    # (0.01 in both forms, 0.1 frobenius) held the artifact bases back: best SynBlend val AUC
+    # .79 at λ=0 against ≤ .60, merged weights moved 4.4 % (median) against ≤ 3.6 %.
+    c.method.lambda_orth = 0.0  # keeps artifact bases orthogonal; 0 reproduces Effort's code
+    c.method.lambda_spec = 0.0  # keeps the pretrained spectrum; 0 allowed
+    # 'squared' (‖Ŵ‖²−‖W₀‖²)²: zero value and gradient at init, unlike Effort's |·|
+    # ('frobenius'), which pulls s by ∓2s from step 0 (sign set by fp32 rounding).
+    c.method.spectral_form = "squared"  # or 'frobenius' (Effort), 'per_subspace'
     c.method.mask = mlc.ConfigDict()
     c.method.mask.enabled = True  # forgery-aware layer masking (v3 of the paper)
     c.method.mask.num_batches = 16  # T mini-batches for the gradient moments

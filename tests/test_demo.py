@@ -43,7 +43,13 @@ def quick_demo(tmp_path_factory, tiny_benchmark):
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    """The first Markdown table in `text` (header, body rows)."""
+    lines: list[str] = []
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            lines.append(ln)
+        elif lines:
+            break
     cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
     return cells[0], cells[2:]
 
@@ -136,7 +142,9 @@ def test_method_configs_follow_the_regimes(tmp_path):
     assert not effort.method.mask.enabled and "demo" not in effort
     fmsd = demo.method_config(cfg, "fmsd", tmp_path / "d", tmp_path / "p")
     assert fmsd.method.mask.enabled and fmsd.method.num_subspaces == 4
-    assert demo.method_config(cfg, "full", tmp_path / "d", tmp_path / "p").optim.lr == 2e-5
+    full = demo.method_config(cfg, "full", tmp_path / "d", tmp_path / "p")
+    assert (full.optim.lr, full.optim.head_lr) == (cfg.demo.optim.full.lr,
+                                                   cfg.demo.optim.full.head_lr)
     with pytest.raises(ValueError, match="one of"):
         demo.method_config(cfg, "nope", tmp_path / "d", tmp_path / "p")
 
