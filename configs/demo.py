@@ -45,14 +45,16 @@ with the highest validation frame AUC (the first grid value on a tie).
   λ/form table), Effort and full fine-tuning as the sweep writes them:
 
   method (head lr 1e-3)  lr 2e-4               lr 2e-3                 lr 2e-2            chosen
-  FMSD                   (see below)           **.794 @100 (Δ +.187)** (see below)        2e-3
+  FMSD                   .534 @125 (Δ +.005)   **.794 @100 (Δ +.187)** (unfinished)       2e-3
   Effort                 .530 @125 (Δ .000)    **.773 @125 (Δ +.205)** .732 @25 (Δ +.436) 2e-3
-  Full fine-tuning       **.769 @25 (Δ +.455)** ≤ .648 (unfinished)    (not run)          2e-4
+  Full fine-tuning       **.769 @25 (Δ +.455)** .657 @75 (unfinished)  (not run)          2e-4
 
-  Full fine-tuning at 2e-3 (best .648 by step 175 of 200 when the session ended) and 2e-2, and
-  FMSD at lr 2e-4 and 2e-2 with λ = 0, did not finish inside the session's time (a loaded
-  machine: ~8 min a point); at the previous defaults (λ = 0.1, frobenius, random-head mask)
-  FMSD scored .530 @125 (Δ +.001) at 2e-4 and .534 @100 (Δ +.003) at 2e-3. The Δ intervals
+  Full fine-tuning at 2e-3 (best .657 at step 75 when it was at step 125 of 200) and 2e-2,
+  and FMSD at 2e-2, did not finish inside the session's time (a loaded machine: 8-18 min a
+  point); none of them can change a chosen lr unless it beats the bold value. At the previous
+  defaults (λ = 0.1, frobenius, random-head mask) FMSD scored .530 @125 (Δ +.001) at 2e-4 and
+  .534 @100 (Δ +.003) at 2e-3. FMSD at 2e-4 (λ = 0) moved its merged weights 0.4 % (median);
+  at 2e-3, 4.4 %. The Δ intervals
   are wide: SynBlend's validation split is 8 videos (e.g. Effort 2e-3: 95 % [-.24, +.71]).
 
 λ/form evidence (FMSD at lr 2e-3, λ_orth = λ_spec = λ; one run each; the same sweep command
