@@ -87,12 +87,12 @@ at load 4-6 was 9 min 5 s, and the warmed-head mask (100 forward steps) and the 
 and CPU seconds and its load average, so a re-timing can be read against its load.
 
 Result with these defaults (frame / video test AUC, 16 videos = 128 frames per family; rows
-run one by one as `:method=X` against the same data and backbone; FMSD's and full
-fine-tuning's rows did not finish inside the session on the loaded machine: the demo command
-above produces all four):
+run one by one as `:method=X` against the same data and backbone; FMSD's row did not finish
+inside the session on the loaded machine: the demo command above produces all four):
 
   method            SynBlend(train)  SynUpsample    SynAutoencode  SynSplice      held-out mean
   Effort K=1,d=1    .744 / .750      .482 / .500    .212 / .188    .546 / .547    .413 / .411
+  Full fine-tuning  .682 / .703      .458 / .484    .218 / .203    .625 / .641    .434 / .443
   Linear probe      .638 / .641      .612 / .625    .179 / .141    .525 / .547    .439 / .438
 
   Before issue 11 (lr 2e-4 everywhere, λ = 0.1 frobenius, random-head mask): FMSD, Effort and
