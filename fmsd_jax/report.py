@@ -792,10 +792,15 @@ def _contribution_note(r: DemoRow, tol: float) -> str:
     c, ci = float(r.contribution), r.contribution_ci
     span = f"95 % interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"tolerance ±{tol:g}"
     within = ci[0] <= 0.0 <= ci[1] if ci else abs(c) <= tol
-    if within:
+    if within and abs(c) <= tol:
         return (
             f"- **{_md_escape(r.method)}: the backbone did not adapt; the head did the work** "
             f"(contribution {c:+.4f}, {span}, contains 0)."
+        )
+    if within:  # a large estimate on too few validation videos to tell it from zero
+        return (
+            f"- {_md_escape(r.method)}: contribution {c:+.4f}, but its {span} contains 0: the "
+            "validation split is too small to tell it from zero."
         )
     sign = "adds" if c > 0 else "loses"
     return (
