@@ -44,14 +44,14 @@ with the highest validation frame AUC (the first grid value on a tie).
   row at the new regulariser defaults (λ = 0; its lr-2e-3 point is the λ = 0 run of the
   λ/form table), Effort and full fine-tuning as the sweep writes them:
 
-  method (head lr 1e-3)  lr 2e-4               lr 2e-3                 lr 2e-2            chosen
-  FMSD                   .534 @125 (Δ +.005)   **.794 @100 (Δ +.187)** ≤ .760 (@175 of 200) 2e-3
-  Effort                 .530 @125 (Δ .000)    **.773 @125 (Δ +.205)** .732 @25 (Δ +.436) 2e-3
-  Full fine-tuning       **.769 @25 (Δ +.455)** .658 @200              ≤ .545 (@125 of 200) 2e-4
+  method (head lr 1e-3)  lr 2e-4               lr 2e-3                 lr 2e-2             chosen
+  FMSD                   .534 @175 (Δ +.005)   **.794 @100 (Δ +.187)** .760 @175 (Δ +.352) 2e-3
+  Effort                 .530 @125 (Δ .000)    **.773 @125 (Δ +.205)** .732 @25 (Δ +.436)  2e-3
+  Full fine-tuning       **.769 @25 (Δ +.455)** .658 @200 (Δ +.297)    .622 @200 (Δ +.274) 2e-4
 
-  FMSD and full fine-tuning at 2e-2 had not finished when the session ended (best so far, at
-  the step given; a loaded machine: 8-18 min a point); neither can change a chosen lr unless it
-  beats the bold value. Full fine-tuning at 2e-3: Δ not recorded here. At the previous
+  (Effort and full fine-tuning: one `:sweep` run; FMSD's 2e-4 and 2e-2 points: the same command
+  with `"--config.demo.sweep.methods=('fmsd',)" "--config.demo.sweep.lrs=(0.0002,0.02)"`.) At the
+  previous
   defaults (λ = 0.1, frobenius, random-head mask) FMSD scored .530 @125 (Δ +.001) at 2e-4 and
   .534 @100 (Δ +.003) at 2e-3. FMSD at 2e-4 (λ = 0) moved its merged weights 0.4 % (median);
   at 2e-3, 4.4 %. The Δ intervals
