@@ -92,6 +92,12 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run,
                       purpose: str = "evaluating") -> Any:
     """The trained leaves from WORKDIR's best (else latest) checkpoint, on the run's mesh;
     `purpose` ('evaluating', 'exporting', 'scoring inputs with') goes into the log line."""
+    return restore_evaluated(cfg, workdir, run, purpose)[0]
+
+
+def restore_evaluated(cfg: mlc.ConfigDict, workdir: Path, run,
+                      purpose: str = "evaluating") -> tuple[Any, int, str]:
+    """(trained leaves, step, 'best' | 'latest') of the checkpoint that evaluation uses."""
     tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
                         spec=run.spec, total_steps=1)
     state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
@@ -103,4 +109,4 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run,
     finally:
         ckpts.close()
     log.info("%s the %s checkpoint (step %d) of %s", purpose, which, step, workdir)
-    return restored["trainable"]
+    return restored["trainable"], int(step), which

@@ -28,10 +28,12 @@ split; the verdict against each baseline is computed by `report.compare_to_basel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import logging
+import math
 import os
 import shlex
 import time
@@ -48,12 +50,7 @@ log = logging.getLogger("fmsd_jax")
 
 METHODS = ("fmsd", "effort", "full", "linear_probe")
 # Row names in the report; "FMSD" is ours, the others are baselines.
-ROW_NAMES = {
-    "fmsd": "FMSD",
-    "effort": "Effort (K=1, d=1, no mask)",
-    "full": "Full fine-tuning",
-    "linear_probe": "Linear probe",
-}
+ROW_NAMES = {m: report.method_name(m) for m in METHODS}
 CONFIG_FILE = "configs/demo.py"
 
 
@@ -179,25 +176,31 @@ def row_is_done(sub: mlc.ConfigDict, subdir: Path) -> dict | None:
 
     A row directory trained with a different config is refused rather than mixed with this
     one: its checkpoints would silently resume into a different experiment."""
-    from fmsd_jax import checkpointing
-
-    cfg_path = subdir / checkpointing.CONFIG_JSON
-    if not cfg_path.exists():
-        return None
-    found = checkpointing.read_json(cfg_path)
-    if found != _jsonable_config(sub):
-        want = _jsonable_config(sub)
-        diff = sorted(k for k in _flat(found).keys() | _flat(want).keys()
-                      if _flat(found).get(k) != _flat(want).get(k))
-        raise AlreadyExists(
-            f"{subdir} was trained with a different config (differs in {diff[:8]}); delete "
-            "it or use another --workdir")
-    if not (subdir / report.RESULTS_JSON).exists():
+    if not _same_config(sub, subdir) or not (subdir / report.RESULTS_JSON).exists():
         return None
     results = report.read_results(subdir)
     if not all(name in results for name in sub.data.test_dataset):
         return None
     return results
+
+
+def _same_config(sub: mlc.ConfigDict, subdir: Path) -> bool:
+    """True when SUBDIR was started with this config, False when it holds no run; a run with
+    another config is refused (resuming it would silently continue a different experiment)."""
+    from fmsd_jax import checkpointing
+
+    cfg_path = subdir / checkpointing.CONFIG_JSON
+    if not cfg_path.exists():
+        return False
+    found = checkpointing.read_json(cfg_path)
+    want = _jsonable_config(sub)
+    if found != want:
+        diff = sorted(k for k in _flat(found).keys() | _flat(want).keys()
+                      if _flat(found).get(k) != _flat(want).get(k))
+        raise AlreadyExists(
+            f"{subdir} was trained with a different config (differs in {diff[:8]}); delete "
+            "it or use another --workdir")
+    return True
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -249,7 +252,8 @@ def _overrides(cfg: mlc.ConfigDict) -> list[str]:
     theirs = _flat(_jsonable_config(base))
     out = []
     for key in sorted(mine):
-        if key in ("demo.method", "demo.root") or mine[key] == theirs.get(key):
+        if key in ("demo.method", "demo.root", "demo.sweep.enabled") \
+                or mine[key] == theirs.get(key):
             continue
         value = mine[key]
         text = repr(tuple(value)) if isinstance(value, list) else str(value)
@@ -277,34 +281,66 @@ def _methods(cfg: mlc.ConfigDict) -> Iterator[str]:
         yield cfg.demo.method
 
 
+class _Clock:
+    """Per-stage wall seconds, process CPU seconds (all threads) and the 1-min load average at
+    each stage's start: on a shared machine wall time alone says little, and CPU time with
+    the load beside it lets a reader re-estimate the wall time of a quiet machine."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.load: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.load[name] = round(os.getloadavg()[0], 2)
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = time.perf_counter() - t
+            self.cpu[name] = time.process_time() - c
+
+    def total(self) -> None:
+        self.wall["total"] = time.perf_counter() - self._t0
+        self.cpu["total"] = time.process_time() - self._c0
+
+
 def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run every missing stage; return {'results', 'timing', 'skipped', 'report'}.
 
     With `demo.method='all'` the rows go to WORKDIR/<method> and WORKDIR/report.md is written;
-    with a single method, WORKDIR is that row's run directory."""
-    t_start = time.perf_counter()
+    with a single method, WORKDIR is that row's run directory; with `demo.sweep.enabled`
+    (`configs/demo.py:sweep`) the learning-rate sweep runs instead (`run_sweep`)."""
+    if cfg.demo.sweep.enabled:
+        return run_sweep(cfg, workdir)
+    clock = _Clock()
     load_start = os.getloadavg()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir, pretrained_dir = _paths(cfg, workdir)
-    timing: dict[str, float] = {}
     skipped: list[str] = []
 
-    if _reads_only(cfg, workdir):
+    reads_only = _reads_only(cfg, workdir)
+    if reads_only:
         log.info("reading the benchmark from %s and the backbone from %s (the demo in the "
                  "workdir's parent; --config.demo.root=DIR picks another)", data_dir,
                  pretrained_dir)
-        backbone: dict[str, Any] = {"skipped": True}
     else:
         log.info("writing the benchmark to %s and the backbone to %s, where missing%s",
                  data_dir, pretrained_dir,
                  "" if cfg.demo.root or cfg.demo.method == "all" else
                  " (no prepared demo in the workdir's parent; --config.demo.root=DIR shares "
                  "one between rows)")
-        timing["data"] = prepare_data(cfg, data_dir)
-        t0 = time.perf_counter()
-        backbone = prepare_backbone(cfg, pretrained_dir)
-        timing["pretrain"] = time.perf_counter() - t0
+    backbone: dict[str, Any] = {"skipped": True}
+    with clock.stage("data"):
+        if not reads_only:
+            prepare_data(cfg, data_dir)
+    with clock.stage("pretrain"):
+        if not reads_only:
+            backbone = prepare_backbone(cfg, pretrained_dir)
     if backbone.get("skipped"):
         skipped.append("pretrain")
 
@@ -312,31 +348,42 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     single = cfg.demo.method != "all"
     for method in _methods(cfg):
         subdir = workdir if single else workdir / method
-        res, seconds, was_skipped = run_row(cfg, method, subdir, data_dir, pretrained_dir)
+        with clock.stage(method):
+            res, _, was_skipped = run_row(cfg, method, subdir, data_dir, pretrained_dir)
         results[method] = res
-        timing[method] = seconds
         if was_skipped:
             skipped.append(method)
-    timing["total"] = time.perf_counter() - t_start
+    clock.total()
+    timing = clock.wall
     out: dict[str, Any] = {"results": results, "timing": timing, "skipped": skipped,
                            "report": None}
     if single:
         log.info("row %s done in %.0fs (%s)", cfg.demo.method, timing["total"], workdir)
         return out
 
-    load = {"start": list(load_start), "end": list(os.getloadavg()), "cpus": os.cpu_count()}
+    load = {"start": list(load_start), "end": list(os.getloadavg()), "cpus": os.cpu_count(),
+            "per_stage_start": clock.load}
+    now = {"timing": timing, "cpu_seconds": clock.cpu, "skipped": skipped, "load": load,
+           "variant": cfg.demo.variant or "full", "backend": _backend(),
+           "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     timing_path = workdir / "demo_timing.json"
     if skipped and timing_path.exists():
         # Keep the timing of the run that did the work; a rerun only adds its own line.
-        previous = json.loads(timing_path.read_text())
-        previous["last_rerun"] = {"timing": timing, "skipped": skipped, "load": load}
-        record = previous
+        record = json.loads(timing_path.read_text())
+        record["last_rerun"] = now
     else:
-        record = {"timing": timing, "skipped": skipped, "load": load}
+        record = now
     timing_path.write_text(json.dumps(record, indent=2))
     out["report"] = write_report(cfg, workdir, results, backbone, record)
-    log.info("demo finished in %.0fs; report: %s", timing["total"], out["report"])
+    log.info("demo finished in %.0fs (%.0f CPU-s, load %.1f → %.1f); report: %s",
+             timing["total"], clock.cpu["total"], load_start[0], load["end"][0], out["report"])
     return out
+
+
+def _backend() -> str:
+    import jax
+
+    return f"{jax.default_backend()} ({jax.device_count()} device(s))"
 
 
 def _fmt_load(load: Mapping[str, Any]) -> str:
@@ -350,7 +397,8 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
     """WORKDIR/report.md through `report.write_demo_report`, with how the numbers were made."""
     methods = list(cfg.demo.methods)
     rows = [report.DemoRow(method=ROW_NAMES[m], results=results[m],
-                           command=row_command(cfg, m, workdir / m), note=_row_note(cfg, m))
+                           command=row_command(cfg, m, workdir / m), note=_row_note(cfg, m),
+                           **_contribution(workdir / m))
             for m in methods]
     p = backbone.get("params", {})
     hist = backbone.get("history") or [{}]
@@ -384,13 +432,15 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
         f"({cfg.train.total_steps} at batch {cfg.train.batch_size}), augmentation and seed; "
         "the checkpoint is chosen by frame AUC on SynBlend's *validation* split. "
         f"Hyper-parameters (listed under Reproduce) are those of `{CONFIG_FILE}`, whose "
-        "docstring records how they were chosen: by reasoning and on SynBlend's validation "
-        "split only, never by a held-out score; nothing was tuned on SynUpsample, "
-        "SynAutoencode or SynSplice. One seed: differences of a few hundredths are within "
-        "run-to-run noise on a test set this small.",
+        "docstring records how they were chosen: the backbone learning rates by one "
+        "sweep scored on SynBlend's validation split only (see *Learning rates* below), "
+        "never by a held-out score; nothing was tuned on SynUpsample, SynAutoencode or "
+        "SynSplice. One seed: differences of a few hundredths are within run-to-run noise "
+        f"on a test set this small ({_test_size(results)}).",
         "",
         "**Time.** " + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items())
-        + f" ({_fmt_load(timing_record['load'])}; the machine may have been shared).",
+        + f" ({_fmt_load(timing_record['load'])}; the machine may have been shared; "
+        "demo_timing.json also holds each stage's CPU seconds and load average).",
     ]
     layer_chart = workdir / "fmsd" / "layer_scores.png"
     roc = {ROW_NAMES[m]: workdir / m / "roc.png" for m in methods
@@ -398,7 +448,62 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
     return report.write_demo_report(
         workdir / "report.md", rows, train_families=list(cfg.data.train_dataset),
         ours=ROW_NAMES["fmsd"], layer_chart=layer_chart if layer_chart.exists() else None,
-        roc_charts=roc, intro=intro)
+        roc_charts=roc, intro=intro, sections=[_lr_section(cfg, workdir)])
+
+
+def _test_size(results: Mapping[str, dict]) -> str:
+    """'16 videos (128 frames) per family', from the results themselves."""
+    sizes = {(int(r.get("num_videos") or 0), int(r.get("num_frames") or 0))
+             for res in results.values() for r in res.values()}
+    if len(sizes) != 1:
+        return "test sets of " + ", ".join(f"{v} videos ({f} frames)" for v, f in sorted(sizes))
+    (v, f), = sizes
+    return f"{v} videos ({f} frames) per family"
+
+
+def _contribution(rundir: Path) -> dict[str, Any]:
+    """DemoRow's contribution fields from the row's diagnostics.json (fmsd_jax/diagnostics.py):
+    validation frame AUC of the trained detector minus the pretrained backbone with the same
+    head, and its bootstrap interval. Empty when the file or the measurement is missing."""
+    path = rundir / report.DIAGNOSTICS_JSON
+    if not path.is_file():
+        return {}
+    c = (json.loads(path.read_text()) or {}).get("contribution") or {}
+    if c.get("frame_auc") is None:
+        return {}
+    ci = (c.get("ci95") or {}).get("frame_auc")
+    return {"contribution": float(c["frame_auc"]),
+            "contribution_ci": (float(ci[0]), float(ci[1])) if ci else None}
+
+
+def _lr_section(cfg: mlc.ConfigDict, workdir: Path) -> str:
+    """The learning rates every row used, and where they came from (the sweep's table when
+    WORKDIR/sweep/sweep.json exists, else the config's docstring)."""
+    lines = ["## Learning rates", "",
+             "| method | backbone lr | head lr |", "|---|---:|---:|"]
+    for m in cfg.demo.methods:
+        o = cfg.demo.optim[m]
+        lr = "— (frozen)" if m == "linear_probe" else f"{o.lr:g}"
+        lines.append(f"| {ROW_NAMES[m]} | {lr} | {o.head_lr:g} |")
+    lines.append("")
+    sweep = workdir / SWEEP_DIR / SWEEP_JSON
+    how = (f"Chosen by `{CONFIG_FILE}:sweep`: for every method that trains a backbone, the same "
+           f"grid of backbone lrs ({', '.join(f'{x:g}' for x in cfg.demo.sweep.lrs)}) at one "
+           "head lr, each run scored by its best frame AUC on SynBlend's *validation* split; no "
+           "test set is evaluated during the sweep.")
+    if sweep.is_file():
+        rec = json.loads(sweep.read_text())
+        lines += [how + " This workdir's sweep:", "",
+                  report.sweep_table(rec["points"], rec["chosen"], metric=rec["metric"])]
+        mismatch = [m for m, lr in rec["chosen"].items()
+                    if m in cfg.demo.optim and not math.isclose(cfg.demo.optim[m].lr, lr)]
+        if mismatch:
+            lines.append(f"Note: this sweep chose other rates than the rows used for "
+                         f"{', '.join(ROW_NAMES[m] for m in mismatch)}; the rows use "
+                         f"`{CONFIG_FILE}`'s values.")
+    else:
+        lines.append(how + f" The table and its command are in `{CONFIG_FILE}`'s docstring.")
+    return "\n".join(lines)
 
 
 def _row_note(cfg: mlc.ConfigDict, method: str) -> str:
@@ -413,3 +518,116 @@ def _row_note(cfg: mlc.ConfigDict, method: str) -> str:
         "linear_probe": "frozen backbone, only the head trains",
     }[method]
     return f"{what}; lr {o.lr:g}, head lr {o.head_lr:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning-rate sweep (`configs/demo.py:sweep`)
+
+SWEEP_DIR = "sweep"
+SWEEP_JSON = "sweep.json"
+
+
+def sweep_config(cfg: mlc.ConfigDict, method: str, lr: float, data_dir: Path,
+                 pretrained_dir: Path) -> mlc.ConfigDict:
+    """One grid point: the row's training config at backbone lr `lr`, with no test set at all,
+    so a sweep cannot look at a held-out family even by accident (nothing is evaluated after
+    training; only the validation split of the training family is ever scored)."""
+    sub = method_config(cfg, method, data_dir, pretrained_dir)
+    with sub.unlocked():
+        sub.optim.lr = float(lr)
+        sub.data.test_dataset = ()
+        sub.train.eval_after_training = False
+    return sub
+
+
+def best_validation(subdir: Path, select_metric: str) -> dict[str, Any] | None:
+    """{'step', metrics...} of the best-on-validation checkpoint of a finished run, else None."""
+    from fmsd_jax import checkpointing
+
+    ckpts = checkpointing.RunCheckpoints(subdir, select_metric=select_metric)
+    try:
+        step = ckpts.best.best_step()
+        metrics = ckpts.best.metrics(step) if step is not None else None
+    finally:
+        ckpts.close()
+    if step is None or not metrics:
+        return None
+    return {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+
+
+def run_sweep(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train every (method, backbone lr) of `demo.sweep` and pick each method's lr by its best
+    SynBlend *validation* frame AUC (the checkpoint-selection metric; the first grid value wins
+    a tie), the same procedure for every method. Head lr stays each method's `demo.optim`
+    value. Runs go to WORKDIR/sweep/<method>_lr<lr>/ next to the demo's data/ and pretrained/
+    (made if missing, shared with the demo), finished points are skipped, and the table is
+    printed and written to WORKDIR/sweep/sweep.json and sweep.md."""
+    from fmsd_jax import train
+
+    workdir = Path(workdir)
+    data_dir, pretrained_dir = _paths(cfg, workdir)
+    prepare_data(cfg, data_dir)
+    prepare_backbone(cfg, pretrained_dir)
+    out_dir = workdir / SWEEP_DIR
+    metric = cfg.eval.select_metric
+    points: list[dict[str, Any]] = []
+    for method in cfg.demo.sweep.methods:
+        for lr in cfg.demo.sweep.lrs:
+            sub = sweep_config(cfg, method, lr, data_dir, pretrained_dir)
+            subdir = out_dir / f"{method}_lr{lr:g}"
+            done = _same_config(sub, subdir) and _latest_step(subdir) == sub.train.total_steps
+            best = best_validation(subdir, metric) if done else None
+            seconds, cpu = 0.0, 0.0
+            if best is None:  # not started, or interrupted: train.train resumes it
+                log.info("=== sweep: %s at lr %g → %s", ROW_NAMES[method], lr, subdir)
+                t, c = time.perf_counter(), time.process_time()
+                train.train(sub, subdir)
+                seconds, cpu = time.perf_counter() - t, time.process_time() - c
+                best = best_validation(subdir, metric)
+            if best is None:
+                raise RuntimeError(f"{subdir}: training finished without a validation score; "
+                                   "is config.train.eval_every > config.train.total_steps?")
+            points.append({"method": method, "lr": float(lr), "head_lr": float(sub.optim.head_lr),
+                           "best": best, **_contribution(subdir), "seconds": seconds,
+                           "cpu_seconds": cpu, "load": round(os.getloadavg()[0], 2)})
+    chosen = choose_learning_rates(points, metric)
+    table = report.sweep_table(points, chosen, metric=metric)
+    record = {"metric": metric, "split": cfg.eval.splits_from_train,
+              "train_dataset": list(cfg.data.train_dataset), "grid": list(cfg.demo.sweep.lrs),
+              "steps": int(cfg.train.total_steps), "points": points, "chosen": chosen,
+              "command": sweep_command(cfg, workdir)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SWEEP_JSON).write_text(json.dumps(record, indent=2))
+    (out_dir / "sweep.md").write_text(f"{record['command']}\n\n{table}")
+    print(table, flush=True)
+    log.info("sweep: chosen backbone lr %s (written to %s)",
+             ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), out_dir / SWEEP_JSON)
+    return {"points": points, "chosen": chosen, "table": table}
+
+
+def _latest_step(subdir: Path) -> int | None:
+    from fmsd_jax import checkpointing
+
+    ckpts = checkpointing.RunCheckpoints(subdir)
+    try:
+        return ckpts.latest_step()
+    finally:
+        ckpts.close()
+
+
+def choose_learning_rates(points: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Per method, the lr of the highest validation `metric`; ties go to the earlier point."""
+    chosen: dict[str, tuple[float, float]] = {}
+    for p in points:
+        score = p["best"].get(metric, math.nan)
+        if not math.isfinite(score):
+            continue
+        if p["method"] not in chosen or score > chosen[p["method"]][1]:
+            chosen[p["method"]] = (p["lr"], score)
+    return {m: lr for m, (lr, _) in chosen.items()}
+
+
+def sweep_command(cfg: mlc.ConfigDict, workdir: Path) -> str:
+    arg = ",".join(filter(None, [cfg.demo.variant, "sweep"]))
+    return " ".join(["python -m fmsd_jax.main", f"--config {CONFIG_FILE}:{arg}",
+                     f"--workdir {shlex.quote(str(workdir))}", *_overrides(cfg)])

@@ -8,6 +8,7 @@ the trained leaves are restored from the best-on-validation checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,18 @@ def make_predict_fn(graphdef: Any, mesh) -> Any:
 
 def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
                   predict=None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves.
+    """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves."""
+    acc = score_split(cfg, run, trainable, name, split, predict)
+    probs, labels = acc.arrays()
+    return acc.result(), probs, labels
+
+
+def score_split(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
+                predict=None) -> metrics.MetricAccumulator:
+    """Every valid frame's (probability, label, video id) of one split of one dataset.
 
     Each process scores its own shard of the set; on several hosts the kept frames of every
-    process are gathered first, so every process computes metrics over the whole set.
+    process are gathered first, so every process holds the whole set.
     """
     predict = predict or make_predict_fn(run.graphdef, run.mesh)
     acc = metrics.MetricAccumulator(name=name)
@@ -52,8 +61,7 @@ def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
         acc.add(local, batch["label"], batch["video_id"], batch["valid"])
     if jax.process_count() > 1:
         acc = _gather_accumulator(acc, name)
-    probs, labels = acc.arrays()
-    return acc.result(), probs, labels
+    return acc
 
 
 def _process_local(global_array: jax.Array) -> np.ndarray:
@@ -105,8 +113,12 @@ def validate(cfg: mlc.ConfigDict, run, trainable) -> dict[str, float] | None:
     return out
 
 
-def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
-    """Score every test dataset; write results.json, results.md and ROC curves."""
+def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None) -> dict:
+    """Score every test dataset; write results.json, results.md and ROC curves.
+
+    results.md also shows the backbone's contribution from the run's diagnostics.json (written
+    by training; see fmsd_jax/diagnostics.py) when that file is there.
+    """
     workdir = Path(workdir)
     mode = "train" if run is not None else "evaluate"  # train passes its run in
     if run is None:
@@ -116,20 +128,30 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
         mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
         run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run, "evaluating")
+    if trainable is None:
+        trainable = build.restore_trainable(cfg, workdir, run, "evaluating")
     if mode == "evaluate":  # after the restore: a workdir that was never trained stays as is
         manifest.record(workdir, "evaluate", data)
     predict = make_predict_fn(run.graphdef, run.mesh)
-    results, curves = {}, {}
+    results, curves, video_curves = {}, {}, {}
     for name in cfg.data.test_dataset:
-        result, probs, labels = score_dataset(cfg, run, trainable, name, "test", predict)
+        acc = score_split(cfg, run, trainable, name, "test", predict)
+        result, (probs, labels), vids = acc.result(), acc.arrays(), acc.video_ids()
         results[name] = result
         if len(np.unique(labels)) == 2:
             curves[name] = metrics.roc(probs, labels, name=name)
+            if vids is not None:  # the per-video mean probabilities video AUC ranks
+                vp, vy, _ = metrics.aggregate_by_video(probs, labels, vids)
+                if len(np.unique(vy)) == 2:
+                    video_curves[name] = metrics.roc(vp, vy, name=f"{name} (video level)")
         log.info("%s: %s", name, " ".join(
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if jax.process_index() == 0:
-        report.write_results(workdir, results, notes=[manifest.citation(workdir, mode)])
+        diag = workdir / report.DIAGNOSTICS_JSON
+        report.write_results(workdir, results, notes=[manifest.citation(workdir, mode)],
+                             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None)
         if curves:
-            report.plot_roc(curves, workdir / "roc.png")
+            report.plot_roc(curves, workdir / "roc.png", video_curves=video_curves or None,
+                            title=f"ROC: {report.method_name(cfg.method.regime)} "
+                                  f"({workdir.name})")
     return results

@@ -37,16 +37,28 @@ __all__ = [
     "Verdict",
     "compare_to_baselines",
     "demo_table",
+    "method_name",
+    "plot_adaptation",
     "plot_layer_scores",
     "plot_roc",
     "read_results",
+    "roc_figure",
     "results_table",
+    "sweep_table",
     "write_demo_report",
     "write_results",
 ]
 
+# Display names of the training regimes (method.regime), in reports and chart titles.
+METHOD_NAMES = {
+    "fmsd": "FMSD",
+    "effort": "Effort (K=1, d=1, no mask)",
+    "full": "Full fine-tuning",
+    "linear_probe": "Linear probe",
+}
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+DIAGNOSTICS_JSON = "diagnostics.json"  # written by fmsd_jax.diagnostics, shown in results.md
 
 # Column order and headers of results.md; the level is in every header so that no reader
 # can take a frame-level number for a video-level one.
@@ -97,6 +109,10 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(out, format="png", dpi=120, bbox_inches="tight")
     return out
+
+
+def method_name(regime: str) -> str:
+    return METHOD_NAMES.get(regime, regime)
 
 
 # --------------------------------------------------------------------------------------
@@ -161,12 +177,15 @@ def write_results(
     *,
     title: str = "Evaluation results",
     notes: Sequence[str] = (),
+    diagnostics: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``workdir/results.json`` and ``workdir/results.md``, replacing earlier ones.
 
     ``--mode evaluate`` calls this again on a finished run, so both files are rewritten whole
     (atomically) rather than merged. JSON holds ``dataset -> metric -> value`` with the five
     DFB metric keys as floats (``null`` where undefined) and the frame/video counts as ints.
+    ``diagnostics`` (the run's diagnostics.json) adds the backbone's contribution and how far
+    the adapted layers moved below the table.
     """
     norm = _normalise_results(results)
     wd = Path(workdir)
@@ -185,8 +204,50 @@ def write_results(
     ]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md.append(results_table(norm))
+    if diagnostics is not None:
+        md += ["", adaptation_section(diagnostics)]
     _atomic_write_text(md_path, "\n".join(md))
     return json_path, md_path
+
+
+def adaptation_section(diag: Mapping[str, Any]) -> str:
+    """results.md's account of whether the backbone adapted (see fmsd_jax/diagnostics.py)."""
+    lines = ["## Did the backbone adapt?", ""]
+    c = diag.get("contribution")
+    if c is None:
+        lines.append(f"Backbone contribution: {diag.get('contribution_note') or 'not measured'}.")
+    else:
+        lines += [
+            f"Backbone contribution on the {_md_escape(c['split'])} split of "
+            f"{_md_escape(', '.join(c['datasets']))} ({c['num_videos']} videos, "
+            f"{c['num_frames']} frames; checkpoint: {diag.get('checkpoint') or '?'} step "
+            f"{diag.get('step')}): AUC of the trained detector minus AUC of the pretrained "
+            "backbone carrying the trained head, 95 % interval from a paired bootstrap over "
+            f"{c['unit']}s ({c['resamples']} resamples).",
+            "",
+            "| level | trained | pretrained backbone + trained head | contribution "
+            "| 95 % interval |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, level in (("frame_auc", "AUC (frame)"), ("video_auc", "AUC (video)")):
+            if key not in c:
+                continue
+            lo, hi = (_to_float(x) for x in c["ci95"][key])
+            lines.append(f"| {level} | {_fmt(_to_float(c['trained'][key]))} | "
+                         f"{_fmt(_to_float(c['pretrained_backbone'][key]))} | "
+                         f"{_to_float(c[key]):+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+        lines += ["", f"**{_md_escape(c['verdict'][:1].upper() + c['verdict'][1:])}.**"]
+    wc = diag.get("weight_change")
+    if wc:
+        rel = np.asarray(wc["relative"], float)
+        mask = np.asarray(wc["mask"], bool)
+        moved = rel[mask] if mask.any() else rel.ravel()
+        lines += ["", f"Adapted layers ({int(mask.sum())} of {mask.size} candidate cells): "
+                      f"‖W − W₀‖/‖W₀‖ median {_fmt(float(np.median(moved)), 4)}, max "
+                      f"{_fmt(float(moved.max()), 4)} ({_md_escape(wc.get('note', ''))}); the "
+                      f"head moved {_fmt(_to_float(diag.get('head_change')), 3)} of its norm. "
+                      "Chart: adaptation.png; numbers: diagnostics.json."]
+    return "\n".join(lines) + "\n"
 
 
 def read_results(workdir: str | os.PathLike[str]) -> dict[str, dict[str, float | int]]:
@@ -210,12 +271,37 @@ def plot_roc(
     path: str | os.PathLike[str],
     *,
     title: str = "ROC (frame level)",
+    video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
 ) -> Path:
-    """One ROC chart with a curve per dataset (``name -> (fpr, tpr, auc)``), AUC in the legend."""
+    """ROC chart with a curve per dataset (``name -> (fpr, tpr, auc)``), AUC in the legend.
+
+    With ``video_curves`` (the same, from per-video mean probabilities) the chart has two
+    panels, frame level and video level, under ``title`` (name the method in it: a reader
+    comparing several runs' charts must know which is which)."""
+    return _save(roc_figure(curves, title=title, video_curves=video_curves), path)
+
+
+def roc_figure(
+    curves: Mapping[str, tuple[Any, Any, float]],
+    *,
+    title: str = "ROC (frame level)",
+    video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
+) -> Figure:
+    """The figure `plot_roc` saves."""
     if not curves:
         raise ValueError("plot_roc needs at least one curve")
-    fig = Figure(figsize=(5.5, 5.0))
-    ax = fig.add_subplot()
+    panels = [("frame level", curves)] + ([("video level", video_curves)] if video_curves else [])
+    fig = Figure(figsize=(5.5 * len(panels), 5.0), layout="constrained")
+    for i, (level, level_curves) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _roc_panel(ax, level_curves)
+        ax.set_title(level if len(panels) > 1 else title, fontsize=10 if len(panels) > 1 else None)
+    if len(panels) > 1:
+        fig.suptitle(title)
+    return fig
+
+
+def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for name, (fpr, tpr, auc) in curves.items():
         fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
@@ -228,11 +314,9 @@ def plot_roc(
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false positive rate (real flagged as fake)")
     ax.set_ylabel("true positive rate (fake detected)")
-    ax.set_title(title)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
 
 
 def plot_layer_scores(
@@ -273,6 +357,8 @@ def plot_layer_scores(
         kind, kind or "score"
     )
     has_bv = "bias" in scores and "variance" in scores
+    stab = scores.get("stability") or None
+    has_stab = bool(stab) and len(stab.get("seeds", ())) > 1
     bias = np.asarray(scores["bias"], float) if has_bv else None
     var = np.asarray(scores["variance"], float) if has_bv else None
     if has_bv and (bias.shape != score.shape or var.shape != score.shape):
@@ -281,10 +367,11 @@ def plot_layer_scores(
         )
 
     height = max(3.5, 0.32 * n_layers + 1.5)
+    n_panels = 1 + has_bv + has_stab
     fig = Figure(
-        figsize=(4.0 + 0.7 * n_targets + (5.5 if has_bv else 0), height), layout="constrained"
+        figsize=(4.0 + 0.7 * n_targets + 5.5 * (n_panels - 1), height), layout="constrained"
     )
-    ax = fig.add_subplot(1, 2, 1) if has_bv else fig.add_subplot()
+    ax = fig.add_subplot(1, n_panels, 1)
     finite = score[np.isfinite(score)]
     use_log = finite.size > 0 and bool(np.all(finite > 0))
     norm = (
@@ -314,7 +401,7 @@ def plot_layer_scores(
     fig.colorbar(im, ax=ax, label=f"score = {score_label}" + (" (log)" if use_log else ""))
 
     if has_bv:
-        ax2 = fig.add_subplot(1, 2, 2)
+        ax2 = fig.add_subplot(1, n_panels, 2)
         pos = (bias > 0) & (var > 0)
         for j, name in enumerate(target_names):
             col = pos[:, j]
@@ -339,7 +426,79 @@ def plot_layer_scores(
         ax2.set_title("bias vs variance per candidate layer", fontsize=9)
         ax2.grid(alpha=0.3, which="both")
         ax2.legend(fontsize=7, loc="best")
+    if has_stab:
+        _stability_panel(fig.add_subplot(1, n_panels, n_panels), stab)
+    head = scores.get("head") or {}
+    if head:
+        how = (f"head warmed {head.get('warmup_steps')} steps on the frozen backbone"
+               if head.get("kind") == "warmed" else "random head (no warm-up)")
+        title = f"{title} ({how})"
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
+    """Rank of every cell under each seed against its rank under the first seed: a stable
+    ranking lies on the diagonal."""
+    seeds = list(stab["seeds"])
+    ranks = [np.argsort(np.argsort(-np.asarray(sc, float).ravel(), kind="stable"), kind="stable")
+             for sc in stab["scores"]]
+    n = ranks[0].size
+    ax.plot([0, n - 1], [0, n - 1], "--", color="0.6", linewidth=1)
+    for k in range(1, len(seeds)):
+        ax.scatter(ranks[0], ranks[k], s=14, alpha=0.8, label=f"seed {seeds[k]}")
+    ax.set_xlabel(f"rank under seed {seeds[0]} (the mask used)")
+    ax.set_ylabel("rank under another head/data seed")
+    ax.set_title(f"ranking stability: Spearman ρ mean {_fmt(stab.get('mean_spearman'), 2)} "
+                 f"(min {_fmt(stab.get('min_spearman'), 2)}), selected-set overlap "
+                 f"{_fmt(stab.get('mean_overlap'), 2)}", fontsize=9)
+    ax.invert_xaxis()
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """How far the backbone moved: relative change per (block, projection), spectra of the
+    most-moved layers before/after, and the change of each singular value (diagnostics.json)."""
+    wc = diag["weight_change"]
+    rel = np.asarray(wc["relative"], float)
+    mask = np.asarray(wc["mask"], bool)
+    targets = list(wc["targets"])
+    spectra = list(diag.get("spectra") or [])
+    fig = Figure(figsize=(4.0 + 0.6 * len(targets) + (9.0 if spectra else 0),
+                          max(3.8, 0.3 * rel.shape[0] + 1.8)), layout="constrained")
+    ax = fig.add_subplot(1, 3, 1) if spectra else fig.add_subplot()
+    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest",
+                   norm=Normalize(vmin=0.0, vmax=max(float(rel.max()), 1e-12)))
+    for i, j in zip(*np.nonzero(mask), strict=True):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set_yticks(range(rel.shape[0]), [str(i) for i in range(rel.shape[0])], fontsize=7)
+    ax.set_xlabel("candidate projection")
+    ax.set_ylabel("block")
+    ax.set_title("‖W − W₀‖ / ‖W₀‖ (adapted cells boxed)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    if spectra:
+        ax2, ax3 = fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
+        for k, sp in enumerate(spectra):
+            before, after = np.asarray(sp["before"], float), np.asarray(sp["after"], float)
+            label = f"block {sp['layer']} {sp['target']}"
+            color = f"C{k % 10}"
+            ax2.semilogy(before, "--", color=color, linewidth=1)
+            ax2.semilogy(after, "-", color=color, linewidth=1, label=label)
+            ax3.plot(after - before, color=color, linewidth=1, label=label)
+        ax2.set_xlabel("singular value index")
+        ax2.set_title("spectrum: pretrained (dashed) vs trained", fontsize=9)
+        ax2.legend(fontsize=7)
+        ax3.axhline(0.0, color="0.6", linewidth=0.8)
+        ax3.set_xlabel("singular value index")
+        ax3.set_title("σ_trained − σ_pretrained", fontsize=9)
+        for a in (ax2, ax3):
+            a.grid(alpha=0.3)
+    c = diag.get("contribution")
+    sub = (c["verdict"] if c else diag.get("contribution_note") or "contribution not measured")
+    fig.suptitle(f"Backbone adaptation ({diag.get('regime', '')}): {sub}", fontsize=9)
     return _save(fig, path)
 
 
@@ -355,6 +514,10 @@ class DemoRow:
     results: Mapping[str, Mapping[str, Any]]
     command: str
     note: str = ""
+    # Validation frame AUC of the trained detector minus that of the pretrained backbone with
+    # the trained head (None: not measured, e.g. the linear probe, whose backbone is frozen).
+    contribution: float | None = None
+    contribution_ci: tuple[float, float] | None = None  # its 95 % interval, when measured
 
 
 @dataclass(frozen=True)
@@ -516,7 +679,8 @@ def demo_table(
     for f in fams:
         tag = " (train)" if f in train_families else ""
         header += [f"{_md_escape(f)}{tag} · frame AUC", f"{_md_escape(f)}{tag} · video AUC"]
-    header += ["held-out mean · frame AUC", "held-out mean · video AUC"]
+    header += ["held-out mean · frame AUC", "held-out mean · video AUC",
+               "backbone contribution · val frame AUC"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -529,8 +693,112 @@ def demo_table(
             vals = [_metric(r, f, key) for f in held]
             mean, n = _nanmean(vals)
             cells.append(_fmt(mean) + ("" if n == len(held) else "†") if n else "n/a")
+        c = r.contribution
+        cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def below_chance_sentences(
+    rows: Sequence[DemoRow | Mapping[str, Any]], *, train_families: Sequence[str]
+) -> list[str]:
+    """One sentence per held-out family on which some method's frame AUC is below 0.5: what
+    that means, for which methods it holds, and whether the video level agrees."""
+    all_rows = _rows(rows)
+    out = []
+    for fam in _families(all_rows, train_families):
+        if fam in train_families:
+            continue
+        frame = {r.method: _metric(r, fam, "frame_auc") for r in all_rows}
+        video = {r.method: _metric(r, fam, "video_auc") for r in all_rows}
+        below = [m for m, v in frame.items() if math.isfinite(v) and v < 0.5]
+        if not below:
+            continue
+        finite = [v for v in frame.values() if math.isfinite(v)]
+        lo, hi = min(finite), max(finite)
+        who = (
+            f"every method ({len(below)} of {len(all_rows)})"
+            if len(below) == len(all_rows)
+            else f"{len(below)} of {len(all_rows)} methods ({', '.join(below)}; not "
+            + ", ".join(m for m in frame if m not in below)
+            + ")"
+        )
+        v_below = [m for m in below if math.isfinite(video[m]) and video[m] < 0.5]
+        v_text = (
+            "the video level agrees for all of them"
+            if len(v_below) == len(below)
+            else f"at video level {len(v_below)} of them stay below 0.5"
+        )
+        out.append(
+            f"**{_md_escape(fam)} is below chance for {who}**: frame AUC "
+            f"{_fmt(lo, 3)}–{_fmt(hi, 3)}; {v_text}. An AUC under 0.5 means the ranking is "
+            f"inverted: the detector gives {fam}'s fakes a *lower* fake score than its real "
+            f"frames, so what it learned to call fake on {', '.join(train_families)} points the "
+            f"other way on this artifact (a flipped score would reach {_fmt(1 - hi, 3)}–"
+            f"{_fmt(1 - lo, 3)}, but nothing in training can choose that sign)."
+        )
+    return out
+
+
+def sweep_table(
+    points: Sequence[Mapping[str, Any]], chosen: Mapping[str, float], *, metric: str = "frame_auc"
+) -> str:
+    """The learning-rate sweep as Markdown: one row per method, one column per backbone lr,
+    each cell the best validation ``metric`` (and the step it was reached at), the chosen lr
+    marked. Only validation numbers exist here: the sweep never evaluates a test set."""
+    lrs = sorted({float(p["lr"]) for p in points})
+    methods = list(dict.fromkeys(str(p["method"]) for p in points))
+    by = {(str(p["method"]), float(p["lr"])): p for p in points}
+    header = ["method", "head lr"] + [f"lr {lr:g}" for lr in lrs] + ["chosen lr"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for m in methods:
+        head = next(float(p["head_lr"]) for p in points if p["method"] == m)
+        cells = [_md_escape(m), f"{head:g}"]
+        for lr in lrs:
+            p = by.get((m, lr))
+            if p is None:
+                cells.append("")
+                continue
+            best = p["best"]
+            text = f"{_fmt(_to_float(best.get(metric)))} @{best.get('step')}"
+            if p.get("contribution") is not None:
+                text += f" (Δ {float(p['contribution']):+.3f})"
+            cells.append(f"**{text}**" if chosen.get(m) == lr else text)
+        cells.append(f"{chosen[m]:g}" if m in chosen else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines)
+        + f"\n\nCells: best validation {metric} of the run @ the step it was reached at "
+        "(the checkpoint that run would keep) and, where measured, (Δ the backbone's "
+        "contribution: validation frame AUC minus that of the pretrained backbone with the "
+        "same head); bold: the chosen lr.\n"
+    )
+
+
+def _contribution_note(r: DemoRow, tol: float) -> str:
+    """Words for one row's backbone contribution: noise is its 95 % interval containing 0
+    when one was measured, else |contribution| <= tol."""
+    c, ci = float(r.contribution), r.contribution_ci
+    span = f"95 % interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"tolerance ±{tol:g}"
+    within = ci[0] <= 0.0 <= ci[1] if ci else abs(c) <= tol
+    if within and abs(c) <= tol:
+        return (
+            f"- **{_md_escape(r.method)}: the backbone did not adapt; the head did the work** "
+            f"(contribution {c:+.4f}, {span}, contains 0)."
+        )
+    if within:  # a large estimate on too few validation videos to tell it from zero
+        return (
+            f"- {_md_escape(r.method)}: contribution {c:+.4f}, but its {span} contains 0: the "
+            "validation split is too small to tell it from zero."
+        )
+    sign = "adds" if c > 0 else "loses"
+    return (
+        f"- {_md_escape(r.method)}: the adapted backbone {sign} {abs(c):.4f} validation frame "
+        f"AUC against the pretrained one with the same head ({span})."
+    )
 
 
 def write_demo_report(
@@ -544,12 +812,17 @@ def write_demo_report(
     title: str = "FMSD demo: cross-forgery generalisation",
     intro: Sequence[str] = (),
     tie_tol: float = 0.005,
+    contribution_tol: float = 0.01,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write the demo's ``report.md`` and return its path.
 
     The verdict against each baseline is computed from ``rows`` (``compare_to_baselines``),
-    never written by hand, so a run where FMSD loses says so. Chart paths are linked relative
-    to the report so the workdir can be moved or published as is.
+    never written by hand, so a run where FMSD loses says so; so are the backbone-contribution
+    notes (``contribution_tol``: the half-width called "no adaptation") and the sentence on
+    each held-out family some method scores below chance on. ``sections`` are extra Markdown
+    blocks placed before the reproduce commands. Chart paths are linked relative to the report
+    so the workdir can be moved or published as is.
     """
     out = Path(path)
     all_rows = _rows(rows)
@@ -557,6 +830,11 @@ def write_demo_report(
         all_rows, ours=ours, train_families=train_families, tie_tol=tie_tol
     )
     held = verdicts[0].families if verdicts else ()
+    contribution_notes = [
+        _contribution_note(r, contribution_tol)
+        for r in all_rows
+        if r.contribution is not None and math.isfinite(r.contribution)
+    ]
 
     def link(p: str | os.PathLike[str]) -> str:
         return Path(os.path.relpath(Path(p).resolve(), out.parent.resolve())).as_posix()
@@ -577,6 +855,17 @@ def write_demo_report(
     ]
     if any("†" in line for line in md[-1].splitlines()[2:]):
         md += ["† mean over the held-out families where the metric is defined.", ""]
+    md += [
+        "Backbone contribution: validation frame AUC (SynBlend's validation split, the "
+        "checkpoint-selection split) of the trained detector minus that of the *pretrained* "
+        "backbone carrying the same trained head. Near zero, the head did the work and the "
+        "method's adaptation did not act; n/a where the backbone is frozen or it was not "
+        "measured.",
+        "",
+    ]
+    md += [*contribution_notes, ""] if contribution_notes else []
+    chance = below_chance_sentences(all_rows, train_families=train_families)
+    md += [*(f"- {c}" for c in chance), ""] if chance else []
     md += ["## Does FMSD beat the baselines?", ""]
     if verdicts:
         n_beaten = sum(v.beats for v in verdicts)
@@ -606,6 +895,8 @@ def write_demo_report(
                 f"![ROC {name}]({link(p)})",
                 "",
             ]
+    for section in sections:
+        md += [section, ""]
     md += ["## Reproduce", "", "Each row comes from one command:", ""]
     for r in all_rows:
         label = f"**{r.method}**" + (f" — {r.note}" if r.note else "")

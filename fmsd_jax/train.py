@@ -25,6 +25,7 @@ from fmsd_jax import (
     assemble,
     build,
     checkpointing,
+    diagnostics,
     evaluate,
     feedback,
     layer_mask,
@@ -176,6 +177,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
 
     run = build.prepare(cfg, workdir, mesh)
     steps = total_steps(cfg, num_records)
+    head0 = diagnostics.head_snapshot(run.trainable)  # the step donates run.trainable
     parts = assemble_step(cfg, run, steps)
     tx, state, step_fn = parts["tx"], parts["state"], parts["step_fn"]
     metric_sums = parts["metric_sums"]
@@ -228,9 +230,12 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
         if writer:
             writer.close()
 
+    del state  # the optimizer state is not needed any more; free it before the diagnostics
+    trainable, step, which = build.restore_evaluated(cfg, workdir, run)
+    diagnostics.run_diagnostics(cfg, workdir, run, trainable, head0, step=step, checkpoint=which)
     if not cfg.train.eval_after_training:
         return {}
-    return evaluate.evaluate(cfg, workdir, run=run)
+    return evaluate.evaluate(cfg, workdir, run=run, trainable=trainable)
 
 
 def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule, mesh) -> dict:
@@ -263,5 +268,6 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     preflight.check_config(cfg)
     manifest.record(workdir, "mask", preflight.check_data(cfg, "mask"))
     detector = assemble.build_detector(cfg)
-    sharding.shard_tree(mesh, nnx.state(detector))
-    return layer_mask.estimate_mask(cfg, detector, workdir, mesh)
+    nnx.update(detector, sharding.shard_tree(mesh, nnx.state(detector)))
+    return layer_mask.estimate_mask(cfg, detector, workdir, mesh,
+                                    stability_seeds=cfg.method.mask.stability_seeds)

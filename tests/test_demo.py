@@ -43,7 +43,13 @@ def quick_demo(tmp_path_factory, tiny_benchmark):
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    """The first Markdown table in `text` (header, body rows)."""
+    lines: list[str] = []
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            lines.append(ln)
+        elif lines:
+            break
     cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
     return cells[0], cells[2:]
 
@@ -136,7 +142,9 @@ def test_method_configs_follow_the_regimes(tmp_path):
     assert not effort.method.mask.enabled and "demo" not in effort
     fmsd = demo.method_config(cfg, "fmsd", tmp_path / "d", tmp_path / "p")
     assert fmsd.method.mask.enabled and fmsd.method.num_subspaces == 4
-    assert demo.method_config(cfg, "full", tmp_path / "d", tmp_path / "p").optim.lr == 2e-5
+    full = demo.method_config(cfg, "full", tmp_path / "d", tmp_path / "p")
+    assert (full.optim.lr, full.optim.head_lr) == (cfg.demo.optim.full.lr,
+                                                   cfg.demo.optim.full.head_lr)
     with pytest.raises(ValueError, match="one of"):
         demo.method_config(cfg, "nope", tmp_path / "d", tmp_path / "p")
 
@@ -170,3 +178,74 @@ def test_nt_xent_prefers_matching_views():
     shuffled, _ = nt_xent(z, rng.normal(size=z.shape).astype(np.float32), 0.2)
     assert float(acc) == 1.0
     assert float(matched) < float(shuffled)
+
+
+def test_report_shows_contribution_and_explains_below_chance(tmp_path):
+    """The contribution column (from each row's diagnostics), its words when within noise,
+    and one computed sentence for a held-out family every method ranks upside down."""
+    from fmsd_jax import report
+
+    def row(name, aucs, contribution=None, ci=None):
+        res = {f: {"frame_auc": a, "video_auc": a - 0.01} for f, a in aucs.items()}
+        return report.DemoRow(name, res, "cmd", contribution=contribution, contribution_ci=ci)
+
+    rows = [row("FMSD", {"A": .8, "B": .3, "C": .6}, 0.05, (0.02, 0.08)),
+            row("Effort", {"A": .8, "B": .2, "C": .45}, 0.001, (-0.01, 0.012)),
+            row("Probe", {"A": .7, "B": .4, "C": .55})]
+    text = report.write_demo_report(tmp_path / "r.md", rows, train_families=["A"]).read_text()
+    header, body = _table(text)
+    col = header.index("backbone contribution · val frame AUC")
+    assert [r[col] for r in body] == ["+0.0500", "+0.0010", "n/a"]
+    assert "**Effort: the backbone did not adapt; the head did the work**" in text
+    assert "FMSD: the adapted backbone adds 0.0500" in text
+    assert "**B is below chance for every method (3 of 3)**: frame AUC 0.200–0.400" in text
+    assert "a flipped score would reach 0.600–0.800" in text
+    # C: only Effort is below 0.5, and the sentence names who is and who is not.
+    assert "**C is below chance for 1 of 3 methods (Effort; not FMSD, Probe)**" in text
+    assert "A is below chance" not in text  # the training family is not a held-out family
+
+
+def test_choose_learning_rates_and_table():
+    from fmsd_jax import report
+
+    def point(m, lr, auc, step=50):
+        return {"method": m, "lr": lr, "head_lr": 1e-3, "best": {"frame_auc": auc, "step": step}}
+
+    pts = [point("fmsd", 2e-4, .60), point("fmsd", 2e-3, .70), point("fmsd", 2e-2, .70),
+           point("full", 2e-4, .65), point("full", 2e-3, float("nan"))]
+    chosen = demo.choose_learning_rates(pts, "frame_auc")
+    assert chosen == {"fmsd": 2e-3, "full": 2e-4}  # a tie goes to the earlier (smaller) lr
+    table = report.sweep_table(pts, chosen)
+    header, body = _table(table)
+    assert header == ["method", "head lr", "lr 0.0002", "lr 0.002", "lr 0.02", "chosen lr"]
+    assert body[0] == ["fmsd", "0.001", "0.6000 @50", "**0.7000 @50**", "0.7000 @50", "0.002"]
+    assert body[1][-2:] == ["", "0.0002"]
+
+
+def test_sweep_scores_only_the_validation_split(quick_demo, monkeypatch):
+    """`configs/demo.py:quick,sweep`: every point is scored on SynBlend's validation split and
+    no test set (no held-out family) is ever loaded; the lr with the best validation AUC is
+    chosen and the table printed and written."""
+    import json
+
+    from fmsd_jax.data import pipeline
+
+    workdir, _ = quick_demo
+    seen = []
+    real = pipeline.make_eval_loader
+
+    def spy(data_cfg, name, *, split="test", **kw):
+        seen.append((name, split))
+        return real(data_cfg, name, split=split, **kw)
+
+    monkeypatch.setattr(pipeline, "make_eval_loader", spy)
+    cfg = demo_config("quick,sweep")
+    cfg.demo.sweep.methods = ("effort",)
+    out = demo.run(cfg, workdir)
+    assert seen and set(seen) == {("SynBlend", "val")}
+    rec = json.loads((workdir / "sweep" / demo.SWEEP_JSON).read_text())
+    assert [p["lr"] for p in rec["points"]] == list(cfg.demo.sweep.lrs)
+    best = max(rec["points"], key=lambda p: p["best"]["frame_auc"])
+    assert rec["chosen"] == {"effort": best["lr"]} == out["chosen"]
+    assert "--config configs/demo.py:quick,sweep" in rec["command"]
+    assert out["table"] in (workdir / "sweep" / "sweep.md").read_text()

@@ -69,6 +69,8 @@ def naive(det, dense, spec, form="frobenius"):
             w_hat = w_s + ua @ np.diag(sa) @ va.T
             if form == "frobenius":
                 spec_loss += abs(np.sum(w_hat**2) - np.sum(w**2))
+            elif form == "squared":
+                spec_loss += (np.sum(w_hat**2) - np.sum(w**2)) ** 2
             else:
                 s0 = np.asarray(layer.s0[...][li], np.float64)
                 for k in range(spec.num_subspaces):
@@ -108,12 +110,14 @@ def test_matches_naive_dense_formulas():
     det = nnx.merge(*perturb(det, 0.03, seed=1))
     orth_ref, fro_ref = naive(det, dense, spec, "frobenius")
     _, per_ref = naive(det, dense, spec, "per_subspace")
+    _, sq_ref = naive(det, dense, spec, "squared")
     np.testing.assert_allclose(float(orthogonality_loss(det)), orth_ref, rtol=1e-4)
+    np.testing.assert_allclose(float(spectral_loss(det, "squared")), sq_ref, rtol=1e-3)
     np.testing.assert_allclose(float(spectral_loss(det, "frobenius")), fro_ref, rtol=1e-3)
     np.testing.assert_allclose(float(spectral_loss(det, "per_subspace")), per_ref, rtol=1e-4)
 
 
-@pytest.mark.parametrize("which", ["orth", "frobenius", "per_subspace"])
+@pytest.mark.parametrize("which", ["orth", "frobenius", "per_subspace", "squared"])
 def test_gradients_match_finite_differences(which):
     det, _, _ = decomposed(seed=2, k=2, d=2)
     graphdef, factors, rest = perturb(det, 0.05, seed=3)
@@ -138,6 +142,40 @@ def test_gradients_match_finite_differences(which):
             for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(direction), strict=True)
         )
         np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6)
+
+
+def test_squared_form_has_exactly_zero_gradient_at_init_unlike_effort():
+    """Effort's |δ| pushes every s_j by ∓2·s_j at step 0 (δ is rounding noise); (δ)² does not."""
+    det, _, _ = decomposed(k=2, d=1)
+    graphdef, factors, rest = nnx.split(det, ArtifactFactor, ...)
+
+    def grads(form):
+        return jax.grad(lambda f: spectral_loss(nnx.merge(graphdef, f, rest), form))(factors)
+
+    squared = grads("squared")
+    assert float(spectral_loss(det, "squared")) == 0.0
+    for leaf in jax.tree.leaves(squared):
+        assert not np.any(np.asarray(leaf)), "squared form: non-zero gradient at init"
+    s_grad = np.abs(np.asarray(grads("frobenius")["backbone"]["transformer"]["blocks"]["attn"]
+                               ["q"]["s"][...]))
+    s0 = np.asarray(det.backbone.transformer.blocks.attn.q.s0[...])
+    np.testing.assert_allclose(s_grad, 2 * s0, rtol=1e-3)  # |∂|δ|/∂s_j| = 2·s_j at init
+
+
+def test_weight_change_exact_zero_unchanged_and_hand_value_when_moved():
+    from fmsd_jax.method.losses import weight_change_of
+
+    det, dense, spec = decomposed(k=2, d=1)
+    q = decomposed_layers(det, spec.targets)["q"]
+    d2, w0 = weight_change_of(q)
+    assert not np.any(np.asarray(d2))
+    np.testing.assert_allclose(np.asarray(w0), np.sum(dense["q"].astype(np.float64) ** 2,
+                                                      axis=(1, 2)), rtol=1e-5)
+    # s_j -> s_j + c on layer 0 only: Ŵ − W₀ = c·u_j v_jᵀ, so ‖Ŵ − W₀‖ = |c| (unit vectors).
+    c = 0.25
+    q.s[...] = q.s[...].at[0, 1].add(c)
+    d2, _ = weight_change_of(q)
+    np.testing.assert_allclose(np.sqrt(np.asarray(d2)), [c, 0.0], rtol=1e-5, atol=0)
 
 
 def test_zero_lambda_is_not_traced():

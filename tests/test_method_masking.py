@@ -80,6 +80,13 @@ def test_known_answer_consistent_vs_noise_layers():
     np.testing.assert_allclose(report["score"], out["score"])
     gsnr_out = dict(out, score=out["gsnr"])
     np.testing.assert_array_equal(select_layers(gsnr_out, top_k=4), consistent)
+    # Pure-noise cells score about the level layer_mask.noise_floor reports, 1/(T-1).
+    from fmsd_jax import layer_mask
+    from fmsd_jax.config_base import base_config
+
+    floor = layer_mask.noise_floor(base_config(), out)
+    np.testing.assert_allclose(floor, 1 / (T - 1))
+    np.testing.assert_allclose(out["score"][~consistent].mean(), floor, rtol=0.1)
 
 
 def test_cross_entropy_moments_match_per_batch_gradients():

@@ -21,6 +21,7 @@ from fmsd_jax.report import (
     plot_roc,
     read_results,
     results_table,
+    roc_figure,
     write_demo_report,
     write_results,
 )
@@ -142,6 +143,13 @@ def test_plot_roc_png(tmp_path):
     _assert_png(out)
     with pytest.raises(ValueError, match="at least one"):
         plot_roc({}, tmp_path / "x.png")
+    # With video-level curves: two panels under a title that names the method.
+    fig = roc_figure(curves, title="ROC: FMSD", video_curves={"DFDC": curves["DFDC"]})
+    assert [ax.get_title() for ax in fig.axes] == ["frame level", "video level"]
+    assert fig.get_suptitle() == "ROC: FMSD"
+    assert len(fig.axes[1].get_lines()) == 2  # chance + DFDC
+    _assert_png(plot_roc(curves, tmp_path / "v.png", title="ROC: FMSD",
+                         video_curves={"DFDC": curves["DFDC"]}))
 
 
 def _layer_scores(rng, n_layers=12, n_targets=4):
@@ -269,7 +277,8 @@ def test_demo_report(tmp_path, demo_rows):
     assert header[0] == "method"
     assert header[1:3] == ["blend (train) · frame AUC", "blend (train) · video AUC"]
     assert "swap · frame AUC" in header and "swap · video AUC" in header
-    assert header[-2:] == ["held-out mean · frame AUC", "held-out mean · video AUC"]
+    assert header[-3:] == ["held-out mean · frame AUC", "held-out mean · video AUC",
+                           "backbone contribution · val frame AUC"]
     col = {h: i for i, h in enumerate(header)}
     table = {r[0]: r for r in rows}
     assert list(table) == ["FMSD", "Effort", "LinearProbe", "FullFT", "Near"]

@@ -21,7 +21,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fmsd_jax import build, config_base, errors, evaluate, export, predict, sharding, train
+from fmsd_jax import (
+    build,
+    config_base,
+    diagnostics,
+    errors,
+    evaluate,
+    export,
+    predict,
+    sharding,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +117,8 @@ def trained(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark):
 def test_train_writes_everything_a_user_reads(trained):
     cfg, workdir, results = trained
     for name in ("config.json", "layer_mask.json", "decomposition.json", "results.json",
-                 "results.md", "roc.png", "layer_scores.png"):
+                 "results.md", "roc.png", "layer_scores.png", "diagnostics.json",
+                 "adaptation.png"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tb").iterdir()), "no TensorBoard event file"
     saved = json.loads((workdir / "results.json").read_text())
@@ -144,6 +155,37 @@ def test_masked_out_layers_keep_their_pretrained_factors(trained, tiny_clip_chec
     assert checked > 0
 
 
+def test_diagnostics_measure_the_adapted_layers_and_the_contribution(trained):
+    """Relative change exactly 0 where the mask left a layer out, > 0 where it trained; the
+    contribution is against the pretrained backbone: a detector whose adapted layers are reset
+    contributes exactly 0, and its reference really holds the pretrained factors."""
+    cfg, workdir, _ = trained
+    diag = json.loads((workdir / "diagnostics.json").read_text())
+    mask = np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"], bool)
+    rel = np.asarray(diag["weight_change"]["relative"])
+    assert np.all(rel[~mask] == 0.0) and np.all(rel[mask] > 0.0)
+    assert diag["step"] == latest_step(workdir) or diag["checkpoint"] == "best"
+    c = diag["contribution"]
+    np.testing.assert_allclose(c["frame_auc"], c["trained"]["frame_auc"]
+                               - c["pretrained_backbone"]["frame_auc"], atol=1e-12)
+    assert "Did the backbone adapt?" in (workdir / "results.md").read_text()
+
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    initial = flat_arrays(run.trainable)
+    trainable = build.restore_trainable(cfg, workdir, run)
+    reference = diagnostics.pretrained_backbone(run, trainable)
+    ref, got = flat_arrays(reference), flat_arrays(trainable)
+    for key in initial:
+        if "head" in key:  # the trained head is kept
+            np.testing.assert_array_equal(ref[key], got[key])
+        else:  # the backbone is back at the pretrained factors
+            np.testing.assert_array_equal(ref[key], initial[key])
+    assert any(not np.array_equal(got[k], initial[k]) for k in initial if "head" not in k)
+    reset_ref = diagnostics.pretrained_backbone(run, reference)
+    zero, _ = diagnostics.backbone_contribution(cfg, run, reference, reset_ref)
+    assert zero["frame_auc"] == 0.0 and zero["video_auc"] == 0.0 and zero["within_noise"]
+
+
 @pytest.mark.parametrize("name,trains", [("effort_b16", "artifact"), ("full_ft_b16", "all"),
                                          ("linear_probe_b16", "head")])
 def test_baseline_configs_run_through_the_same_code(tmp_path, tiny_clip_checkpoint,
@@ -152,14 +194,20 @@ def test_baseline_configs_run_through_the_same_code(tmp_path, tiny_clip_checkpoi
     results = train.train(cfg, tmp_path)
     assert set(results) == {"SynBlend", "SynUpsample"}
     keys = list(trainable_at(tmp_path))
+    diag = json.loads((tmp_path / "diagnostics.json").read_text())
+    rel = np.asarray(diag["weight_change"]["relative"])
     if trains == "head":
         assert all("head" in k for k in keys)
+        assert diag["contribution"] is None and "frozen" in diag["contribution_note"]
+        assert not rel.any() and diag["head_change"] > 0
     elif trains == "artifact":
         assert any("head" in k for k in keys)
         assert not any("kernel" in k for k in keys if "head" not in k)
         assert not (tmp_path / "layer_mask.json").exists()  # Effort: no masking
     else:
         assert any("mlp" in k for k in keys) and any("patch_embed" in k for k in keys)
+    if trains != "head":  # every candidate cell trains in Effort and full fine-tuning
+        assert np.all(rel > 0) and diag["contribution"]["num_frames"] > 0
 
 
 def test_evaluate_mode_rewrites_results_from_the_checkpoint(trained, tmp_path):

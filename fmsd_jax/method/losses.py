@@ -23,6 +23,23 @@ L_spec keeps the pretrained spectrum. 'frobenius' (Effort's L_ksv) is |‖Ŵ‖�
 
 'per_subspace' is Σ_k |‖U_k diag(s_k) V_kᵀ‖²_F − ‖s_k,0‖²|: each artifact subspace keeps its own
 pretrained energy (cross terms with W_s are left to L_orth).
+
+'squared' is (‖Ŵ‖²_F − ‖W₀‖²_F)², the same energy gap as 'frobenius' but with zero gradient at
+initialisation. Why it exists: Effort's |·| has gradient sign(δ)·∇δ, and at step 0 δ is fp32
+rounding noise while ∇δ w.r.t. s_j is 2·s_j, so the |·| form pushes every artifact singular value
+by ∓2·s from the first step, its sign set by rounding (issue 11 measured this at more than half
+of the CE's s-gradient at λ = 0.1 on the demo). The squared form only pulls back once the weight has
+moved. It is computed from the *changes* of the factors, ΔU = U − U₀, Δs = s − s₀, ΔV = V − V₀:
+
+    D = Ŵ − W₀ = X diag(a) Yᵀ,   X = [ΔU | U₀ | U₀],  a = [s | Δs | s₀],  Y = [V | V | ΔV],
+    δ = ‖Ŵ‖² − ‖W₀‖² = 2⟨W_s, D⟩ + 2⟨A₀, D⟩ + ‖D‖²,
+
+so at initialisation every term holds an exact zero factor: δ = 0 and its gradient 2·δ·∇δ = 0
+exactly (not to rounding). W₀ = W_s + A₀ is the decomposed pretrained weight, equal to the
+pretrained W to one fp32 rounding. Units: squared energy, so its λ is not comparable with the
+|·| forms' λ. The same D gives the relative weight change ‖Ŵ − W₀‖/‖W₀‖ that the run's
+diagnostics report (`weight_change_of`), without rebuilding W and without the cancellation of
+‖Ŵ‖² − ‖W₀‖² computed from two large numbers.
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ from flax import nnx
 
 from fmsd_jax.method.decompose import DecomposedDense
 
-SPECTRAL_FORMS = ("frobenius", "per_subspace")
+SPECTRAL_FORMS = ("frobenius", "per_subspace", "squared")
 _HI = jax.lax.Precision.HIGHEST  # tiny products; keep them exact on TF32/bf16 hardware
 
 
@@ -96,12 +113,60 @@ def orthogonality_loss(model: nnx.Module) -> jax.Array:
     return t["within"] + t["between"] + t["semantic"]
 
 
+def _change_factors(m: DecomposedDense) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """D = Ŵ − W₀ as X diag(a) Yᵀ with an exact zero factor in every column at init."""
+    u, s, v = m.u[...], m.s[...], m.v[...]
+    u0, s0, v0 = m.u0[...], m.s0[...], m.v0[...]
+    x = jnp.concatenate([u - u0, u0, u0], axis=-1)
+    a = jnp.concatenate([s, s - s0, s0], axis=-1)
+    y = jnp.concatenate([v, v, v - v0], axis=-1)
+    return x, a, y
+
+
+def _factored_energy(x: jax.Array, a: jax.Array, y: jax.Array) -> jax.Array:
+    """‖X diag(a) Yᵀ‖²_F = Σ_ij a_i a_j (XᵀX)_ij (YᵀY)_ij, per stacked layer."""
+    return jnp.sum(_gram(x) * _gram(y) * a[..., :, None] * a[..., None, :], axis=(-2, -1))
+
+
+def _semantic_inner(m: DecomposedDense, x: jax.Array, a: jax.Array, y: jax.Array) -> jax.Array:
+    """⟨W_s, X diag(a) Yᵀ⟩ = Σ_j a_j x_jᵀ (W_s y_j), per stacked layer."""
+    wy = jnp.einsum("...io,...oa->...ia", m.semantic[...], y, precision=_HI)
+    return jnp.einsum("...ia,...ia,...a->...", x, wy, a, precision=_HI)
+
+
+def _energy_gap(m: DecomposedDense) -> tuple[jax.Array, jax.Array]:
+    """(δ = ‖Ŵ‖² − ‖W₀‖², ‖D‖² = ‖Ŵ − W₀‖²) per stacked layer, both exactly 0 at init."""
+    x, a, y = _change_factors(m)
+    u0, s0, v0 = m.u0[...], m.s0[...], m.v0[...]
+    d2 = _factored_energy(x, a, y)
+    a0_d = jnp.einsum("...ia,...ib,...a,...b,...ja,...jb->...", u0, x, s0, a, v0, y,
+                      precision=_HI)  # ⟨A₀, D⟩
+    return 2.0 * (_semantic_inner(m, x, a, y) + a0_d) + d2, d2
+
+
+def weight_change_of(m: DecomposedDense) -> tuple[jax.Array, jax.Array]:
+    """(‖Ŵ − W₀‖²_F, ‖W₀‖²_F) of one (stacked) decomposed projection, W₀ = W_s + A₀.
+
+    ‖Ŵ − W₀‖² is exactly 0 for a layer whose factors never changed (a layer the mask left out).
+    """
+    _, d2 = _energy_gap(m)
+    u0, s0, v0 = m.u0[...], m.s0[...], m.v0[...]
+    sem = m.semantic[...]
+    w0 = (jnp.sum(sem.astype(jnp.float32) ** 2, axis=(-2, -1))
+          + 2.0 * _semantic_inner(m, u0, s0, v0) + _factored_energy(u0, s0, v0))
+    return d2, w0
+
+
 def spectral_loss(model: nnx.Module, form: str = "frobenius") -> jax.Array:
-    """L_spec in Effort's Frobenius-energy form or the per-subspace energy form."""
+    """L_spec in Effort's Frobenius-energy form, the per-subspace form or the squared form."""
     if form not in SPECTRAL_FORMS:
         raise ValueError(f"unknown spectral_form {form!r}; use one of {SPECTRAL_FORMS}")
     total = jnp.zeros((), jnp.float32)
     for m in decomposed_modules(model):
+        if form == "squared":
+            delta, _ = _energy_gap(m)
+            total = total + jnp.sum(delta**2)
+            continue
         u, s, v = m.u[...], m.s[...], m.v[...]
         # Σ_ij s_i s_j (UᵀU)_ij (VᵀV)_ij, elementwise before the block/total reduction.
         energy = _gram(u) * _gram(v) * s[..., :, None] * s[..., None, :]

@@ -34,6 +34,7 @@ Definitions (DESIGN.md §1.3), per cell c with element set E_c and ḡ = mean_t 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -94,10 +95,15 @@ def init_moments(state: nnx.State) -> Moments:
     return jnp.zeros((), jnp.float32), zeros, jax.tree.map(jnp.copy, zeros)
 
 
+@functools.lru_cache(maxsize=16)
 def make_moment_update(
     graphdef: nnx.GraphDef, loss_fn: Callable[..., tuple[jax.Array, Any]]
 ) -> Callable[[Moments, nnx.State, nnx.State, Any], Moments]:
-    """The per-batch estimator step (un-jitted): one gradient + a Welford update."""
+    """The per-batch estimator step (un-jitted): one gradient + a Welford update.
+
+    Cached per (graphdef, loss_fn), so estimating again on the same model structure (other
+    seeds, `--mode mask`'s stability replicates) reuses jit's compiled step.
+    """
 
     def grad_of(params, frozen, batch):
         def loss_of(p):

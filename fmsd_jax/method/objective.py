@@ -5,7 +5,7 @@ itself; keyword overrides win):
 
     lambda_orth: float = 0.0          # Effort's released code trains with CE only
     lambda_spec: float = 0.0
-    spectral_form: str = 'frobenius'  # 'frobenius' (Effort's L_ksv) | 'per_subspace'
+    spectral_form: str = 'frobenius'  # 'frobenius' (Effort's L_ksv) | 'per_subspace' | 'squared'
 
 A λ of zero is a Python-level decision: that term is never traced, so it costs nothing.
 """
