@@ -34,8 +34,10 @@ def make_predict_fn(graphdef: Any, mesh) -> Any:
 
 
 def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
-                  predict=None) -> tuple[dict, np.ndarray, np.ndarray]:
+                  predict=None, reader_wrapper=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves.
+
+    `reader_wrapper` goes to `pipeline.make_eval_loader` (the robustness mode perturbs there).
 
     Each process scores its own shard of the set; on several hosts the kept frames of every
     process are gathered first, so every process computes metrics over the whole set.
@@ -44,7 +46,8 @@ def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
     acc = metrics.MetricAccumulator(name=name)
     loader = pipeline.make_eval_loader(
         cfg.data, name, split=split, batch_size=cfg.eval.batch_size,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        reader_wrapper=reader_wrapper)
     for batch in loader:
         images = sharding.global_batch(run.mesh, batch, ("image",))["image"]
         probs = predict(trainable, run.frozen, images)

@@ -1,8 +1,9 @@
 """Command line: `python -m fmsd_jax.main --config configs/clip_b16.py --workdir DIR [--mode M]`.
 
 Modes: train (default: estimate the layer mask, decompose, train, evaluate), mask (estimate and
-save the layer mask only), evaluate (from the workdir's checkpoint), export (merged dense CLIP
-weights + head for PyTorch), predict (score image files, folders or videos given as arguments).
+save the layer mask only), evaluate (from the workdir's checkpoint), robustness (every test set
+clean and under each perturbation level of config.robustness), export (merged dense CLIP weights
++ head for PyTorch), predict (score image files, folders or videos given as arguments).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/clip_b16.py or configs/clip_b16.py:runlocal",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "mask", "evaluate", "export", "predict"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "mask", "evaluate", "robustness", "export",
+                                              "predict"],
                           "What to do.")
 _OUT = flags.DEFINE_string("out", None, "export: output directory (default WORKDIR/export); "
                            "predict: output JSON (default WORKDIR/predictions.json).")
@@ -87,6 +89,10 @@ def main(argv: list[str]) -> None:
         from fmsd_jax import evaluate
 
         evaluate.evaluate(cfg, workdir)
+    elif mode == "robustness":
+        from fmsd_jax import robustness
+
+        robustness.robustness(cfg, workdir)
     elif mode == "export":
         from fmsd_jax import export
 
