@@ -70,8 +70,9 @@ def plan(cfg: mlc.ConfigDict) -> list[pt.Perturbation]:
 def settings(cfg: mlc.ConfigDict) -> dict[str, Any]:
     """What determines the numbers besides the checkpoint (stored, and compared on reuse)."""
     r = cfg.robustness
-    return {"protocol": r.protocol, "types": [p.key for p in plan(cfg)],
-            "levels": sorted({p.level for p in plan(cfg)}), "seed": int(r.seed),
+    items = plan(cfg)
+    return {"protocol": r.protocol, "types": list(dict.fromkeys(p.key for p in items)),
+            "levels": sorted({p.level for p in items}), "seed": int(r.seed),
             "datasets": list(r.datasets or cfg.data.test_dataset)}
 
 
@@ -100,19 +101,24 @@ def robustness(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict[str, 
         done += 1
         elapsed = time.perf_counter() - t_start
         eta = elapsed / done * (total - done)
-        log.info("robustness [%d/%d] %s: frame AUC %s video AUC %s (%.1fs elapsed, ETA %.0fs)",
+        moved = res.get("mean_abs_prob_change")
+        log.info("robustness [%d/%d] %s: frame AUC %s video AUC %s%s (%.1fs elapsed, ETA %.0fs)",
                  done, total, what, report._fmt(res["frame_auc"]), report._fmt(res["video_auc"]),
-                 elapsed, eta)
+                 "" if moved is None else f" mean |Δp(fake)| {moved:.4f}", elapsed, eta)
 
     clean: dict[str, dict] = {}
     scores: dict[str, dict[tuple[str, int], dict]] = {}
     for name in datasets:
-        clean[name] = evaluate.score_dataset(cfg, run, trainable, name, "test", predict)[0]
+        clean[name], clean_probs, _ = evaluate.score_dataset(cfg, run, trainable, name, "test",
+                                                             predict)
         progress(f"{name} clean", clean[name])
         scores[name] = {}
         for p in items:
-            res = evaluate.score_dataset(unchecked, run, trainable, name, "test", predict,
-                                         reader_wrapper=pt.reader_wrapper(p))[0]
+            res, probs, _ = evaluate.score_dataset(unchecked, run, trainable, name, "test",
+                                                   predict, reader_wrapper=pt.reader_wrapper(p))
+            # Evidence that the perturbation reached the model: how far p(fake) moved.
+            res = {**res, "mean_abs_prob_change": float(np.mean(np.abs(probs - clean_probs)))
+                   if len(probs) == len(clean_probs) and len(probs) else None}
             scores[name][(p.key, p.level)] = res
             progress(f"{name} {p.key} level {p.level} ({p.spec.param_name} = "
                      f"{p.spec.label(p.level)})", res)
@@ -174,7 +180,8 @@ def summarise(cfg: mlc.ConfigDict, clean: Mapping[str, Mapping],
                                            "num_videos": int(c.get("num_videos", 0))},
                                  "types": {}}
         for key, t in types.items():
-            levels = {lv: _auc(per[(key, int(lv))]) for lv in t["levels"]}
+            levels = {lv: {**_auc(per[(key, int(lv))]), "mean_abs_prob_change": _json_float(
+                per[(key, int(lv))].get("mean_abs_prob_change"))} for lv in t["levels"]}
             counted = [lv for lv in levels if not t["levels"][lv]["identity"]]
             entry["types"][key] = {
                 "levels": levels,
@@ -242,6 +249,19 @@ def type_table(result: Mapping[str, Any], dataset: str, key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def change_table(result: Mapping[str, Any], dataset: str) -> str:
+    entry = result["datasets"][dataset]
+    levels = _level_ids(result)
+    lines = ["| type | " + " | ".join(f"L{lv}" for lv in levels) + " |",
+             "|---|" + "|".join(["---:"] * len(levels)) + "|"]
+    for tkey, t in result["types"].items():
+        got = entry["types"][tkey]["levels"]
+        cells = [report._fmt(got[lv]["mean_abs_prob_change"]) if lv in got else ""
+                 for lv in levels]
+        lines.append(f"| {tkey} ({report._md_escape(t['name'])}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def param_table(result: Mapping[str, Any]) -> str:
     levels = _level_ids(result)
     lines = ["| type | parameter | " + " | ".join(f"L{lv}" for lv in levels) + " |",
@@ -276,6 +296,9 @@ def markdown(result: Mapping[str, Any], chart: str | None = ROBUSTNESS_PNG) -> s
                f"{report._fmt(c['frame_auc'])}, video AUC {report._fmt(c['video_auc'])}.", ""]
         for key in _KEYS:
             md += [f"### {_LEVEL_NAME[key]}", "", type_table(result, name, key)]
+        md += ["### Mean |Δ p(fake)| against the clean pass", "",
+               "How far each frame's probability moved (0 means the perturbation did not reach "
+               "the model, or did not matter to it).", "", change_table(result, name)]
     if chart:
         md += ["## Chart", "", f"AUC against severity, one line per type, clean AUC dashed: "
                f"[{chart}]({chart})", "", f"![robustness]({chart})", ""]
