@@ -90,6 +90,9 @@ def get_config(arg: str | None = None):
     d.methods = ("fmsd", "effort", "full", "linear_probe")
     d.data_size = "small"
     d.data_seed = 0
+    # Robustness table of every row (fmsd_jax/robustness.demo_section) on one held-out family,
+    # DeeperForensics levels 1, 3, 5 of 5 for the time budget; family '' = no table.
+    d.robustness = mlc.ConfigDict(dict(family="SynUpsample", levels=(1, 3, 5)))
     d.pretrain = mlc.ConfigDict(dict(
         width=64, layers=4, heads=4, patch_size=8, mlp_dim=256, image_size=64,
         steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30,
@@ -117,6 +120,7 @@ def get_config(arg: str | None = None):
         c.train.eval_every = 4
         c.eval.batch_size = 16
         d.data_size = "tiny"
+        d.robustness.levels = (5,)
         d.pretrain.update(dict(width=32, layers=2, heads=2, mlp_dim=64, image_size=32,
                                steps=6, batch_size=16, warmup_steps=2, proj_hidden=32,
                                proj_dim=16, log_every=3))

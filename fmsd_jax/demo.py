@@ -284,6 +284,15 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
         timing[method] = seconds
         if was_skipped:
             skipped.append(method)
+    section = ""
+    if not single and cfg.demo.robustness.family:  # issue 14: one held-out family, every row
+        from fmsd_jax import robustness
+
+        t0 = time.perf_counter()
+        section = robustness.demo_section(cfg.demo.robustness.family, {
+            ROW_NAMES[m]: (method_config(cfg, m, data_dir, pretrained_dir), workdir / m)
+            for m in cfg.demo.methods}, levels=tuple(cfg.demo.robustness.levels))
+        timing["robustness"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
     out: dict[str, Any] = {"results": results, "timing": timing, "skipped": skipped,
                            "report": None}
@@ -302,6 +311,8 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
         record = {"timing": timing, "skipped": skipped, "load": load}
     timing_path.write_text(json.dumps(record, indent=2))
     out["report"] = write_report(cfg, workdir, results, backbone, record)
+    if section:
+        robustness.append_to_report(out["report"], section)
     log.info("demo finished in %.0fs; report: %s", timing["total"], out["report"])
     return out
 

@@ -359,15 +359,18 @@ def load_if_current(cfg: mlc.ConfigDict, workdir: str | Path) -> dict | None:
     return found if found.get("settings") == settings(cfg) else None
 
 
-def demo_section(family: str, rows: Mapping[str, tuple[mlc.ConfigDict, Path]]) -> str:
+def demo_section(family: str, rows: Mapping[str, tuple[mlc.ConfigDict, Path]],
+                 levels: Sequence[int] = ()) -> str:
     """The demo's robustness section: every row (name → (its config, its trained workdir))
-    evaluated on one held-out `family`; per-type means and the overall mean, frame and video
-    in separate tables. A row whose robustness.json has the same settings is not rerun."""
+    evaluated on one held-out `family` at `levels` (empty: all); per-type means and the overall
+    mean, frame and video in separate tables. A row whose robustness.json has the same settings
+    is not rerun."""
     results: dict[str, dict] = {}
     seconds = 0.0
     for name, (cfg, workdir) in rows.items():
         cfg = copy.deepcopy(cfg)
         cfg.robustness.datasets = (family,)
+        cfg.robustness.levels = tuple(levels)
         res = load_if_current(cfg, workdir)
         if res is None:
             log.info("=== robustness of %s on %s", name, family)
