@@ -58,6 +58,13 @@ def test_plan_checks_the_config_before_any_work(cfg):
     assert len(robustness.plan(cfg)) == 35  # 7 types x 5 levels
 
 
+def test_an_unknown_dataset_fails_before_the_model_is_built(cfg, tmp_path):
+    cfg.robustness.datasets = ("SynBlend", "Nope")
+    with pytest.raises(FileNotFoundError, match="'Nope' not found"):
+        robustness.robustness(cfg, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written, no checkpoint looked for
+
+
 def test_schema_means_and_flags_from_known_numbers(cfg, tmp_path):
     clean, scores = fake_scores(cfg)
     result = robustness.summarise(cfg, clean, scores)
