@@ -244,7 +244,7 @@ def _records(tmp_path, n=4, size=48):
     return recs
 
 
-def test_perturbed_reader_on_stored_crops(tmp_path):
+def test_perturbed_reader_on_stored_crops(tmp_path, monkeypatch):
     recs = _records(tmp_path)
     reader = tr.ImageReader(32, detect_faces=False)
     blur = pt.Perturbation("deeperforensics", "GB", 2, 0)
@@ -260,8 +260,11 @@ def test_perturbed_reader_on_stored_crops(tmp_path):
     vc = pt.reader_wrapper(pt.Perturbation("deeperforensics", "VC", 3, 0))(reader, recs)
     stream = pt.h264([tr.read_rgb(r["path"]) for r in recs], 35)
     clone = pickle.loads(pickle.dumps(vc))
-    for i in (2, 0, 3):
+    calls = []
+    monkeypatch.setattr(pt, "h264", lambda *a: calls.append(1) or stream)
+    for i in (2, 0, 3, 1):
         np.testing.assert_array_equal(clone(recs[i]), tr.resize_square(stream[i], 32))
+    assert len(calls) == 1  # one encode per video, not per frame
 
 
 def test_perturbed_reader_acts_before_the_face_crop_on_video_files(tmp_path):

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -410,7 +411,10 @@ class PerturbedReader:
     """An ImageReader whose pixels are perturbed where the protocol says (see WHERE_APPLIED).
 
     For VC the unit is a video: the reader compresses all frames of the record's video once and
-    keeps the last video in a one-entry cache (eval records of a video are contiguous)."""
+    keeps the last few videos (eval records of a video are contiguous, and grain's read threads
+    may be on two neighbouring videos at once)."""
+
+    CACHED_VIDEOS = 4
 
     def __init__(self, reader: tr.ImageReader, perturbation: Perturbation, records=None,
                  videos: dict[tuple[str, str], list[int]] | None = None):
@@ -422,10 +426,10 @@ class PerturbedReader:
 
     def _init_cache(self) -> None:
         self._lock = threading.Lock()
-        self._cached: tuple[Any, dict[str, np.ndarray]] = (None, {})
+        self._cache: OrderedDict[tuple[str, str], dict[str, np.ndarray]] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_cached")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_cache")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -448,9 +452,11 @@ class PerturbedReader:
     def _from_video(self, record: dict) -> np.ndarray | None:
         vkey = _video_key(record)
         with self._lock:
-            if self._cached[0] != vkey:
-                self._cached = (vkey, self._compress(vkey))
-            frames = self._cached[1]
+            if vkey not in self._cache:
+                self._cache[vkey] = self._compress(vkey)
+                while len(self._cache) > self.CACHED_VIDEOS:
+                    self._cache.popitem(last=False)
+            frames = self._cache[vkey]
         image = frames.get(record_key(record))
         return None if image is None else self.reader.finish(image, record)
 
