@@ -52,6 +52,22 @@ small SSL backbone separates SynBlend only weakly (.64); every method *inverts* 
 (AUC < 0.5: presumably the smooth, detail-poor look that the detector learns to call real is
 what an autoencoded region has). The demo shows the pipeline end to end; it does not show FMSD's
 advantage, and says so.
+
+Robustness (report.md's last section, `demo.robustness`): every row under DeeperForensics-1.0's
+seven perturbations at levels 1 and 5 on the held-out SynUpsample (fmsd_jax/robustness.py).
+Rows from a from-scratch run at load 12-17 (35.7 min wall with levels 1, 3, 5; its main table read
+FMSD SynUpsample .612 / .625 and held-out mean .439 / .438, not the .633 / .641 and .460 / .458
+above, which that run did not reproduce); the table below is its rerun with levels 1 and 5
+(rows skipped, robustness only). Frame AUC clean -> mean over types; video AUC clean -> mean:
+
+  FMSD              .612 -> .615    .625 -> .615
+  Effort K=1,d=1    .612 -> .615    .625 -> .615
+  Full fine-tuning  .572 -> .527    .563 -> .542   (colour saturation: frame AUC .358)
+  Linear probe      .612 -> .615    .625 -> .615
+
+60 evaluations in 64 s at load 17 (0.76-0.86 s each plus 4-5 s of compilation per row); the
+rerun that did only this used 44 s of user CPU, so on an unloaded 2-core machine it should add
+well under a minute (an estimate: not timed there).
 """
 
 import ml_collections as mlc
