@@ -271,12 +271,9 @@ class PerturbationType:
         return "×".join(f"{v:g}" for v in p) if isinstance(p, tuple) else f"{p:g}"
 
 
-def _df(fn):
+def _no_rng(fn):
+    """(image, param) -> image as the table's (image, param, rng) -> image."""
     return lambda image, param, rng: fn(image, param)
-
-
-def _rng_fn(fn):
-    return lambda image, param, rng: fn(image, param, rng)
 
 
 def _gend_blur(image, param, rng):
@@ -290,27 +287,27 @@ def _video_only(image, param, rng):
 PROTOCOLS: dict[str, dict[str, PerturbationType]] = {
     "deeperforensics": {t.key: t for t in (
         PerturbationType("CS", "colour saturation", (0.4, 0.3, 0.2, 0.1, 0.0),
-                         "chroma factor", _df(colour_saturation)),
+                         "chroma factor", _no_rng(colour_saturation)),
         PerturbationType("CC", "contrast", (0.85, 0.725, 0.6, 0.475, 0.35), "pixel factor",
-                         _df(contrast)),
+                         _no_rng(contrast)),
         PerturbationType("BW", "block-wise", (16, 32, 48, 64, 80), "blocks per 256 px",
-                         _rng_fn(block_wise)),
+                         block_wise),
         PerturbationType("GNC", "Gaussian noise (YCbCr)", (0.001, 0.002, 0.005, 0.01, 0.05),
-                         "variance", _rng_fn(gaussian_noise_ycbcr)),
+                         "variance", gaussian_noise_ycbcr),
         PerturbationType("GB", "Gaussian blur", (7, 9, 13, 17, 21), "kernel (σ = k/6)",
-                         _df(gaussian_blur)),
+                         _no_rng(gaussian_blur)),
         PerturbationType("JPEG", "pixelation ('JPEG')", (2, 3, 4, 5, 6), "downscale factor",
-                         _df(pixelation)),
+                         _no_rng(pixelation)),
         PerturbationType("VC", "H.264 compression", (30, 32, 35, 38, 40), "CRF", _video_only,
                          video=True),
     )},
     "gend": {t.key: t for t in (
-        PerturbationType("JPEG", "JPEG", (100, 80, 60, 40, 20, 10), "quality", _df(jpeg)),
+        PerturbationType("JPEG", "JPEG", (100, 80, 60, 40, 20, 10), "quality", _no_rng(jpeg)),
         PerturbationType("GB", "Gaussian blur", ((0, 0), (5, 0.5), (7, 1), (11, 1.5), (13, 2),
                                                   (19, 3)), "kernel×σ", _gend_blur),
-        PerturbationType("RS", "resize", (224, 112, 64), "px of 224", _df(resize_and_back)),
+        PerturbationType("RS", "resize", (224, 112, 64), "px of 224", _no_rng(resize_and_back)),
         PerturbationType("GN", "Gaussian noise (RGB)", (0, 0.01, 0.03, 0.05, 0.1, 0.2),
-                         "σ of [0, 1]", _rng_fn(gaussian_noise_rgb)),
+                         "σ of [0, 1]", gaussian_noise_rgb),
     )},
 }
 
