@@ -70,6 +70,7 @@ from bench._common import (  # noqa: E402
     spread,
     xla_memory,
 )
+from bench.effort_torch import effort_adam, effort_detector, torch_detector  # noqa: E402
 
 ALL_ROWS = ("a", "a+", "ax", "b", "b+", "bc", "bc+", "c", "tf", "infer")
 LAMBDA = 0.1
@@ -132,88 +133,6 @@ def model_flops(cfg: Any, batch: int, key: str) -> float:
     return forward_flops(cfg, batch) * (3.0 if key in ("c", "tf") else 2.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# PyTorch: Effort's SVDResidualLinear (DeepfakeBench effort_detector.py), faithfully.
-
-
-def _torch_effort(hf: Any, head_w: Any, head_b: Any, targets: tuple[str, ...], kd: int) -> Any:
-    """Effort's detector: HF CLIP vision tower with SVD-residual projections and a linear head."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-
-    class SVDResidualLinear(nn.Module):
-        """W = W_main (frozen, top r triplets) + U_res diag(S_res) V_res (trainable, rebuilt)."""
-
-        def __init__(self, linear: nn.Linear, r: int):
-            super().__init__()
-            w = linear.weight.data.float()
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            self.register_buffer("weight_main", u[:, :r] @ torch.diag(s[:r]) @ vh[:r])
-            self.register_buffer("U_r", u[:, :r].contiguous())
-            self.register_buffer("V_r", vh[:r].contiguous())
-            self.register_buffer("weight_original_fnorm", torch.linalg.norm(w))
-            self.U_residual = nn.Parameter(u[:, r:].contiguous())
-            self.S_residual = nn.Parameter(s[r:].contiguous())
-            self.V_residual = nn.Parameter(vh[r:].contiguous())
-            self.bias = (nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-                         if linear.bias is not None else None)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            residual = self.U_residual @ torch.diag(self.S_residual) @ self.V_residual
-            return F.linear(x, self.weight_main + residual, self.bias)
-
-        def compute_orthogonal_loss(self) -> torch.Tensor:
-            u = torch.cat((self.U_r, self.U_residual), dim=1)
-            v = torch.cat((self.V_r, self.V_residual), dim=0)
-            uut, vvt = u @ u.t(), v @ v.t()
-            eye_u = torch.eye(uut.size(0), device=uut.device)
-            eye_v = torch.eye(vvt.size(0), device=vvt.device)
-            return 0.5 * torch.norm(uut - eye_u, p="fro") + 0.5 * torch.norm(vvt - eye_v, p="fro")
-
-        def compute_keepsv_loss(self) -> torch.Tensor:
-            w = self.weight_main + self.U_residual @ torch.diag(self.S_residual) @ self.V_residual
-            return torch.abs(torch.norm(w, p="fro") ** 2 - self.weight_original_fnorm ** 2)
-
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    # transformers < 5 nests the tower under `.vision_model`; 5.x flattened it.
-    for layer in getattr(hf, "vision_model", hf).encoder.layers:
-        for t in targets:
-            lin = getattr(layer.self_attn, names[t])
-            r = min(lin.weight.shape) - kd
-            setattr(layer.self_attn, names[t], SVDResidualLinear(lin, r))
-
-    return _torch_detector(hf, head_w, head_b)
-
-
-def _torch_detector(hf: Any, head_w: Any, head_b: Any) -> Any:
-    """Effort's detector shape: HF CLIP tower's pooler_output → Linear(width, 2), our head."""
-    import torch
-    from torch import nn
-
-    class Detector(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = hf
-            self.head = nn.Linear(head_w.shape[0], head_w.shape[1])
-            with torch.no_grad():
-                self.head.weight.copy_(torch.from_numpy(head_w.T.copy()))
-                self.head.bias.copy_(torch.from_numpy(head_b.copy()))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.backbone(pixel_values=x).pooler_output)
-
-        def regularisers(self) -> tuple[torch.Tensor, torch.Tensor]:
-            """Σ Effort orthogonal loss, Σ keep-singular-value loss over its SVD layers."""
-            mods = [m for m in self.modules() if hasattr(m, "compute_orthogonal_loss")]
-            return (sum(m.compute_orthogonal_loss() for m in mods),
-                    sum(m.compute_keepsv_loss() for m in mods))
-
-    return Detector()
-
-
 class TorchRow:
     """One PyTorch training step (optionally with the loss under torch.compile), ready to time."""
 
@@ -225,8 +144,7 @@ class TorchRow:
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.num_trainable = sum(p.numel() for p in self.params)
-        self.opt = torch.optim.Adam(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8,
-                                    weight_decay=5e-4)
+        self.opt = effort_adam(model, lr=2e-4, weight_decay=5e-4)
         self.x, self.y, self.sync = x, y, sync
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -397,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         det = detector()
         decompose(det, targets=targets, num_subspaces=args.num_subspaces, rank=args.rank)
         ours = np.asarray(jax.jit(lambda m, x: m(x))(det, jnp.asarray(host["image"])))
-        tm = _torch_effort(hf_tower(), head_w, head_b, targets, kd).to(tdev)
+        tm = effort_detector(hf_tower(), head_w, head_b, targets, kd).to(tdev)
         with torch.no_grad(), amp():
             theirs = tm(xt).float().cpu().numpy()
         parity = float(np.abs(ours - theirs).max())
@@ -427,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         if key not in rows_wanted:
             continue
         try:
-            model = (_torch_detector(hf_tower(), head_w, head_b) if key == "tf"
-                     else _torch_effort(hf_tower(), head_w, head_b, targets, kd)).to(tdev)
+            model = (torch_detector(hf_tower(), head_w, head_b) if key == "tf"
+                     else effort_detector(hf_tower(), head_w, head_b, targets, kd)).to(tdev)
             row = TorchRow(model, xt, yt, reg=reg, compile_=comp, amp=amp, sync=sync)
             t0 = time.perf_counter()
             with _deadline(args.compile_timeout) if comp else contextlib.nullcontext():

@@ -13,7 +13,8 @@ when its output exists, so a rerun finishes in seconds.
 
 Variants: `:quick` (tiny data and model, a few steps; the tests run it; < 2 min);
 `:method=X` (X in fmsd, effort, full, linear_probe) runs one row into --workdir, using data and
-backbone from the workdir's parent (or `--config.demo.root`), e.g.
+backbone from the workdir's parent when it holds a prepared demo (or from
+`--config.demo.root`; else the row prepares its own inside --workdir), e.g.
   python -m fmsd_jax.main --config configs/demo.py:method=effort --workdir runs/demo/effort
 With `:method=X`, `--mode evaluate|export|predict` work on that row as on any run.
 
@@ -74,10 +75,12 @@ import ml_collections as mlc
 
 from fmsd_jax import config_base
 from fmsd_jax.data.config import SYNTHETIC_DATASETS
+from fmsd_jax.demo import METHODS
 
 
 def get_config(arg: str | None = None):
-    args = config_base.parse_arg(arg, method="all", quick=False)
+    args = config_base.parse_arg(arg, choices={"method": ("all", *METHODS)}, method="all",
+                                 quick=False)
     c = config_base.base_config()
     c.model.variant = "auto"  # geometry comes from the pretrained file
     c.model.image_size = 64

@@ -14,6 +14,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
+from fmsd_jax.errors import BadInput, InputNotFound
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.checkpoint import load_clip_vision
 from fmsd_jax.model.detector import Detector
@@ -23,13 +24,13 @@ from fmsd_jax.model.vit import VARIANTS
 def check_init_from(cfg: mlc.ConfigDict) -> Path:
     path = cfg.model.init_from
     if not path:
-        raise ValueError(
+        raise BadInput(
             "config.model.init_from is empty: set it to a pretrained CLIP checkpoint, e.g. "
             "--config.model.init_from=/path/to/clip-vit-base-patch16/model.safetensors "
             "(README: 'Getting CLIP weights')")
     path = Path(os.path.expanduser(path))
     if not path.exists():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"config.model.init_from={str(path)!r} does not exist; download the CLIP checkpoint "
             "(README: 'Getting CLIP weights') and point config.model.init_from at the file")
     return path
@@ -52,14 +53,14 @@ def _check_geometry(cfg: mlc.ConfigDict, got: Any, path: Path) -> None:
     if variant == "auto":
         return
     if variant not in VARIANTS:
-        raise ValueError(f"config.model.variant={variant!r} is unknown; use one of "
+        raise BadInput(f"config.model.variant={variant!r} is unknown; use one of "
                          f"{sorted(VARIANTS)} or 'auto'")
     want = VARIANTS[variant]
     have = {k: getattr(got, k) for k in want if k != "proj_dim"}
     diff = {k: (want[k], v) for k, v in have.items() if want[k] != v}
     if diff:
         detail = ", ".join(f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in diff.items())
-        raise ValueError(
+        raise BadInput(
             f"config.model.variant={variant!r} declares a different geometry than "
             f"config.model.init_from={str(path)!r} ({detail}); point init_from at a {variant} "
             "checkpoint or set config.model.variant to match it ('auto' accepts any)")

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from fmsd_jax import assemble, checkpointing, layer_mask, sharding
+from fmsd_jax.errors import InputNotFound
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.method.optimizer import make_optimizer
 
@@ -47,7 +48,7 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) 
         mask = np.asarray(checkpointing.read_json(mask_path)["mask"], np.float32)
     elif mask_needed:
         if not estimate:
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"{mask_path} is missing: this workdir was never trained; run --mode train "
                 "or --mode mask first")
         mask = layer_mask.estimate_mask(cfg, detector, workdir, mesh)
@@ -67,8 +68,10 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path, mesh, *, estimate: bool = True) 
     return Run(graphdef, trainable, frozen, mask, spec, mesh)
 
 
-def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
-    """The trained leaves from WORKDIR's best (else latest) checkpoint, on the run's mesh."""
+def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run,
+                      purpose: str = "evaluating") -> Any:
+    """The trained leaves from WORKDIR's best (else latest) checkpoint, on the run's mesh;
+    `purpose` ('evaluating', 'exporting', 'scoring inputs with') goes into the log line."""
     tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
                         spec=run.spec, total_steps=1)
     state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
@@ -79,5 +82,5 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run) -> Any:
         step, restored, which = ckpts.restore_for_eval(abstract)
     finally:
         ckpts.close()
-    log.info("evaluating the %s checkpoint (step %d) of %s", which, step, workdir)
+    log.info("%s the %s checkpoint (step %d) of %s", purpose, which, step, workdir)
     return restored["trainable"]

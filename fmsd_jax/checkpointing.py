@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fmsd_jax import atomic
+from fmsd_jax.errors import InputNotFound
+
 CONFIG_JSON = "config.json"
 MASK_JSON = "layer_mask.json"
 SPEC_JSON = "decomposition.json"
@@ -26,12 +28,7 @@ SPEC_JSON = "decomposition.json"
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -99,7 +96,7 @@ class RunCheckpoints:
                 restored = mngr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
                 return step, restored["state"], name
-        raise FileNotFoundError(
+        raise InputNotFound(
             "no checkpoint found under WORKDIR/best or WORKDIR/checkpoints; train first "
             "(python -m fmsd_jax.main --mode train ...)")
 

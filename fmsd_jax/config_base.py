@@ -7,9 +7,12 @@ the reconstructed method is a field whose default carries a one-line reason (DES
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import ml_collections as mlc
 
 from fmsd_jax.data.config import get_data_config
+from fmsd_jax.errors import BadInput
 
 
 def base_config() -> mlc.ConfigDict:
@@ -100,6 +103,8 @@ def base_config() -> mlc.ConfigDict:
     c.predict = mlc.ConfigDict()
     c.predict.batch_size = 32
     c.predict.video_frames = 32  # frames sampled evenly per video file
+    c.predict.threshold = 0.5  # label 'fake' when P(fake) > threshold (DeepfakeBench's ACC@0.5)
+    c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
     return c
 
 
@@ -137,13 +142,15 @@ def runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
     return c
 
 
-def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
-    """big_vision-style `path.py:key=value,flag` argument parsing."""
+def parse_arg(arg: str | None, *, choices: Mapping[str, Sequence[str]] | None = None,
+              **defaults) -> mlc.ConfigDict:
+    """big_vision-style `path.py:key=value,flag` argument parsing; `choices` lists the values
+    an argument may take, so a typo fails here, before any work."""
     out = mlc.ConfigDict(defaults)
     for part in filter(None, (arg or "").split(",")):
         key, _, value = part.partition("=")
         if key not in out:
-            raise ValueError(f"unknown config argument {key!r}; known: {sorted(out)}")
+            raise BadInput(f"unknown config argument {key!r}; known: {sorted(out)}")
         default = out[key]
         if not value:
             out[key] = True
@@ -151,6 +158,9 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
             out[key] = value.lower() in ("1", "true", "yes")
         else:
             out[key] = type(default)(value)
+        allowed = (choices or {}).get(key)
+        if allowed is not None and out[key] not in allowed:
+            raise BadInput(f"config argument {key}={value!r} is not one of {tuple(allowed)}")
     return out
 
 

@@ -15,9 +15,11 @@ only does what is missing):
   WORKDIR/<method>/     one regular training run per method (fmsd, effort, full, linear_probe)
   WORKDIR/report.md     method × family table, verdicts, layer-score chart, ROC curves
 
-`configs/demo.py:method=X --workdir ROOT/X` runs one row; its data and backbone are then looked
-for in ROOT (the workdir's parent) unless `config.demo.root` says otherwise, so the command
-printed in the report reproduces that row against the same backbone.
+`configs/demo.py:method=X --workdir ROOT/X` runs one row; its data and backbone are then read
+from ROOT (the workdir's parent) when ROOT holds a prepared demo, so the command printed in the
+report reproduces that row against the same backbone; `config.demo.root` names another place.
+Without either, the row prepares its own inside its workdir: the demo never writes above the
+workdir it was given, and says where it reads and writes before it starts.
 
 Honesty rules (issue 6, item 4): every hyper-parameter is fixed in `configs/demo.py` before any
 held-out family is looked at; checkpoints are chosen on the *training* family's validation
@@ -40,6 +42,7 @@ from typing import Any
 import ml_collections as mlc
 
 from fmsd_jax import config_base, report
+from fmsd_jax.errors import AlreadyExists, BadInput
 
 log = logging.getLogger("fmsd_jax")
 
@@ -59,17 +62,36 @@ CONFIG_FILE = "configs/demo.py"
 
 
 def shared_root(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """Where data/ and pretrained/ live: demo.root, else WORKDIR for the whole demo and
-    WORKDIR's parent for a single row (whose workdir is ROOT/<method>)."""
+    """Where data/ and pretrained/ live: demo.root when given; WORKDIR for the whole demo.
+
+    A single row (`method=X`) reads them from WORKDIR's parent when that holds a prepared
+    demo (runs/demo/effort reads runs/demo/data and runs/demo/pretrained) and the row has none
+    of its own; otherwise the row prepares its own inside WORKDIR: a row never writes above
+    its workdir."""
     if cfg.demo.root:
         return Path(os.path.expanduser(cfg.demo.root))
     workdir = Path(workdir)
-    return workdir if cfg.demo.method == "all" else workdir.parent
+    if cfg.demo.method == "all" or _has_inputs(workdir):
+        return workdir
+    parent = workdir.absolute().parent
+    return parent if _has_inputs(parent) else workdir
+
+
+def _has_inputs(root: Path) -> bool:
+    """Whether ROOT holds what a row reads: the benchmark's JSONs and the backbone."""
+    return (root / "data" / "dataset_json").is_dir() and \
+        (root / "pretrained" / "model.safetensors").is_file()
 
 
 def _paths(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> tuple[Path, Path]:
     root = shared_root(cfg, workdir).absolute()
     return root / "data", root / "pretrained"
+
+
+def _reads_only(cfg: mlc.ConfigDict, workdir: Path) -> bool:
+    """A row that reads a prepared demo above its workdir (and so must not write there)."""
+    return not cfg.demo.root and cfg.demo.method != "all" and \
+        shared_root(cfg, workdir).absolute() != workdir.absolute()
 
 
 def method_config(cfg: mlc.ConfigDict, method: str, data_dir: Path,
@@ -80,7 +102,7 @@ def method_config(cfg: mlc.ConfigDict, method: str, data_dir: Path,
     from fmsd_jax.data.synthetic import data_config_overrides
 
     if method not in METHODS:
-        raise ValueError(f"config.demo.method={method!r}; expected 'all' or one of {METHODS}")
+        raise BadInput(f"config.demo.method={method!r}; expected 'all' or one of {METHODS}")
     sub = copy.deepcopy(cfg)
     with sub.unlocked():
         demo = sub.demo
@@ -99,7 +121,7 @@ def method_config(cfg: mlc.ConfigDict, method: str, data_dir: Path,
 def row_config(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> mlc.ConfigDict:
     """For --mode evaluate/export/predict on one demo row (`configs/demo.py:method=X`)."""
     if cfg.demo.method == "all":
-        raise ValueError(
+        raise BadInput(
             "this mode works on one trained row; pick it, e.g. "
             f"--config {CONFIG_FILE}:{cfg.demo.variant + ',' if cfg.demo.variant else ''}"
             f"method=fmsd --workdir {Path(workdir) / 'fmsd'}")
@@ -167,7 +189,7 @@ def row_is_done(sub: mlc.ConfigDict, subdir: Path) -> dict | None:
         want = _jsonable_config(sub)
         diff = sorted(k for k in _flat(found).keys() | _flat(want).keys()
                       if _flat(found).get(k) != _flat(want).get(k))
-        raise FileExistsError(
+        raise AlreadyExists(
             f"{subdir} was trained with a different config (differs in {diff[:8]}); delete "
             "it or use another --workdir")
     if not (subdir / report.RESULTS_JSON).exists():
@@ -268,10 +290,21 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     timing: dict[str, float] = {}
     skipped: list[str] = []
 
-    timing["data"] = prepare_data(cfg, data_dir)
-    t0 = time.perf_counter()
-    backbone = prepare_backbone(cfg, pretrained_dir)
-    timing["pretrain"] = time.perf_counter() - t0
+    if _reads_only(cfg, workdir):
+        log.info("reading the benchmark from %s and the backbone from %s (the demo in the "
+                 "workdir's parent; --config.demo.root=DIR picks another)", data_dir,
+                 pretrained_dir)
+        backbone: dict[str, Any] = {"skipped": True}
+    else:
+        log.info("writing the benchmark to %s and the backbone to %s, where missing%s",
+                 data_dir, pretrained_dir,
+                 "" if cfg.demo.root or cfg.demo.method == "all" else
+                 " (no prepared demo in the workdir's parent; --config.demo.root=DIR shares "
+                 "one between rows)")
+        timing["data"] = prepare_data(cfg, data_dir)
+        t0 = time.perf_counter()
+        backbone = prepare_backbone(cfg, pretrained_dir)
+        timing["pretrain"] = time.perf_counter() - t0
     if backbone.get("skipped"):
         skipped.append("pretrain")
 

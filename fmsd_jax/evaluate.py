@@ -17,7 +17,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from fmsd_jax import build, metrics, report, sharding
+from fmsd_jax import build, manifest, metrics, preflight, report, sharding
 from fmsd_jax.data import pipeline
 
 log = logging.getLogger("fmsd_jax")
@@ -111,11 +111,17 @@ def validate(cfg: mlc.ConfigDict, run, trainable) -> dict[str, float] | None:
 def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
     """Score every test dataset; write results.json, results.md and ROC curves."""
     workdir = Path(workdir)
+    mode = "train" if run is not None else "evaluate"  # train passes its run in
     if run is None:
+        preflight.check_config(cfg)
+        data = preflight.check_data(cfg, "evaluate")
+        manifest.warn_if_data_changed(workdir, data)
         mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
         run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    trainable = build.restore_trainable(cfg, workdir, run, "evaluating")
+    if mode == "evaluate":  # after the restore: a workdir that was never trained stays as is
+        manifest.record(workdir, "evaluate", data)
     predict = make_predict_fn(run.graphdef, run.mesh)
     results, curves = {}, {}
     for name in cfg.data.test_dataset:
@@ -126,7 +132,7 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict:
         log.info("%s: %s", name, " ".join(
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if jax.process_index() == 0:
-        report.write_results(workdir, results)
+        report.write_results(workdir, results, notes=[manifest.citation(workdir, mode)])
         if curves:
             report.plot_roc(curves, workdir / "roc.png")
     return results

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from fmsd_jax import assemble, build, checkpointing, sharding
+from fmsd_jax import assemble, atomic, build, checkpointing, sharding
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.checkpoint import save_hf_clip_vision
 
@@ -31,7 +31,7 @@ def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None 
     out = Path(out_dir or cfg.export.out_dir or workdir / "export")
     mesh = sharding.make_mesh(cfg.mesh)
     run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    trainable = build.restore_trainable(cfg, workdir, run, "exporting")
     detector = nnx.merge(run.graphdef, jax.device_get(trainable), jax.device_get(run.frozen))
     if assemble.uses_decomposition(cfg):
         decomp.merge(detector)
@@ -40,8 +40,9 @@ def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None 
     out.mkdir(parents=True, exist_ok=True)
     save_hf_clip_vision(detector.backbone, out)
     # torch.nn.Linear layout: weight (num_classes, width).
-    save_file({"weight": np.ascontiguousarray(np.asarray(detector.head_kernel[...]).T),
-               "bias": np.asarray(detector.head_bias[...])}, str(out / HEAD_FILE))
+    with atomic.replacing(out / HEAD_FILE) as tmp:
+        save_file({"weight": np.ascontiguousarray(np.asarray(detector.head_kernel[...]).T),
+                   "bias": np.asarray(detector.head_bias[...])}, str(tmp))
     checkpointing.write_json_atomic(out / DETECTOR_JSON, {
         "head": HEAD_FILE, "num_classes": cfg.model.num_classes, "fake_class": 1,
         "feature": "pooler_output", "image_size": cfg.model.image_size,

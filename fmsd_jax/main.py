@@ -2,19 +2,34 @@
 
 Modes: train (default: estimate the layer mask, decompose, train, evaluate), mask (estimate and
 save the layer mask only), evaluate (from the workdir's checkpoint), robustness (every test set
-clean and under each perturbation level of config.robustness), export (merged dense CLIP weights
-+ head for PyTorch), predict (score image files, folders or videos given as arguments).
+clean and under each perturbation level of config.robustness), export (merged dense CLIP
+weights + head for PyTorch), predict (score image files, folders or videos given as arguments;
+prints P(fake) per input and the label at config.predict.threshold).
+
+Config: `--config FILE.py` or `--config FILE.py:ARGS`, where ARGS picks a variant the file
+defines, e.g. `configs/clip_b16.py:runlocal`, `configs/clip_b16.py:bf16,runlocal`,
+`configs/demo.py:method=effort` (each file's docstring lists its variants). Any field is
+overridden with `--config.a.b=value`, e.g. `--config.train.batch_size=64
+--config.data.test_dataset="('Celeb-DF-v2','DFDC')"`; every field and its default is in
+fmsd_jax/config_base.py, and an unknown field is an error.
+
+Exit status: 0 done; 2 a mistake in the input (path, config, argument, data), printed on one
+line with the fix; 1 an internal error, printed with its traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from fmsd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/clip_b16.py or configs/clip_b16.py:runlocal",
@@ -58,10 +73,12 @@ def main(argv: list[str]) -> None:
 
     if cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1":
         init_distributed(cfg)
-    from fmsd_jax import config_base
+    # Imported only now: they import jax, which must not start before jax.distributed does.
+    from fmsd_jax import config_base, preflight
 
     with cfg.unlocked():
         config_base.apply_regime(cfg)
+    preflight.check_config(cfg)
     mode, workdir = _MODE.value, _WORKDIR.value
     if mode != "predict" and len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (only --mode predict takes files)")
@@ -105,8 +122,57 @@ def main(argv: list[str]) -> None:
         predict.predict(cfg, workdir, argv[1:], _OUT.value)
 
 
+def user_errors_in_one_line(argv: list[str]) -> None:
+    """main, with a user's mistake printed as one line (exit 2) and a bug with its traceback."""
+    try:
+        main(argv)
+    except UserError as e:
+        fail(str(e))
+
+
+def fail(message: str) -> None:
+    """A user's mistake: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _usage_exit() -> None:
+    print(__doc__)
+    print(flags.FLAGS.main_module_help())
+    sys.exit(0)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _check_config_file(value: str | None) -> None:
+    """A missing config file is named in one line (ml_collections defers it to a chained
+    traceback at first use)."""
+    if not value:
+        return
+    path = Path(value.split(":", 1)[0])
+    if path.is_file():
+        return
+    have = sorted(str(p) for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
+    close = difflib.get_close_matches(str(path), have, n=1)
+    fail(f"--config={value}: no config file {str(path)!r}"
+         + (f"; did you mean {close[0]}?" if close else "")
+         + (f" ({path.parent} has {', '.join(Path(h).name for h in have)})" if have else
+            " (a path relative to the current directory)"))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with an unknown `--config.a.b` override named instead of a KeyError."""
+    """absl parsing, with an unknown `--config.a.b` override named instead of a KeyError,
+    a config file or argument mistake in one line, and `--help` that exits 0."""
+    if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
+        _usage_exit()
+    _check_config_file(_config_arg(argv[1:]))
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
@@ -115,12 +181,17 @@ def parse_flags(argv: list[str]) -> list[str]:
         key = found.group(1) if found else text
         hint = re.search(r"Did you mean \S+", text)
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
-        sys.exit(f"error: {', '.join(bad) or key}: the config has no field {key!r}"
-                 f"{'; ' + hint.group(0).replace(chr(34), '') if hint else ''}. Every field is "
-                 "defined, with its default, in fmsd_jax/config_base.py.")
+        fail(f"{', '.join(bad) or key}: the config has no field {key!r}"
+             f"{'; ' + hint.group(0).replace(chr(34), '') if hint else ''}. Every field is "
+             "defined, with its default, in fmsd_jax/config_base.py.")
     except flags.Error as e:
-        sys.exit(f"error: {e}\nPass --helpfull for the flags.")
+        # A UserError raised inside the config file's get_config (e.g. an unknown `:arg`)
+        # reaches us as a flags.Error holding its traceback text: keep only its message.
+        ours = re.search(rf"^{re.escape(UserError.__module__)}\.\w+: (.*)$", str(e), re.M)
+        if ours:
+            fail(f"--config={_config_arg(argv[1:])}: {ours.group(1)}")
+        fail(f"{str(e).rstrip('.')}. Pass --help for the usage.")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(user_errors_in_one_line, flags_parser=parse_flags)

@@ -1,10 +1,16 @@
 """`--mode predict`: score image files, folders of frames and video files with a trained run.
 
 An image is one frame. A folder is one video made of its images (sorted by their integer
-names, as DeepfakeBench stores frames). A video file is sampled evenly
-(`config.predict.video_frames` frames) and each frame's face cropped with DeepfakeBench's 1.3
-margin. Every frame gets P(fake); a video's score is the mean over its frames, as DeepfakeBench's
-video-level AUC averages them.
+names, as DeepfakeBench stores frames), unless `config.predict.per_image` is set: then each of
+its images is scored on its own (a folder of separate face photos). A video file is sampled
+evenly (`config.predict.video_frames` frames) and each frame's face cropped with
+DeepfakeBench's 1.3 margin. Every frame gets P(fake), the softmax probability of class 1; a
+video's score is the mean over its frames, as DeepfakeBench's video-level AUC averages them;
+the printed label is 'fake' when that score exceeds `config.predict.threshold`.
+
+Every input is checked (exists, is an image OpenCV can decode, a video with frames) before the
+model is loaded; an input that still cannot be scored makes the command exit non-zero, after
+the others are written. An earlier predictions file is never replaced.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+import cv2
 import jax
 import ml_collections as mlc
 import numpy as np
@@ -21,16 +28,26 @@ from fmsd_jax import build, checkpointing, evaluate, sharding
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
+from fmsd_jax.errors import AlreadyExists, BadInput
 
 log = logging.getLogger("fmsd_jax")
 
 
-def frames_to_score(inputs: list[str], data_cfg: mlc.ConfigDict,
-                    video_frames: int) -> list[dict]:
-    """One record per frame; `video_id` names the input it came from."""
+def frames_to_score(inputs: list[str], data_cfg: mlc.ConfigDict, video_frames: int,
+                    per_image: bool = False) -> list[dict]:
+    """One record per frame; `video_id` names the input it came from (with `per_image`,
+    each image of a folder is its own input). Every problem with the inputs is collected and
+    reported at once, before any model is loaded."""
     image_ext = tuple(e.lower() for e in data_cfg.folder.image_extensions)
     video_ext = tuple(e.lower() for e in data_cfg.folder.video_extensions)
-    out = []
+    out, problems = [], []
+
+    def image(path: Path, video_id: str) -> None:
+        if cv2.haveImageReader(str(path)):
+            out.append(rec.make_record(str(path), -1, "predict", "", video_id))
+        else:
+            problems.append(f"{path} (not an image OpenCV can decode)")
+
     for item in inputs:
         path = Path(item)
         ext = path.suffix.lower()
@@ -38,21 +55,40 @@ def frames_to_score(inputs: list[str], data_cfg: mlc.ConfigDict,
             frames = rec.sort_frames(str(p) for p in path.iterdir()
                                      if p.suffix.lower() in image_ext)
             if not frames:
-                raise ValueError(f"{path}: folder holds no images with extensions {image_ext}")
-            out += [rec.make_record(f, -1, "predict", "", str(path)) for f in frames]
+                problems.append(f"{path} (a folder with no images {image_ext})")
+            for f in frames:
+                image(Path(f), f if per_image else str(path))
         elif not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder to score")
+            problems.append(f"{path} (no such file or folder)")
         elif ext in video_ext:
             n = vid.frame_count(str(path))
             if n == 0:
-                raise ValueError(f"{path}: no decodable frames (is it a video file?)")
+                problems.append(f"{path} (no decodable video frames)")
             out += [rec.make_record(str(path), -1, "predict", "", str(path), int(i))
                     for i in rec.even_indices(n, video_frames)]
         elif ext in image_ext:
-            out.append(rec.make_record(str(path), -1, "predict", "", str(path)))
+            image(path, str(path))
         else:
-            raise ValueError(f"{path}: unknown file type {ext!r}; images {image_ext}, "
-                             f"videos {video_ext}, or a folder of frames")
+            problems.append(f"{path} (unknown file type {ext!r}: images {image_ext}, videos "
+                            f"{video_ext}, or a folder of frames)")
+    if problems:
+        raise BadInput(f"cannot score {len(problems)} of {len(inputs)} input(s), nothing was "
+                       f"scored: {'; '.join(problems)}")
+    return out
+
+
+def output_path(workdir: Path, out_path: str | Path | None) -> Path:
+    """Where the predictions go: --out, which must not exist yet, or the first free
+    WORKDIR/predictions[-N].json, so an earlier file is never replaced."""
+    if out_path:
+        out = Path(out_path)
+        if out.exists():
+            raise AlreadyExists(f"--out {out} exists; choose another file or delete it")
+        return out
+    out, n = workdir / "predictions.json", 1
+    while out.exists():
+        n += 1
+        out = workdir / f"predictions-{n}.json"
     return out
 
 
@@ -60,12 +96,16 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
             out_path: str | Path | None = None) -> dict:
     """Scores every input; prints one line per input and writes them as JSON."""
     workdir = Path(workdir)
-    frames = frames_to_score(inputs, cfg.data, cfg.predict.video_frames)
+    per_image = bool(cfg.predict.per_image)
+    frames = frames_to_score(inputs, cfg.data, cfg.predict.video_frames, per_image)
+    out = output_path(workdir, out_path)
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size = cfg.predict.batch_size
     sharding.check_batch_fits(mesh, batch_size, "config.predict.batch_size")
     run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    trainable = build.restore_trainable(cfg, workdir, run, "scoring inputs with")
+    log.info("scoring %d frame(s) of %d input(s)%s", len(frames), len(inputs),
+             " (each image of a folder on its own)" if per_image else "")
     predict_fn = evaluate.make_predict_fn(run.graphdef, mesh)
     reader = transforms.ImageReader.from_config(cfg.data)
 
@@ -92,18 +132,27 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
         else:
             unreadable.append(f"{record['path']}#{record['frame_index']}"
                               if record["frame_index"] >= 0 else record["path"])
-    result = {"inputs": {k: {"prob_fake": float(np.mean(v)), "frames": len(v),
-                             "frame_probs": v} for k, v in per_input.items()},
-              "unreadable": unreadable}
-    for item in inputs:
-        key = str(Path(item))
+    threshold = float(cfg.predict.threshold)
+    result = {"threshold": threshold, "prob": "P(fake): softmax probability of class 1, "
+              "mean over an input's frames", "inputs": {}, "unreadable": unreadable}
+    for key, v in per_input.items():
+        prob = float(np.mean(v))
+        result["inputs"][key] = {"prob_fake": prob, "label": "fake" if prob > threshold
+                                 else "real", "frames": len(v), "frame_probs": v}
+    keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
+    print(f"P(fake)  label (fake if P(fake) > {threshold:g})  input")
+    for key in keys:
         if key in result["inputs"]:
             r = result["inputs"][key]
-            print(f"{r['prob_fake']:.4f}  {key}  ({r['frames']} frame{'s' * (r['frames'] > 1)})")
+            n = r["frames"]
+            print(f"{r['prob_fake']:.4f}   {r['label']:<4}  {key}  ({n} frame{'s' * (n > 1)})")
         else:
-            print(f"  n/a   {key}  (unreadable)")
-    out = Path(out_path or workdir / "predictions.json")
+            print(f"  n/a    -     {key}  (unreadable)")
     if jax.process_index() == 0:
         checkpointing.write_json_atomic(out, result)
         log.info("wrote %s", os.fspath(out))
+    failed = [k for k in keys if k not in result["inputs"]]
+    if failed:
+        raise BadInput(f"{len(failed)} of {len(keys)} input(s) could not be scored (their frames "
+                       f"did not decode): {', '.join(failed)}; the others are in {out}")
     return result

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from fmsd_jax import build, evaluate, report, sharding
 from fmsd_jax.data import perturbations as pt
 from fmsd_jax.data import pipeline
+from fmsd_jax.errors import BadInput
 
 log = logging.getLogger("fmsd_jax")
 
@@ -48,13 +49,13 @@ def plan(cfg: mlc.ConfigDict) -> list[pt.Perturbation]:
     """The (type, level) evaluations the config asks for, checked before any work is spent."""
     r = cfg.robustness
     if r.protocol not in pt.PROTOCOLS:
-        raise ValueError(f"config.robustness.protocol={r.protocol!r}; expected one of "
+        raise BadInput(f"config.robustness.protocol={r.protocol!r}; expected one of "
                          f"{sorted(pt.PROTOCOLS)}")
     table = pt.PROTOCOLS[r.protocol]
     keys = list(r.types) or list(table)
     unknown = [k for k in keys if k not in table]
     if unknown:
-        raise ValueError(f"config.robustness.types: {unknown} not in protocol {r.protocol!r}, "
+        raise BadInput(f"config.robustness.types: {unknown} not in protocol {r.protocol!r}, "
                          f"whose types are {list(table)}")
     out = []
     for key in keys:
@@ -62,7 +63,7 @@ def plan(cfg: mlc.ConfigDict) -> list[pt.Perturbation]:
         levels = [int(v) for v in r.levels] or list(range(1, n + 1))
         bad = [v for v in levels if not 1 <= v <= n]
         if bad:
-            raise ValueError(f"config.robustness.levels: {bad} out of range for type {key!r} "
+            raise BadInput(f"config.robustness.levels: {bad} out of range for type {key!r} "
                              f"of protocol {r.protocol!r} (levels 1..{n})")
         out += [pt.Perturbation(r.protocol, key, v, int(r.seed)) for v in levels]
     return out
@@ -84,7 +85,7 @@ def robustness(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict[str, 
     datasets = list(cfg.robustness.datasets or cfg.data.test_dataset)
     missing = [d for d in datasets if not pipeline.has_split(cfg.data, d, "test")]
     if missing:
-        raise ValueError(f"robustness datasets {missing} have no 'test' split; fix "
+        raise BadInput(f"robustness datasets {missing} have no 'test' split; fix "
                          "config.robustness.datasets (empty: data.test_dataset)")
     if run is None:
         mesh = sharding.make_mesh(cfg.mesh)

@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fmsd_jax.errors import BadInput
+
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**18  # arrays smaller than this are cheaper replicated than gathered
 
@@ -24,11 +26,11 @@ def make_mesh(mesh_cfg: mlc.ConfigDict) -> Mesh:
     fsdp = int(mesh_cfg.fsdp)
     data = int(mesh_cfg.data)
     if fsdp < 1 or n % fsdp:
-        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {n} available devices")
+        raise BadInput(f"config.mesh.fsdp={fsdp} does not divide the {n} available devices")
     if data == -1:
         data = n // fsdp
     if data * fsdp != n:
-        raise ValueError(
+        raise BadInput(
             f"config.mesh.data={mesh_cfg.data} x config.mesh.fsdp={fsdp} = {data * fsdp} "
             f"devices, but {n} are available; set config.mesh.data=-1 to use all of them")
     devices = np.asarray(jax.devices()).reshape(data, fsdp)
@@ -39,11 +41,11 @@ def check_batch_fits(mesh: Mesh, batch_size: int, what: str = "config.train.batc
     """Fail before compiling when the global batch cannot be split evenly."""
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if batch_size % n:
-        raise ValueError(
+        raise BadInput(
             f"{what}={batch_size} is not divisible by the {n} devices of the mesh "
             f"{dict(mesh.shape)}; choose a multiple of {n}")
     if batch_size % jax.process_count():
-        raise ValueError(
+        raise BadInput(
             f"{what}={batch_size} is not divisible by the {jax.process_count()} processes")
 
 

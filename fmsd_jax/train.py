@@ -21,8 +21,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fmsd_jax import assemble, build, checkpointing, evaluate, feedback, layer_mask, sharding
+from fmsd_jax import (
+    assemble,
+    build,
+    checkpointing,
+    evaluate,
+    feedback,
+    layer_mask,
+    manifest,
+    preflight,
+    sharding,
+)
 from fmsd_jax.data import pipeline
+from fmsd_jax.errors import BadInput, TrainingDiverged
 from fmsd_jax.method.objective import make_loss_fn
 from fmsd_jax.method.optimizer import make_optimizer
 
@@ -103,13 +114,17 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
     sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
+    preflight.check_config(cfg)
     assemble.check_init_from(cfg)
+    # Every split this run will read (train, validation, test) is listed and checked now, so
+    # a missing test frame is named before the first step, not after the last.
+    manifest.record(workdir, "train", preflight.check_data(cfg, "train"))
     loader = pipeline.make_train_loader(
         cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count())
     num_records = pipeline.num_records(loader)
     if num_records == 0:
-        raise ValueError(f"the training set {tuple(cfg.data.train_dataset)} is empty")
+        raise BadInput(f"the training set {tuple(cfg.data.train_dataset)} is empty")
     log.info("input pipeline: %d grain worker processes (config.data.workers=%d), %d read "
              "threads each", pipeline.resolve_workers(cfg.data.workers), cfg.data.workers,
              cfg.data.read_threads)
@@ -189,7 +204,7 @@ def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule, mesh)
     count = max(float(host.pop("count")), 1.0)
     means = {k: float(v) / count for k, v in host.items()}
     if not np.isfinite(means["loss"]):
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"loss became {means['loss']} by step {step}; training stopped and the last good "
             "checkpoint was kept. Lower config.optim.lr or enable config.optim.grad_clip")
     if schedule is not None:
@@ -207,10 +222,12 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if not (cfg.method.regime == "fmsd" and cfg.method.mask.enabled):
-        raise ValueError(f"config.method.regime={cfg.method.regime!r} with mask.enabled="
+        raise BadInput(f"config.method.regime={cfg.method.regime!r} with mask.enabled="
                          f"{cfg.method.mask.enabled} uses no layer mask; nothing to estimate")
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
+    preflight.check_config(cfg)
+    manifest.record(workdir, "mask", preflight.check_data(cfg, "mask"))
     detector = assemble.build_detector(cfg)
     sharding.shard_tree(mesh, nnx.state(detector))
     return layer_mask.estimate_mask(cfg, detector, workdir, mesh)

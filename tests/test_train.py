@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fmsd_jax import build, config_base, evaluate, export, predict, sharding, train
+from fmsd_jax import build, config_base, errors, evaluate, export, predict, sharding, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -358,3 +359,111 @@ def test_two_processes_on_localhost_train_and_checkpoint(tmp_path, tiny_clip_che
     results = json.loads((tmp_path / "results.json").read_text())
     # Metrics cover every test frame, gathered from both processes (2 videos x 2 groups x 2).
     assert results["SynBlend"]["num_frames"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Run manifest, determinism, predict for people (issue 12)
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path):
+    """The trained workdir, copied, for tests that write into a workdir."""
+    cfg, workdir, results = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return cfg, copy, results
+
+
+def test_run_manifest_pins_command_code_devices_and_data(trained):
+    cfg, workdir, _ = trained
+    run = json.loads((workdir / "run.json").read_text())["train"]
+    assert run["mode"] == "train" and run["command"]
+    assert {"jax", "flax", "optax", "numpy"} <= set(run["packages"])
+    assert run["devices"]["backend"] == "cpu" and run["devices"]["count"] == jax.device_count()
+    git = run["git"]
+    assert git is None or len(git["commit"]) == 40
+    assert set(run["data"]) == {"SynBlend/train", "SynBlend/val", "SynBlend/test",
+                                "SynUpsample/test"}
+    for info in run["data"].values():
+        assert len(info["sha256"]) == 64 and info["frames"] > 0
+    assert len({info["sha256"] for info in run["data"].values()}) == 4
+    md = (workdir / "results.md").read_text()
+    assert "run.json" in md and run["data"]["SynBlend/test"]["sha256"][:12] in md
+
+
+def test_evaluate_warns_when_the_data_changed_since_training(trained_copy, tmp_path, caplog,
+                                                             tiny_benchmark):
+    cfg, workdir, _ = trained_copy
+    json_dir = tmp_path / "json"
+    shutil.copytree(tiny_benchmark / "dataset_json", json_dir)
+    path = json_dir / "SynUpsample.json"
+    data = json.loads(path.read_text())
+    group = sorted(data["SynUpsample"])[0]
+    test_split = data["SynUpsample"][group]["test"]
+    del test_split[sorted(test_split)[0]]  # one test video fewer
+    path.write_text(json.dumps(data))
+    with caplog.at_level("WARNING", logger="fmsd_jax"):
+        evaluate.evaluate(cfg, workdir)
+    assert "differs from what the training run read" not in caplog.text
+    changed = make_cfg(cfg.model.init_from, tiny_benchmark, **{
+        "data.dataset_json_folder": str(json_dir)})
+    with caplog.at_level("WARNING", logger="fmsd_jax"):
+        evaluate.evaluate(changed, workdir)
+    assert "SynUpsample/test differs from what the training run read" in caplog.text
+    assert "SynBlend/test" not in caplog.text.split("differs")[0]
+    manifest = json.loads((workdir / "run.json").read_text())
+    assert manifest["evaluate"]["data"]["SynUpsample/test"]["sha256"] != \
+        manifest["train"]["data"]["SynUpsample/test"]["sha256"]
+
+
+@pytest.mark.slow  # a second training run
+def test_the_same_run_twice_gives_bit_identical_results(trained, tmp_path, tiny_clip_checkpoint,
+                                                        tiny_benchmark):
+    cfg, workdir, _ = trained
+    first = (workdir / "results.json").read_bytes()
+    train.train(make_cfg(tiny_clip_checkpoint, tiny_benchmark), tmp_path / "again")
+    assert (tmp_path / "again" / "results.json").read_bytes() == first
+
+
+def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tiny_benchmark,
+                                                              capsys):
+    cfg, workdir, _ = trained_copy
+    folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
+    result = predict.predict(cfg, workdir, [str(folder)])
+    out = capsys.readouterr().out
+    assert "P(fake)" in out and "fake if P(fake) > 0.5" in out
+    r = result["inputs"][str(folder)]
+    assert r["label"] == ("fake" if r["prob_fake"] > 0.5 else "real")
+    assert f"{r['prob_fake']:.4f}" in out
+    assert result["threshold"] == 0.5
+    predict.predict(cfg, workdir, [str(folder)])
+    assert (workdir / "predictions.json").is_file() and (workdir / "predictions-2.json").is_file()
+    assert json.loads((workdir / "predictions.json").read_text()) == result
+    with pytest.raises(errors.AlreadyExists, match="predictions.json exists"):
+        predict.predict(cfg, workdir, [str(folder)], workdir / "predictions.json")
+
+
+def test_predict_per_image_scores_each_image_of_a_folder(trained, tiny_benchmark, tmp_path):
+    cfg, workdir, _ = trained
+    folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
+    video = predict.predict(cfg, workdir, [str(folder)], tmp_path / "video.json")
+    per_image_cfg = make_cfg(cfg.model.init_from, tiny_benchmark, **{"predict.per_image": "1"})
+    images = predict.predict(per_image_cfg, workdir, [str(folder)], tmp_path / "images.json")
+    frames = video["inputs"][str(folder)]["frame_probs"]
+    assert len(images["inputs"]) == len(frames) > 1
+    assert all(r["frames"] == 1 for r in images["inputs"].values())
+    np.testing.assert_allclose([r["prob_fake"] for r in images["inputs"].values()], frames,
+                               atol=1e-6)
+
+
+def test_predict_exits_nonzero_when_an_input_could_not_be_scored(trained, tiny_benchmark,
+                                                                  tmp_path):
+    cfg, workdir, _ = trained
+    good = sorted((tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000").glob("*.png"))[0]
+    truncated = tmp_path / "truncated.png"  # a PNG header, then nothing decodable
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(errors.BadInput, match=r"1 of 2 input\(s\) could not be scored.*"
+                                              r"truncated\.png"):
+        predict.predict(cfg, workdir, [str(good), str(truncated)], tmp_path / "p.json")
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert list(written["inputs"]) == [str(good)] and written["unreadable"] == [str(truncated)]

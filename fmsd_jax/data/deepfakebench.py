@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 
 from fmsd_jax.data import records as rec
+from fmsd_jax.errors import BadInput, InputNotFound, UnknownName
 
 COMPRESSION_KEYS = frozenset({'raw', 'c23', 'c40'})
 
@@ -35,13 +36,13 @@ def load_dataset_json(json_folder: str, dataset: str) -> dict:
     if not os.path.isfile(path):
         have = sorted(f[:-5] for f in os.listdir(json_folder) if f.endswith('.json')) \
             if os.path.isdir(json_folder) else []
-        raise FileNotFoundError(
+        raise InputNotFound(
             f'DeepfakeBench JSON for dataset {dataset!r} not found: {path}. '
             f'Datasets in {json_folder!r}: {have or "none (is dataset_json_folder right?)"}. '
             'Set --config.data.dataset_json_folder=PATH or fix the dataset name.')
     data = _read_json(path, os.path.getmtime(path))
     if dataset not in data:
-        raise KeyError(f'{path} has no top-level key {dataset!r} (keys: {sorted(data)}); '
+        raise UnknownName(f'{path} has no top-level key {dataset!r} (keys: {sorted(data)}); '
                        'DeepfakeBench JSONs are keyed by the dataset name.')
     return data[dataset]
 
@@ -50,7 +51,7 @@ def _videos_of(split_dict: Mapping, compression: str, where: str) -> Mapping:
     keys = set(split_dict)
     if keys and keys <= COMPRESSION_KEYS:
         if compression not in split_dict:
-            raise KeyError(f'{where}: compression {compression!r} not present '
+            raise UnknownName(f'{where}: compression {compression!r} not present '
                            f'(have {sorted(keys)}); set --config.data.compression.')
         return split_dict[compression]
     return split_dict
@@ -70,12 +71,12 @@ def deepfakebench_records(data_cfg, dataset: str, split: str, *,
     missing_split = [g for g in groups if split not in groups[g]]
     if missing_split:
         have = sorted({s for g in groups.values() for s in g})
-        raise KeyError(f'{path}: dataset {dataset!r} has no split {split!r} in label '
+        raise UnknownName(f'{path}: dataset {dataset!r} has no split {split!r} in label '
                        f'group(s) {missing_split}; splits present: {have}.')
     out: list[dict] = []
     for group in sorted(groups):
         if group not in label_dict:
-            raise KeyError(f'{path}: label group {group!r} of dataset {dataset!r} is not in '
+            raise UnknownName(f'{path}: label group {group!r} of dataset {dataset!r} is not in '
                            'config.data.label_dict; add it in the config '
                            f"(c.data.label_dict['{group}'] = 0 or 1).")
         label = int(label_dict[group])
@@ -88,7 +89,7 @@ def deepfakebench_records(data_cfg, dataset: str, split: str, *,
                     rec.normalise_path(frames[i], data_cfg.dataset_root), label, dataset,
                     group, f'{group}/{video}'))
     if not out:
-        raise ValueError(f'{path}: split {split!r} of dataset {dataset!r} has no frames.')
+        raise BadInput(f'{path}: split {split!r} of dataset {dataset!r} has no frames.')
     if data_cfg.check_files:
         rec.check_exist(out, f'{path} [dataset {dataset!r}, split {split!r}]',
                         f'Frame paths are resolved against dataset_root='

@@ -13,6 +13,7 @@ import zlib
 
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import video as vid
+from fmsd_jax.errors import BadInput, InputNotFound, UnknownName
 
 SPLITS = ('train', 'val', 'test')
 
@@ -21,7 +22,7 @@ def _label_of(name: str, data_cfg, where: str) -> int:
     for table in (data_cfg.label_dict, data_cfg.folder.labels):
         if name in table:
             return int(table[name])
-    raise KeyError(f'{where}: no label for class folder {name!r}; name it real/fake or add '
+    raise UnknownName(f'{where}: no label for class folder {name!r}; name it real/fake or add '
                    f"c.data.folder.labels['{name}'] = 0 or 1 in the config.")
 
 
@@ -47,12 +48,12 @@ def folder_records(data_cfg, dataset: str, split: str, *, frame_num: int | None,
     """Records of one split of a folder dataset; `videos=True` reads video files."""
     root = os.path.join(os.fspath(data_cfg.dataset_root), dataset)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'{data_cfg.source} dataset {dataset!r}: folder {root} does '
+        raise InputNotFound(f'{data_cfg.source} dataset {dataset!r}: folder {root} does '
                                 'not exist; set --config.data.dataset_root.')
     by_dir = os.path.isdir(os.path.join(root, split))
     base = os.path.join(root, split) if by_dir else root
     if not by_dir and any(os.path.isdir(os.path.join(root, s)) for s in SPLITS):
-        raise FileNotFoundError(f'{root} has split folders but no {split!r} folder.')
+        raise InputNotFound(f'{root} has split folders but no {split!r} folder.')
     fractions = tuple(data_cfg.folder.split_fractions)
     out: list[dict] = []
     for cls in sorted(os.listdir(base)):
@@ -70,7 +71,7 @@ def folder_records(data_cfg, dataset: str, split: str, *, frame_num: int | None,
                     continue
                 n = vid.frame_count(full)
                 if n == 0:
-                    raise ValueError(f'{full}: no decodable frames (dataset {dataset!r}).')
+                    raise BadInput(f'{full}: no decodable frames (dataset {dataset!r}).')
                 for i in rec.even_indices(n, frame_num):
                     out.append(rec.make_record(full, label, dataset, cls, video_id, int(i)))
             elif os.path.isdir(full):
@@ -82,6 +83,6 @@ def folder_records(data_cfg, dataset: str, split: str, *, frame_num: int | None,
             elif _is_ext(entry, data_cfg.folder.image_extensions):
                 out.append(rec.make_record(full, label, dataset, cls, video_id))
     if not out:
-        raise ValueError(f'{base}: no {"videos" if videos else "images"} found for split '
+        raise BadInput(f'{base}: no {"videos" if videos else "images"} found for split '
                          f'{split!r} of dataset {dataset!r}.')
     return out

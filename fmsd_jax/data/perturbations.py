@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from fmsd_jax.data import transforms as tr
+from fmsd_jax.errors import BadInput
 
 # ----------------------------------------------------------------------------------------------
 # Colour space: BT.601 full-swing YCbCr, as OpenCV's COLOR_BGR2YCrCb that the reference calls.
@@ -337,10 +338,10 @@ WHERE_APPLIED = {
 
 def get_type(protocol: str, key: str) -> PerturbationType:
     if protocol not in PROTOCOLS:
-        raise ValueError(f"robustness protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
+        raise BadInput(f"robustness protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     types = PROTOCOLS[protocol]
     if key not in types:
-        raise ValueError(f"protocol {protocol!r} has no perturbation type {key!r}; its types: "
+        raise BadInput(f"protocol {protocol!r} has no perturbation type {key!r}; its types: "
                          f"{list(types)}")
     return types[key]
 

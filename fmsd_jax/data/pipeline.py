@@ -26,11 +26,12 @@ import numpy as np
 
 from fmsd_jax.data import sources
 from fmsd_jax.data import transforms as tr
+from fmsd_jax.errors import BadInput, UserError
 
 _MAX_BAD_PATHS = 20
 
 
-class UnreadableDataError(RuntimeError):
+class UnreadableDataError(UserError, RuntimeError):
     """Too large a share of the images could not be read."""
 
 
@@ -188,7 +189,7 @@ class AccountingIterator(grain.DatasetIterator):
         # fails deep inside grain or, worse, silently resumes a different data order.
         saved = state.get('workers', self._workers)  # absent in checkpoints before the field
         if saved != self._workers:
-            raise ValueError(
+            raise BadInput(
                 f'{self._what}: the checkpointed data iterator was written with {saved} grain '
                 f'worker processes, this run has {self._workers}; resume with '
                 f'--config.data.workers={saved} (data.workers=-1 picks a number per machine)')

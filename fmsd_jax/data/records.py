@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fmsd_jax.errors import InputNotFound
+
 RECORD_KEYS = ('path', 'frame_index', 'label', 'dataset', 'label_group', 'video_id')
 
 _LAST_INT = re.compile(r'(\d+)(?!.*\d)')
@@ -68,10 +70,9 @@ def check_exist(records: Sequence[dict], where: str, hint: str = '') -> None:
     """Fail at start-up, not hours into training, and say which files and how many."""
     missing = [r['path'] for r in records if not os.path.exists(r['path'])]
     if missing:
-        shown = '\n  '.join(missing[:5])
-        raise FileNotFoundError(
-            f'{where}: {len(missing)} of {len(records)} frame files are missing; the first '
-            f'{min(5, len(missing))}:\n  {shown}\n{hint}'.rstrip())
+        raise InputNotFound(
+            f'{where}: {len(missing)} of {len(records)} frame files are missing, the first '
+            f'{missing[0]}. {hint}'.rstrip())
 
 
 def summarise(records: Sequence[dict]) -> dict[str, int]:

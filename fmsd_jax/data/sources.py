@@ -3,36 +3,15 @@ whatever the source, so the pipeline never branches on where the pixels live."""
 
 from __future__ import annotations
 
+import os
+
 import grain
 
 from fmsd_jax.data import records as rec
+from fmsd_jax.data.deepfakebench import load_dataset_json
+from fmsd_jax.data.file_records import SOURCES, list_records
 
-SOURCES = ('deepfakebench', 'folder', 'video', 'tfds')
-
-
-def _frame_num(data_cfg, split: str) -> int | None:
-    fn = data_cfg.frame_num
-    return int(fn.train if split == 'train' else fn.test)
-
-
-def list_records(data_cfg, dataset: str, split: str, *,
-                 frame_num: int | None = -1) -> list[dict]:
-    """Records (records.RECORD_KEYS) of one split; `frame_num=-1` takes config.data.frame_num
-    (train for 'train', test otherwise), `None` keeps every frame."""
-    if frame_num == -1:
-        frame_num = _frame_num(data_cfg, split)
-    source = data_cfg.source
-    if source == 'deepfakebench':
-        from fmsd_jax.data.deepfakebench import deepfakebench_records
-        return deepfakebench_records(data_cfg, dataset, split, frame_num=frame_num)
-    if source in ('folder', 'video'):
-        from fmsd_jax.data.folder import folder_records
-        return folder_records(data_cfg, dataset, split, frame_num=frame_num,
-                              videos=source == 'video')
-    if source == 'tfds':
-        raise ValueError('list_records reads file-backed sources; TFDS records live in '
-                         'ArrayRecord files, use record_dataset().')
-    raise ValueError(f'config.data.source={source!r}; expected one of {SOURCES}.')
+__all__ = ['SOURCES', 'TfdsToRecord', 'has_split', 'list_records', 'record_dataset']
 
 
 def has_split(data_cfg, dataset: str, split: str) -> bool:
@@ -40,17 +19,16 @@ def has_split(data_cfg, dataset: str, split: str) -> bool:
     sets, so validation must be able to ask before it reads)."""
     source = data_cfg.source
     if source == 'deepfakebench':
-        from fmsd_jax.data.deepfakebench import load_dataset_json
         groups = load_dataset_json(data_cfg.dataset_json_folder, dataset)
         return bool(groups) and all(split in g for g in groups.values())
     if source == 'tfds':
-        import os
+        # TensorFlow Datasets is heavy and only TFDS runs need it: imported on use.
+        import tensorflow_datasets as tfds
 
         from fmsd_jax.data.tfds_builder import builder_dir
         path = builder_dir(data_cfg, dataset)
         if not os.path.isdir(path):
             return False
-        import tensorflow_datasets as tfds
         return split in tfds.builder_from_directory(path).info.splits
     try:
         return bool(list_records(data_cfg, dataset, split, frame_num=1))
@@ -77,6 +55,7 @@ def record_dataset(data_cfg, datasets: str | tuple[str, ...], split: str
     if isinstance(datasets, str):
         datasets = (datasets,)
     if data_cfg.source == 'tfds':
+        # Heavy (TensorFlow Datasets) and TFDS-only: imported on use.
         from fmsd_jax.data.tfds_builder import tfds_data_source
         parts, frames, videos, fake = [], 0, 0, 0
         for name in datasets:

@@ -26,9 +26,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from fmsd_jax.data import file_records
 from fmsd_jax.data import records as rec
-from fmsd_jax.data import sources
 from fmsd_jax.data import transforms as tr
+from fmsd_jax.errors import InputNotFound, UnknownName
 
 BUILDER_NAME = 'fmsd_frames'
 COUNTS_FILE = 'fmsd_counts.json'
@@ -95,7 +96,7 @@ class FmsdFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         out, self._counts = {}, {}
         for split in self.builder_config.splits:
             try:
-                records = sources.list_records(cfg, self.builder_config.dataset, split)
+                records = file_records.list_records(cfg, self.builder_config.dataset, split)
             except KeyError as e:
                 if 'has no split' not in str(e):
                     raise
@@ -176,13 +177,13 @@ def tfds_data_source(data_cfg, dataset: str, split: str):
     """(random-access source of examples, counts) for one split of a packed dataset."""
     path = builder_dir(data_cfg, dataset)
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise InputNotFound(
             f'no TFDS dataset for {dataset!r} at {path}; pack it first with '
             'fmsd_jax.data.tfds_builder.build_tfds (or its command) and set '
             '--config.data.tfds.data_dir.')
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
-        raise KeyError(f'{path}: dataset {dataset!r} has no split {split!r} '
+        raise UnknownName(f'{path}: dataset {dataset!r} has no split {split!r} '
                        f'(have {sorted(builder.info.splits)}).')
     source = builder.as_data_source(split=split)
     counts_path = os.path.join(path, COUNTS_FILE)
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
                                 description='Pack a dataset into TFDS ArrayRecord files.')
     p.add_argument('--dataset', required=True)
     p.add_argument('--out', required=True, help='TFDS data_dir')
-    p.add_argument('--source', default='deepfakebench', choices=sources.SOURCES[:3])
+    p.add_argument('--source', default='deepfakebench', choices=file_records.FILE_SOURCES)
     p.add_argument('--root', required=True, help='dataset_root (the manual_dir)')
     p.add_argument('--json_folder', default='', help='DeepfakeBench dataset_json_folder')
     p.add_argument('--frame_num', type=int, default=8, help='frames per video, 0 = all')

@@ -37,7 +37,6 @@ import os
 import pathlib
 import re
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -48,6 +47,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from fmsd_jax import atomic
 from fmsd_jax.model.torch_archive import TorchArchive, TorchArchiveError, is_torch_zip
 from fmsd_jax.model.vit import CLIPVisionTower, LinearFactory, ViTConfig, dense_factory
 
@@ -813,17 +813,8 @@ def save_hf_clip_vision(tower: CLIPVisionTower, out_dir: PathLike) -> pathlib.Pa
     out.mkdir(parents=True, exist_ok=True)
     cfg = tower.cfg
     tensors = to_hf_state_dict(cfg, tower_weights(tower))
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
-        tmp_weights = pathlib.Path(f.name)
-    with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False) as f:
-        json.dump(hf_vision_config(cfg), f, indent=2)
-        f.write("\n")
-        tmp_config = pathlib.Path(f.name)
-    try:
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-        os.replace(tmp_weights, out / "model.safetensors")
-        os.replace(tmp_config, out / "config.json")
-    finally:
-        for t in (tmp_weights, tmp_config):
-            t.unlink(missing_ok=True)
+    # Weights first, config last: a directory with config.json holds complete weights.
+    with atomic.replacing(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic.write_text(out / "config.json", json.dumps(hf_vision_config(cfg), indent=2) + "\n")
     return out

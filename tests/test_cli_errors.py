@@ -1,0 +1,158 @@
+"""A user's mistake ends in one line naming the thing and the fix, exit status 2, before any
+work and without writing anything; an internal error keeps its traceback (exit 1)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import make_cfg
+
+from fmsd_jax import demo, errors, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fmsd_jax.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+def test_help_exits_0_and_shows_overrides_and_variants():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--config.a.b=value" in proc.stdout
+    assert "configs/clip_b16.py:runlocal" in proc.stdout and ":method=effort" in proc.stdout
+    assert "--workdir" in proc.stdout and "--mode" in proc.stdout
+
+
+def test_config_file_and_argument_mistakes_are_one_line(tmp_path):
+    line = one_line_error(run_cli("--config", "configs/dmeo.py", f"--workdir={tmp_path}/w"))
+    assert "configs/dmeo.py" in line and "did you mean configs/demo.py" in line
+    line = one_line_error(run_cli("--config", "configs/clip_b16.py:runlocl",
+                                  f"--workdir={tmp_path}/w"))
+    assert "'runlocl'" in line and "runlocal" in line
+    # A demo row's typo fails at parse time: nothing written, not even the workdir's parent.
+    line = one_line_error(run_cli("--config", f"{ROOT}/configs/demo.py:method=fsmd",
+                                  "--workdir", "scratch/x", cwd=tmp_path))
+    assert "method='fsmd'" in line and "'fmsd'" in line
+    line = one_line_error(run_cli("--config", "configs/clip_b16.py", f"--workdir={tmp_path}/w",
+                                  "--config.method.spectral_form=frob"))
+    assert "spectral_form" in line and "frobenius" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_checks_every_input_before_loading_a_model(tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    line = one_line_error(run_cli("--config", "configs/clip_b16.py:runlocal",
+                                  f"--workdir={tmp_path}/never_trained", "--mode", "predict",
+                                  "/no/such.png", str(notes)))
+    assert "/no/such.png (no such file or folder)" in line
+    assert "notes.png (not an image OpenCV can decode)" in line
+    assert not (tmp_path / "never_trained").exists()
+
+
+def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    def diverge(argv):
+        raise errors.TrainingDiverged("loss became nan by step 2; lower config.optim.lr")
+
+    monkeypatch.setattr(main, "main", diverge)
+    with pytest.raises(SystemExit) as e:
+        main.user_errors_in_one_line(["prog"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: loss became nan by step 2; lower config.optim.lr\n"
+
+    def bug(argv):
+        raise ValueError("an internal error")
+
+    monkeypatch.setattr(main, "main", bug)
+    with pytest.raises(ValueError, match="an internal error"):  # absl prints the traceback
+        main.user_errors_in_one_line(["prog"])
+
+
+def test_a_missing_test_frame_is_named_before_training(tmp_path, tiny_clip_checkpoint,
+                                                       tiny_benchmark):
+    json_dir = tmp_path / "json"
+    shutil.copytree(tiny_benchmark / "dataset_json", json_dir)
+    path = json_dir / "SynUpsample.json"
+    data = json.loads(path.read_text())
+    groups = data["SynUpsample"]
+    group = sorted(groups)[0]
+    video = sorted(groups[group]["test"])[0]
+    groups[group]["test"][video]["frames"][0] = "SynUpsample/gone/000.png"
+    path.write_text(json.dumps(data))
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                   **{"data.dataset_json_folder": str(json_dir)})
+    with pytest.raises(errors.InputNotFound) as e:
+        train.train(cfg, tmp_path / "run")
+    msg = str(e.value)
+    assert "SynUpsample.json" in msg and "split 'test'" in msg and "gone/000.png" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no step was run
+
+
+def demo_cfg(method: str, root: str = ""):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"quick,method={method}")
+    c.demo.root = root
+    return c
+
+
+def make_inputs(root: Path) -> None:
+    (root / "data" / "dataset_json").mkdir(parents=True)
+    (root / "pretrained").mkdir(parents=True)
+    (root / "pretrained" / "model.safetensors").write_bytes(b"")
+
+
+def test_a_demo_row_never_writes_above_its_workdir(tmp_path):
+    row = tmp_path / "scratch" / "x"
+    cfg = demo_cfg("effort")
+    # No prepared demo in the parent: the row prepares its own inside its workdir.
+    assert demo.shared_root(cfg, row) == row
+    # A prepared demo in the parent (runs/demo/effort): read from there, write nothing there.
+    make_inputs(tmp_path / "scratch")
+    assert demo.shared_root(cfg, row) == tmp_path / "scratch"
+    assert demo._reads_only(cfg, row)
+    # A row that has its own inputs keeps them; demo.root overrides both.
+    make_inputs(row)
+    assert demo.shared_root(cfg, row) == row and not demo._reads_only(cfg, row)
+    assert demo.shared_root(demo_cfg("effort", str(tmp_path / "elsewhere")), row) == \
+        tmp_path / "elsewhere"
+    assert demo.shared_root(demo_cfg("all"), row) == row
+
+
+def test_a_demo_row_says_where_it_reads_before_it_starts(tmp_path, caplog, monkeypatch):
+    make_inputs(tmp_path)
+    cfg = demo_cfg("effort")
+    calls = []
+    monkeypatch.setattr(demo, "prepare_data", lambda *a: calls.append("data"))
+    monkeypatch.setattr(demo, "prepare_backbone", lambda *a: calls.append("backbone") or {})
+    monkeypatch.setattr(demo, "run_row", lambda *a: ({}, 0.0, True))
+    with caplog.at_level(logging.INFO, logger="fmsd_jax"):
+        demo.run(cfg, tmp_path / "effort")
+    assert calls == []  # reading a prepared demo: nothing is prepared (written) above
+    assert f"reading the benchmark from {tmp_path / 'data'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fmsd_jax"):
+        demo.run(cfg, tmp_path / "other" / "effort")
+    assert calls == ["data", "backbone"]
+    assert f"writing the benchmark to {tmp_path / 'other' / 'effort' / 'data'}" in caplog.text
