@@ -108,6 +108,15 @@ def base_config() -> mlc.ConfigDict:
     c.export = mlc.ConfigDict()
     c.export.out_dir = ""  # default: WORKDIR/export
 
+    # --mode robustness: every test set clean and under each perturbation level
+    # (fmsd_jax/robustness.py; perturbations in fmsd_jax/data/perturbations.py).
+    c.robustness = mlc.ConfigDict()
+    c.robustness.protocol = "deeperforensics"  # 7 types x 5 levels (LipForensics); or 'gend'
+    c.robustness.types = ()  # type keys, e.g. ('CS', 'VC'); empty: all of the protocol's
+    c.robustness.levels = ()  # 1-based levels; empty: all (a subset makes a quick pass)
+    c.robustness.datasets = ()  # empty: data.test_dataset
+    c.robustness.seed = 0  # block positions and noise; the same seed gives identical pixels
+
     c.predict = mlc.ConfigDict()
     c.predict.batch_size = 32
     c.predict.video_frames = 32  # frames sampled evenly per video file

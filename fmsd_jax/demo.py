@@ -43,7 +43,7 @@ from typing import Any
 
 import ml_collections as mlc
 
-from fmsd_jax import config_base, report
+from fmsd_jax import config_base, report, robustness
 from fmsd_jax.errors import AlreadyExists, BadInput
 
 log = logging.getLogger("fmsd_jax")
@@ -353,6 +353,12 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
         results[method] = res
         if was_skipped:
             skipped.append(method)
+    section = ""
+    if not single and cfg.demo.robustness.family:  # issue 14: one held-out family, every row
+        with clock.stage("robustness"):
+            section = robustness.demo_section(cfg.demo.robustness.family, {
+                ROW_NAMES[m]: (method_config(cfg, m, data_dir, pretrained_dir), workdir / m)
+                for m in cfg.demo.methods}, levels=tuple(cfg.demo.robustness.levels))
     clock.total()
     timing = clock.wall
     out: dict[str, Any] = {"results": results, "timing": timing, "skipped": skipped,
@@ -375,6 +381,8 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
         record = now
     timing_path.write_text(json.dumps(record, indent=2))
     out["report"] = write_report(cfg, workdir, results, backbone, record)
+    if section:
+        robustness.append_to_report(out["report"], section)
     log.info("demo finished in %.0fs (%.0f CPU-s, load %.1f → %.1f); report: %s",
              timing["total"], clock.cpu["total"], load_start[0], load["end"][0], out["report"])
     return out

@@ -35,16 +35,18 @@ def make_predict_fn(graphdef: Any, mesh) -> Any:
 
 
 def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
-                  predict=None) -> tuple[dict, np.ndarray, np.ndarray]:
+                  predict=None, reader_wrapper=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves."""
-    acc = score_split(cfg, run, trainable, name, split, predict)
+    acc = score_split(cfg, run, trainable, name, split, predict, reader_wrapper)
     probs, labels = acc.arrays()
     return acc.result(), probs, labels
 
 
 def score_split(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
-                predict=None) -> metrics.MetricAccumulator:
+                predict=None, reader_wrapper=None) -> metrics.MetricAccumulator:
     """Every valid frame's (probability, label, video id) of one split of one dataset.
+
+    `reader_wrapper` goes to `pipeline.make_eval_loader` (the robustness mode perturbs there).
 
     Each process scores its own shard of the set; on several hosts the kept frames of every
     process are gathered first, so every process holds the whole set.
@@ -53,7 +55,8 @@ def score_split(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
     acc = metrics.MetricAccumulator(name=name)
     loader = pipeline.make_eval_loader(
         cfg.data, name, split=split, batch_size=cfg.eval.batch_size,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        reader_wrapper=reader_wrapper)
     for batch in loader:
         images = sharding.global_batch(run.mesh, batch, ("image",))["image"]
         probs = predict(trainable, run.frozen, images)

@@ -1,7 +1,8 @@
 """Command line: `python -m fmsd_jax.main --config configs/clip_b16.py --workdir DIR [--mode M]`.
 
 Modes: train (default: estimate the layer mask, decompose, train, evaluate), mask (estimate and
-save the layer mask only), evaluate (from the workdir's checkpoint), export (merged dense CLIP
+save the layer mask only), evaluate (from the workdir's checkpoint), robustness (every test set
+clean and under each perturbation level of config.robustness), export (merged dense CLIP
 weights + head for PyTorch), predict (score image files, folders or videos given as arguments;
 prints P(fake) per input and the label at config.predict.threshold), plan (compile the run's
 steps for a TPU slice given by --topology, from any machine; prints per-chip memory, FLOPs and
@@ -37,7 +38,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "mask", "evaluate", "export", "predict", "plan"],
+                          ["train", "mask", "evaluate", "robustness", "export", "predict",
+                           "plan"],
                           "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: the TPU slice, e.g. v5e-256, v4-128, "
                                 "v5p-512 or v5e:16x16; the mesh is config.mesh.")
@@ -113,6 +115,10 @@ def main(argv: list[str]) -> None:
         from fmsd_jax import plan
 
         plan.run_plan(cfg, workdir, _TOPOLOGY.value)
+    elif mode == "robustness":
+        from fmsd_jax import robustness
+
+        robustness.robustness(cfg, workdir)
     elif mode == "export":
         from fmsd_jax import export
 

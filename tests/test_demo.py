@@ -43,13 +43,10 @@ def quick_demo(tmp_path_factory, tiny_benchmark):
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
-    """The first Markdown table in `text` (header, body rows)."""
-    lines: list[str] = []
-    for ln in text.splitlines():
-        if ln.startswith("|"):
-            lines.append(ln)
-        elif lines:
-            break
+    """The first Markdown table of `text`: header and body rows."""
+    start = text.index("\n|") + 1
+    block = text[start:].split("\n\n", 1)[0]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|")]
     cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
     return cells[0], cells[2:]
 
@@ -74,6 +71,21 @@ def test_report_has_every_method_and_family(quick_demo):
     assert (workdir / "fmsd" / "layer_scores.png").exists()
     assert all((workdir / m / "roc.png").exists() for m in demo.METHODS)
     assert set(out["results"]) == set(demo.METHODS)
+
+
+def test_report_has_a_robustness_table_for_every_row(quick_demo):
+    workdir, _ = quick_demo
+    text = (workdir / "report.md").read_text()
+    section = text[text.index("## Robustness to unseen perturbations"):]
+    family = demo_config("quick").demo.robustness.family
+    assert f"**{family}**" in section
+    for level in ("### Frame AUC", "### Video AUC"):
+        header, rows = _table(section[section.index(level):])
+        assert header[:2] == ["method", "clean"] and header[-1] == "mean"
+        assert [r[0] for r in rows] == [demo.ROW_NAMES[m] for m in demo.METHODS]
+        assert all(0.0 <= float(c) <= 1.0 for r in rows for c in r[1:] if c != "n/a")
+    for m in demo.METHODS:
+        assert (workdir / m / "robustness.json").is_file()
 
 
 def test_pretrained_backbone_is_a_clip_checkpoint(quick_demo):

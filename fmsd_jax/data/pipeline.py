@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -325,14 +326,18 @@ def has_split(data_cfg, dataset_name: str, split: str) -> bool:
 
 
 def make_eval_loader(data_cfg, dataset_name: str, *, split: str = 'test', batch_size: int,
-                     shard_index: int = 0, shard_count: int = 1) -> EvalLoader:
+                     shard_index: int = 0, shard_count: int = 1,
+                     reader_wrapper: Callable[[tr.ImageReader, grain.MapDataset], Any]
+                     | None = None) -> EvalLoader:
     """Every frame of `split` once, in a fixed order, no augmentation.
 
     `batch_size` is global (as in make_train_loader); each shard yields the same number of
     batches of batch_size // shard_count, the tail padded with valid=False.  Batches hold
     'image', 'label', 'valid' and host-side string arrays 'video_id', 'dataset',
     'label_group', 'path' (drop them before device_put).  Validation is split='val' of
-    the training datasets.
+    the training datasets.  `reader_wrapper(reader, records)` may replace the reader with a
+    picklable one that alters the pixels (robustness perturbations), so the change runs in
+    the same worker processes as the reading.
     """
     if batch_size % shard_count:
         raise ValueError(f'batch_size={batch_size} is not divisible by '
@@ -341,7 +346,10 @@ def make_eval_loader(data_cfg, dataset_name: str, *, split: str = 'test', batch_
     records, info = sources.record_dataset(data_cfg, dataset_name, split)
     num_batches = max(math.ceil(len(records) / batch_size), 1)
     per_shard = num_batches * local
-    ds = _EvalElements(records, tr.ImageReader.from_config(data_cfg), per_shard,
+    reader = tr.ImageReader.from_config(data_cfg)
+    if reader_wrapper is not None:
+        reader = reader_wrapper(reader, records)
+    ds = _EvalElements(records, reader, per_shard,
                        offset=shard_index * per_shard, size=int(data_cfg.image_size))
     ds = ds.batch(local, drop_remainder=False)
     workers = resolve_workers(data_cfg.workers)

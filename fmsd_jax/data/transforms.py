@@ -61,13 +61,17 @@ class ImageReader:
                    data_cfg.video.detect_faces, data_cfg.video.min_face_fraction)
 
     def __call__(self, record: dict) -> np.ndarray | None:
+        image = self.read(record)
+        return None if image is None else self.finish(image, record)
+
+    def read(self, record: dict) -> np.ndarray | None:
+        """The stored pixels as (H, W, 3) uint8 RGB, before any face crop or resize: a whole
+        video frame for video files, the stored crop otherwise (robustness perturbations that
+        the protocol applies before cropping act here)."""
         if record.get('image') is not None:  # tfds: already decoded
             image = np.asarray(record['image'])
         elif record['frame_index'] >= 0:
             image = vid.read_frame(record['path'], record['frame_index'])
-            if image is not None:
-                image = vid.crop_face(image, margin=self.face_margin, detect=self.detect_faces,
-                                      min_fraction=self.min_face_fraction)
         else:
             image = read_rgb(record['path'])
         if image is None or image.ndim not in (2, 3) or min(image.shape[:2]) == 0:
@@ -78,7 +82,13 @@ class ImageReader:
             image = image[..., :3]
         elif image.shape[-1] == 1:
             image = np.repeat(image, 3, axis=-1)
-        image = np.ascontiguousarray(image, np.uint8)
+        return np.ascontiguousarray(image, np.uint8)
+
+    def finish(self, image: np.ndarray, record: dict) -> np.ndarray:
+        """`read`'s pixels → model input: the face crop of a video frame, then the resize."""
+        if record.get('image') is None and record['frame_index'] >= 0:
+            image = vid.crop_face(image, margin=self.face_margin, detect=self.detect_faces,
+                                  min_fraction=self.min_face_fraction)
         return resize_square(image, self.image_size) if self.image_size > 0 else image
 
 
