@@ -44,9 +44,12 @@ def quick_demo(tmp_path_factory, tiny_benchmark):
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
     """The first Markdown table of `text`: header and body rows."""
-    start = text.index("\n|") + 1
-    block = text[start:].split("\n\n", 1)[0]
-    lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+    lines: list[str] = []
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            lines.append(ln)
+        elif lines:
+            break
     cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
     return cells[0], cells[2:]
 
