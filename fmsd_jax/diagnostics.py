@@ -10,11 +10,13 @@ checkpoint that evaluation uses (best on validation, else the latest):
   checkpoints (`eval.splits_from_train` of the training datasets). Noise is a paired bootstrap
   over validation videos (`diagnostics.bootstrap` resamples, fixed seed): videos are drawn with
   replacement, both detectors are scored on the same draw, and the 95 % percentile interval of
-  the difference is reported. When that interval contains 0 the log and results.md say
-  "the backbone did not adapt; the head did the work". A linear probe's backbone is frozen by
-  construction: its contribution is 0 without scoring twice, and the files say so. Note what
-  the number is: the trained head was fitted to the adapted features, so a positive
-  contribution can include the head's mismatch with the pretrained features.
+  the difference is reported. When that interval contains 0 and the estimate is under
+  NEGLIGIBLE_AUC, the log and results.md say "the backbone did not adapt; the head did the
+  work"; a larger estimate whose interval contains 0 is reported as too uncertain to tell.
+  A linear probe's backbone is frozen by construction: its contribution is 0 without scoring
+  twice, and the files say so. Note what the number is: the trained head was fitted to the
+  adapted features, so a positive contribution can include the head's mismatch with the
+  pretrained features.
 * **how far each adapted layer moved**: ‖W − W₀‖/‖W₀‖ of the merged weight of every candidate
   (layer, projection) cell (decomposed regimes: from the factor changes, exactly 0 for a cell
   the mask left out; full fine-tuning: the dense kernel; linear probe: zeros, not measured).
@@ -40,7 +42,7 @@ Files, beside results.json (process 0 writes them):
         ci95: {frame_auc: [lo, hi], video_auc: [lo, hi]}   paired bootstrap over videos
         resamples: int, unit: 'video' | 'frame'
         within_noise: bool          the frame-level interval contains 0
-        verdict: str                one sentence; NO_ADAPTATION when within noise
+        verdict: str                one sentence; NO_ADAPTATION when within noise and negligible
       }
       contribution_note: str        why contribution is null, or a remark (linear probe)
       weight_change: {targets, relative: L×T list, mask: L×T list of bool, note}
@@ -75,6 +77,9 @@ log = logging.getLogger("fmsd_jax")
 DIAGNOSTICS_JSON = report.DIAGNOSTICS_JSON  # evaluate reads it without importing us
 ADAPTATION_PNG = "adaptation.png"
 NO_ADAPTATION = "the backbone did not adapt; the head did the work"
+# A contribution this small is "no adaptation" even where the interval is narrow enough to tell;
+# a larger one whose interval still contains 0 is "too few validation videos to tell".
+NEGLIGIBLE_AUC = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +197,11 @@ def contribution_record(trained: np.ndarray, pretrained: np.ndarray, labels: np.
 def _verdict(c: dict) -> str:
     lo, hi = c["ci95"]["frame_auc"]
     span = f"frame AUC {c['frame_auc']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]"
-    if c["within_noise"]:
+    if c["within_noise"] and abs(c["frame_auc"]) <= NEGLIGIBLE_AUC:
         return f"{NO_ADAPTATION} ({span}: within noise of zero)"
+    if c["within_noise"]:
+        return (f"the backbone's contribution cannot be told from zero on this validation split "
+                f"({span}, which contains 0; more validation videos would narrow it)")
     if c["frame_auc"] > 0:
         return f"the adapted backbone adds to the head ({span})"
     return f"the adapted backbone is worse than the pretrained one under the same head ({span})"

@@ -75,3 +75,14 @@ def test_results_md_shows_the_contribution_and_the_words(tmp_path):
     assert "no 'val' split: not measured" in md.read_text()
     png = report.plot_adaptation(_diag(c), tmp_path / "adaptation.png")
     assert png.stat().st_size > 10_000
+
+
+def test_verdict_separates_no_adaptation_from_too_few_videos():
+    def verdict(auc, lo, hi):
+        return diagnostics._verdict({"frame_auc": auc, "ci95": {"frame_auc": [lo, hi]},
+                                     "within_noise": lo <= 0 <= hi})
+
+    assert verdict(0.0, -0.01, 0.01).startswith(diagnostics.NO_ADAPTATION)
+    wide = verdict(0.19, -0.2, 0.7)  # the demo's 8 validation videos
+    assert "cannot be told from zero" in wide and diagnostics.NO_ADAPTATION not in wide
+    assert verdict(0.19, 0.05, 0.3).startswith("the adapted backbone adds")
