@@ -50,26 +50,20 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool =
     """
     if abstract:
         detector, spec = assemble.abstract_detector(cfg)
-        mask_path = workdir / checkpointing.MASK_JSON if workdir else None
-        if mask_path is not None and mask_path.exists():
-            mask = np.asarray(checkpointing.read_json(mask_path)["mask"], np.float32)
-        else:
+        mask = _saved_mask(workdir) if workdir else None
+        if mask is None:
             mask = assemble.full_mask(cfg, detector)
         return _split_and_place(cfg, detector, mask, spec, mesh, abstract=True)
 
     detector = assemble.build_detector(cfg)
-    mask_path = workdir / checkpointing.MASK_JSON
     mask_needed = cfg.method.regime == "fmsd" and cfg.method.mask.enabled
-    if mask_needed and mask_path.exists():
-        mask = np.asarray(checkpointing.read_json(mask_path)["mask"], np.float32)
-    elif mask_needed:
+    mask = _saved_mask(workdir) if mask_needed else assemble.full_mask(cfg, detector)
+    if mask is None:
         if not estimate:
             raise InputNotFound(
-                f"{mask_path} is missing: this workdir was never trained; run --mode train "
-                "or --mode mask first")
+                f"{workdir / checkpointing.MASK_JSON} is missing: this workdir was never "
+                "trained; run --mode train or --mode mask first")
         mask = layer_mask.estimate_mask(cfg, detector, workdir, mesh)
-    else:
-        mask = assemble.full_mask(cfg, detector)
 
     spec = None
     if assemble.uses_decomposition(cfg):
@@ -77,6 +71,12 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool =
         if jax.process_index() == 0:
             checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
     return _split_and_place(cfg, detector, mask, spec, mesh, abstract=False)
+
+
+def _saved_mask(workdir: Path) -> np.ndarray | None:
+    """The layer mask a run of this workdir estimated, or None before the first estimate."""
+    path = workdir / checkpointing.MASK_JSON
+    return np.asarray(checkpointing.read_json(path)["mask"], np.float32) if path.exists() else None
 
 
 def _split_and_place(cfg, detector, mask, spec, mesh, *, abstract: bool) -> Run:
