@@ -51,18 +51,25 @@ def config(variant: str, regime: str, batch: int, fsdp: int):
     return c
 
 
+class NotCompiled(Exception):
+    """--cached-only: this compile is not in --out yet."""
+
+
 class Results:
     """Compiles already done, by (variant, regime, slice, global batch, fsdp), kept in a JSON
     file that is rewritten after every compile (so a rerun resumes)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cached_only: bool = False):
         self.path = path
+        self.cached_only = cached_only
         self.rows: dict[str, dict] = {}
         if path.exists():
             self.rows = json.loads(path.read_text())["compiles"]
 
     def compile(self, variant: str, regime: str, slice_: str, batch: int, fsdp: int) -> dict:
         key = f"{variant}|{regime}|{slice_}|{batch}|{fsdp}"
+        if key not in self.rows and self.cached_only:
+            raise NotCompiled(key)
         if key not in self.rows:
             t0 = time.perf_counter()
             p = plan.plan(config(variant, regime, batch, fsdp), slice_, which=("train_step",),
@@ -115,29 +122,46 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="DeepfakeBench's global batch")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--no-full", action="store_true", help="skip the full fine-tuning compiles")
+    ap.add_argument("--max-batch-fsdp", type=int, nargs="+",
+                    help="search the largest batch only for rows with these fsdp sizes")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compile nothing: print the table of what --out holds, and what not")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    res = Results(args.out)
-    chips = {s: len(plan.topology_devices(s)[1]) for s in args.slices}
+    res = Results(args.out, cached_only=args.cached_only)
+    chips = {s: plan.parse_topology(s)[2] for s in args.slices}
     cells = [(v, s, f) for v in args.variants for s in args.slices
              for f in sorted({min(f, chips[s]) for f in args.fsdp})]
-    rows = []
+    rows, missing = [], []
     for v, s, f in cells:
         batch = max(args.batch, chips[s]) // chips[s] * chips[s]
-        row = dict(res.compile(v, "fmsd", s, batch, f))
-        if not args.no_full:
-            full = res.compile(v, "full", s, batch, f)
-            row["full_peak_gib"], row["full_collective_mib"] = (full["peak_gib"],
-                                                                full["collective_mib"])
-            row["full_fits"] = full["fits"]
+        try:
+            row = dict(res.compile(v, "fmsd", s, batch, f))
+            if not args.no_full:
+                full = res.compile(v, "full", s, batch, f)
+                row["full_peak_gib"], row["full_collective_mib"] = (full["peak_gib"],
+                                                                    full["collective_mib"])
+                row["full_fits"] = full["fits"]
+        except NotCompiled:
+            missing.append(f"{v} on {s}, data x fsdp {chips[s] // f}x{f}, batch {batch}")
+            continue
         rows.append(row)
     if not args.no_max_batch:
         first: dict[str, dict] = {}
         for row in rows:
             slope_row = first.setdefault(row["variant"], row)
-            row["max_per_chip_batch"], best = largest_batch(res, row, slope_row)
+            if args.max_batch_fsdp and int(row["mesh"].split("x")[1]) not in args.max_batch_fsdp:
+                continue
+            try:
+                row["max_per_chip_batch"], best = largest_batch(res, row, slope_row)
+            except NotCompiled:
+                missing.append(f"largest FMSD batch of {row['variant']} on {row['slice']}, "
+                               f"data x fsdp {row['mesh']}")
+                continue
             row["max_peak_gib"], row["max_est_ms"] = best["peak_gib"], best["est_ms"]
     print(table(rows))
+    if missing:
+        print("not compiled yet:\n  " + "\n  ".join(missing))
 
 
 def table(rows: list[dict]) -> str:
