@@ -393,6 +393,7 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
     hist = backbone.get("history") or [{}]
     knn = backbone.get("knn_identity_accuracy") or {}
     timing = timing_record["timing"]
+    reused = set(timing_record.get("skipped", ()))  # their seconds are a skip, not the work
     intro = [
         "Everything here was produced offline on this machine by "
         f"`python -m fmsd_jax.main --config {CONFIG_FILE}"
@@ -427,7 +428,8 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
         "SynSplice. One seed: differences of a few hundredths are within run-to-run noise "
         f"on a test set this small ({_test_size(results)}).",
         "",
-        "**Time.** " + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items())
+        "**Time.** " + ", ".join(f"{k} reused (done by an earlier run)" if k in reused
+                                 else f"{k} {v:.0f}s" for k, v in timing.items())
         + f" ({_fmt_load(timing_record['load'])}; the machine may have been shared; "
         "demo_timing.json also holds each stage's CPU seconds and load average).",
     ]

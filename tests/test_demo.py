@@ -111,8 +111,15 @@ def test_pretrained_backbone_is_a_clip_checkpoint(quick_demo):
 def test_rerun_skips_finished_stages(quick_demo):
     workdir, _ = quick_demo
     stamp = {p: p.stat().st_mtime_ns for p in workdir.rglob("*.json")}
+    timing = workdir / "demo_timing.json"
+    first = timing.read_text()
+    timing.unlink()  # a rerun that has no record of the first run's times
     again = demo.run(demo_config("quick"), workdir)
     assert set(again["skipped"]) == {"pretrain", *demo.METHODS}
+    time_line = next(line for line in (workdir / "report.md").read_text().splitlines()
+                     if line.startswith("**Time.**"))
+    assert "pretrain reused" in time_line and "fmsd reused" in time_line, time_line
+    timing.write_text(first)
     # Nothing a finished stage wrote was rewritten.
     changed = [p for p, t in stamp.items() if p.stat().st_mtime_ns != t
                and p.name != "demo_timing.json"]
