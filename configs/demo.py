@@ -172,7 +172,7 @@ def get_config(arg: str | None = None):
         enabled=bool(args.sweep), methods=("fmsd", "effort", "full"),
         lrs=(2e-4, 2e-3, 2e-2)))
     d.optim = mlc.ConfigDict({
-        "fmsd": {"lr": 2e-3, "head_lr": 1e-3},
+        "fmsd": {"lr": 2e-2, "head_lr": 1e-3},
         "effort": {"lr": 2e-3, "head_lr": 1e-3},
         "full": {"lr": 2e-4, "head_lr": 1e-3},
         "linear_probe": {"lr": 2e-4, "head_lr": 1e-3},  # lr unused: nothing else trains
