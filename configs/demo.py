@@ -41,42 +41,42 @@ validation frame AUC @ the step it was reached at (Δ: the backbone's contributi
 frame AUC minus that of the pretrained backbone with the same head). The chosen lr is the one
 with the highest validation frame AUC (the first grid value on a tie).
 
-  Measured 01:27-02:40 UTC at commit ea2fe3f+ (1-min load average 11-26 on 2 CPUs); FMSD's
-  row at the new regulariser defaults (λ = 0; its lr-2e-3 point is the λ = 0 run of the
-  λ/form table), Effort and full fine-tuning as the sweep writes them:
+  Measured 04:20-04:44 UTC at commit 8b64d08 (1-min load average 5-8 on 2 CPUs: another
+  developer's compiles ran beside it; the AUCs do not depend on load), one `:sweep` run:
 
-  method (head lr 1e-3)  lr 2e-4               lr 2e-3                 lr 2e-2             chosen
-  FMSD                   .534 @175 (Δ +.005)   **.794 @100 (Δ +.187)** .760 @175 (Δ +.352) 2e-3
-  Effort                 .530 @125 (Δ .000)    **.773 @125 (Δ +.205)** .732 @25 (Δ +.436)  2e-3
-  Full fine-tuning       **.769 @25 (Δ +.455)** .658 @200 (Δ +.297)    .622 @200 (Δ +.274) 2e-4
+  method (head lr 1e-3)  lr 2e-4               lr 2e-3                 lr 2e-2                chosen
+  FMSD                   .547 @175 (Δ +.002)   .656 @175 (Δ +.134)     **.670 @75 (Δ +.212)** 2e-2
+  Effort                 .545 @175 (Δ -.000)   **.661 @175 (Δ +.141)** .657 @50 (Δ +.221)     2e-3
+  Full fine-tuning       **.653 @50 (Δ +.223)** .642 @125 (Δ +.203)    .591 @200 (Δ +.153)    2e-4
 
-  (Effort and full fine-tuning: one `:sweep` run; FMSD's 2e-4 and 2e-2 points: the same command
-  with `"--config.demo.sweep.methods=('fmsd',)" "--config.demo.sweep.lrs=(0.0002,0.02)"`.) At the
-  previous
-  defaults (λ = 0.1, frobenius, random-head mask) FMSD scored .530 @125 (Δ +.001) at 2e-4 and
-  .534 @100 (Δ +.003) at 2e-3. FMSD at 2e-4 (λ = 0) moved its merged weights 0.4 % (median);
-  at 2e-3, 4.4 %. The Δ intervals
-  are wide: SynBlend's validation split is 8 videos (e.g. Effort 2e-3: 95 % [-.24, +.71]).
+  Δ is measured on SynBlend's validation split, 128 videos (64 real, 64 fake) at 4 frames; its
+  95 % interval (paired bootstrap over videos) excludes 0 at every lr from 2e-3 up, e.g. FMSD
+  2e-2 [+.08, +.34], Effort 2e-3 [+.04, +.24]. At 2e-4 FMSD and Effort move their merged weights
+  0.4 % and 0.1 % (median over adapted layers) and the backbone adds nothing (Δ ≤ .002): Effort's
+  lr needs Effort's ~18k steps. The chosen points move them 20 % (FMSD, 2e-2), 4 % (Effort) and
+  2 % (full fine-tuning; 100 % at 2e-2). Before this split was enlarged (8 videos at 8 frames)
+  the same sweep chose 2e-3 for FMSD, and every Δ interval contained 0 (±0.45 wide).
 
-λ/form evidence (FMSD at lr 2e-3, λ_orth = λ_spec = λ; one run each; the same sweep command
-with `--config.demo.root=runs/demo "--config.demo.sweep.methods=('fmsd',)"
-"--config.demo.sweep.lrs=(0.002,)" --config.method.lambda_orth=λ --config.method.lambda_spec=λ
---config.method.spectral_form=F` and its own --workdir): best SynBlend validation frame AUC,
-backbone contribution, and how far the 8 adapted layers' merged weights moved
-(‖W − W₀‖/‖W₀‖, median / max, from each run's diagnostics.json):
+λ/form evidence (FMSD at its chosen lr 2e-2, λ_orth = λ_spec = λ; one run each; the same sweep
+command with `--config.demo.root=runs/demo "--config.demo.sweep.methods=('fmsd',)"
+"--config.demo.sweep.lrs=(0.02,)" --config.method.lambda_orth=λ --config.method.lambda_spec=λ
+--config.method.spectral_form=F` and its own --workdir; measured 04:45-04:55 UTC, same commit
+and load): best SynBlend validation frame AUC, backbone contribution, and how far the 8 adapted
+layers' merged weights moved (‖W − W₀‖/‖W₀‖, median / max, from each run's diagnostics.json):
 
-  λ     form       best val AUC  contribution [95 %]  moved median / max  mask head
-  0     —          .794 @100     +.187 [-.20, +.70]   .044 / .080         warmed
-  0.01  frobenius  .591 @175     +.038 [+.00, +.10]   .016 / .042         warmed
-  0.01  squared    .601 @175     +.042 [-.01, +.12]   .036 / .050         warmed
-  0.1   frobenius  .534 @100     +.003 [-.00, +.01]   .007 / .015         random
-  0.1   squared    not measured (out of time on the loaded machine)
+  λ     form       best val AUC  contribution [95 %]  moved median / max
+  0     —          .670 @75      +.212 [+.08, +.34]   .205 / .313
+  0.01  frobenius  .645 @175     +.087 [+.02, +.15]   .021 / .142
+  0.01  squared    .648 @175     +.082 [+.01, +.14]   .051 / .131
+  0.1   frobenius  .544 @175     +.002 [-.00, +.00]   .016 / .021
+  0.1   squared    .549 @175     +.009 [+.00, +.02]   .027 / .042
 
-  Chosen (config_base.py): λ_orth = λ_spec = 0, because every λ > 0 measured cost .19-.26 of
-  validation AUC at 200 steps and held the weights to a third or less of their λ = 0 movement;
+  Chosen (config_base.py): λ_orth = λ_spec = 0, because every λ > 0 cost validation AUC at
+  200 steps (.02 at λ = 0.01, .12 at 0.1) and cut the backbone's contribution to less than
+  half (to nothing at 0.1), holding the median weight movement to a quarter or less of λ = 0's;
   spectral_form = 'squared' for whoever turns it on (zero value and gradient at init; at
-  λ = 0.01 it moved the weights twice as far as Effort's |·| for the same AUC). The λ = 0.1
-  frobenius row predates the warmed-head mask (random head), the others use it.
+  λ = 0.01 and 0.1 it let the weights move about twice as far as Effort's |·| for the same AUC).
+  The same ordering held in an earlier measurement on the 8-video validation split at lr 2e-3.
 
 Time, from scratch at commit a6affe4 on this repository's 2-CPU machine with the test suite
 running beside it (1-min load average 4-7): 12 min 0 s (data 24 s, SimCLR pretraining 323 s,

@@ -680,7 +680,7 @@ def demo_table(
         tag = " (train)" if f in train_families else ""
         header += [f"{_md_escape(f)}{tag} · frame AUC", f"{_md_escape(f)}{tag} · video AUC"]
     header += ["held-out mean · frame AUC", "held-out mean · video AUC",
-               "backbone contribution · val frame AUC"]
+               "backbone contribution · val frame AUC [95 %]"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -693,8 +693,9 @@ def demo_table(
             vals = [_metric(r, f, key) for f in held]
             mean, n = _nanmean(vals)
             cells.append(_fmt(mean) + ("" if n == len(held) else "†") if n else "n/a")
-        c = r.contribution
-        cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}")
+        c, ci = r.contribution, r.contribution_ci
+        cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}" + (
+            f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

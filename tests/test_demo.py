@@ -216,8 +216,9 @@ def test_report_shows_contribution_and_explains_below_chance(tmp_path):
             row("Probe", {"A": .7, "B": .4, "C": .55})]
     text = report.write_demo_report(tmp_path / "r.md", rows, train_families=["A"]).read_text()
     header, body = _table(text)
-    col = header.index("backbone contribution · val frame AUC")
-    assert [r[col] for r in body] == ["+0.0500", "+0.0010", "n/a"]
+    col = header.index("backbone contribution · val frame AUC [95 %]")
+    assert [r[col] for r in body] == ["+0.0500 [+0.020, +0.080]", "+0.0010 [-0.010, +0.012]",
+                                      "n/a"]
     assert "**Effort: the backbone did not adapt; the head did the work**" in text
     assert "FMSD: the adapted backbone adds 0.0500" in text
     assert "**B is below chance for every method (3 of 3)**: frame AUC 0.200–0.400" in text
