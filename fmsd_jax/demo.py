@@ -464,7 +464,8 @@ def _contribution(rundir: Path) -> dict[str, Any]:
         return {}
     ci = (c.get("ci95") or {}).get("frame_auc")
     return {"contribution": float(c["frame_auc"]),
-            "contribution_ci": (float(ci[0]), float(ci[1])) if ci else None}
+            "contribution_ci": (float(ci[0]), float(ci[1])) if ci else None,
+            "contribution_videos": c.get("num_videos")}
 
 
 def _lr_section(cfg: mlc.ConfigDict, workdir: Path) -> str:

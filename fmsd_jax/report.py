@@ -518,6 +518,12 @@ class DemoRow:
     # the trained head (None: not measured, e.g. the linear probe, whose backbone is frozen).
     contribution: float | None = None
     contribution_ci: tuple[float, float] | None = None  # its 95 % interval, when measured
+    contribution_videos: int | None = None  # validation videos it was measured on
+
+
+def _videos(rows: Sequence[DemoRow]) -> str:
+    n = {r.contribution_videos for r in rows if r.contribution_videos}
+    return f", {n.pop()} videos" if len(n) == 1 else ""
 
 
 @dataclass(frozen=True)
@@ -857,9 +863,11 @@ def write_demo_report(
     if any("†" in line for line in md[-1].splitlines()[2:]):
         md += ["† mean over the held-out families where the metric is defined.", ""]
     md += [
-        "Backbone contribution: validation frame AUC (SynBlend's validation split, the "
-        "checkpoint-selection split) of the trained detector minus that of the *pretrained* "
-        "backbone carrying the same trained head. Near zero, the head did the work and the "
+        "Backbone contribution: validation frame AUC (the validation split of "
+        f"{', '.join(train_families)}, the checkpoint-selection split{_videos(all_rows)}) of "
+        "the trained detector minus that of the *pretrained* backbone carrying the same "
+        "trained head; the interval is a paired bootstrap over validation videos. Near zero, "
+        "the head did the work and the "
         "method's adaptation did not act; n/a where the backbone is frozen or it was not "
         "measured.",
         "",

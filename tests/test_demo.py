@@ -209,7 +209,8 @@ def test_report_shows_contribution_and_explains_below_chance(tmp_path):
 
     def row(name, aucs, contribution=None, ci=None):
         res = {f: {"frame_auc": a, "video_auc": a - 0.01} for f, a in aucs.items()}
-        return report.DemoRow(name, res, "cmd", contribution=contribution, contribution_ci=ci)
+        return report.DemoRow(name, res, "cmd", contribution=contribution, contribution_ci=ci,
+                              contribution_videos=128 if ci else None)
 
     rows = [row("FMSD", {"A": .8, "B": .3, "C": .6}, 0.05, (0.02, 0.08)),
             row("Effort", {"A": .8, "B": .2, "C": .45}, 0.001, (-0.01, 0.012)),
@@ -219,6 +220,7 @@ def test_report_shows_contribution_and_explains_below_chance(tmp_path):
     col = header.index("backbone contribution · val frame AUC [95 %]")
     assert [r[col] for r in body] == ["+0.0500 [+0.020, +0.080]", "+0.0010 [-0.010, +0.012]",
                                       "n/a"]
+    assert "(the validation split of A, the checkpoint-selection split, 128 videos)" in text
     assert "**Effort: the backbone did not adapt; the head did the work**" in text
     assert "FMSD: the adapted backbone adds 0.0500" in text
     assert "**B is below chance for every method (3 of 3)**: frame AUC 0.200–0.400" in text
