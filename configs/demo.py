@@ -87,26 +87,30 @@ its load average. `:quick` was only timed under heavy load (9 min 19 s wall at l
 1 min 45 s CPU).
 
 Result with these defaults (frame / video test AUC, 16 videos = 128 frames per family; the
-same numbers from the row-by-row run and from the from-scratch run above; verdict, computed:
-FMSD beats 0 of 3 baselines, all three are better held out):
+last column is the backbone contribution on SynBlend validation, 128 videos, with its 95 %
+interval; the row-by-row run (`runs/demo64`, rows trained by `configs/demo.py --workdir` on a
+prepared data and backbone) and the from-scratch run above give the same numbers; verdict,
+computed: FMSD beats 0 of 3 baselines held out):
 
-  method            SynBlend(train)  SynUpsample    SynAutoencode  SynSplice      held-out mean
-  FMSD              .760 / .766      .425 / .438    .215 / .188    .537 / .547    .392 / .391
-  Effort K=1,d=1    .744 / .750      .482 / .500    .212 / .188    .546 / .547    .413 / .411
-  Full fine-tuning  .682 / .703      .458 / .484    .218 / .203    .625 / .641    .434 / .443
-  Linear probe      .638 / .641      .612 / .625    .179 / .141    .525 / .547    .439 / .438
+  method          SynBlend(train) SynUpsample SynAutoencode SynSplice  held-out   contrib.
+  FMSD            .715/.688       .625/.625   .176/.156     .557/.500  .453/.427  +.21 [+.08, +.34]
+  Effort K=1,d=1  .702/.703       .561/.578   .201/.172     .562/.547  .441/.432  +.14 [+.04, +.24]
+  Full FT         .657/.688       .550/.609   .236/.234     .588/.562  .458/.469  +.22 [+.09, +.35]
+  Linear probe    .644/.672       .633/.641   .174/.141     .558/.562  .455/.448  frozen
 
-  Before issue 11 (lr 2e-4 everywhere, λ = 0.1 frobenius, random-head mask): FMSD, Effort and
-  the linear probe all .643 / .656 on SynBlend and .460 / .458 held out (three linear probes),
-  full fine-tuning (lr 2e-5) .675 / .703 and .465 / .458.
+  Before issue 11 (lr 2e-4 everywhere, λ = 0.1 frobenius, random-head mask, 8 validation
+  videos): FMSD, Effort and the linear probe all .643 / .656 on SynBlend and .460 / .458 held
+  out (three linear probes), full fine-tuning (lr 2e-5) .675 / .703 and .465 / .458.
 
-What it shows: at the swept lr Effort's backbone now carries the training family (test
-SynBlend .744 against the probe's .638; validation contribution +.205), and what it learns
-about blending transfers *worse* to the held-out families than the probe's frozen features
-(.413 against .439), and FMSD, which fits SynBlend best (.760), generalises worst (.392): on
-this benchmark adapting to one artifact costs generalisation, and FMSD's masking and multiple
-subspaces do not prevent it here. Every method scores
-below chance on SynAutoencode (the report explains what that means).
+What it shows: every method that adapts its backbone now does so measurably (contribution
++.14 to +.22, no interval near 0) and fits the training family beyond the probe's frozen
+features (SynBlend test .657-.715 against .644; FMSD highest). Held out, the four rows lie
+within .441-.458 frame AUC, closer than 16 test videos per family can separate: FMSD neither
+wins nor loses clearly (+.012 frame and -.005 video against Effort; .005 and .042 behind full
+fine-tuning; tied with the probe at frame level, .021 behind at video level). What the
+adapted backbones learn about blending does not carry over to the unseen artifacts here, with
+or without FMSD's mask and multiple subspaces. Every method scores below chance on
+SynAutoencode (the report explains what that means).
 
 Robustness (report.md's last section, `demo.robustness`): every row under DeeperForensics-1.0's
 seven perturbations at levels 1 and 5 on the held-out SynUpsample (fmsd_jax/robustness.py),
