@@ -48,6 +48,64 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def jsonable_config(cfg: Any) -> Any:
+    """A ConfigDict as config.json holds it (tuples as lists), for comparing the two."""
+    return json.loads(json.dumps(_jsonable(cfg.to_dict()), sort_keys=True))
+
+
+def flat_keys(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 1e-3, ...} of a nested mapping."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(workdir: str | os.PathLike, cfg: Any) -> list[str] | None:
+    """Dotted keys in which WORKDIR's config.json and `cfg` differ; None without the file."""
+    path = Path(workdir) / CONFIG_JSON
+    if not path.exists():
+        return None
+    found, want = flat_keys(read_json(path)), flat_keys(jsonable_config(cfg))
+    return sorted(k for k in found.keys() | want.keys() if found.get(k) != want.get(k))
+
+
+# What a resumed run may change: how long it runs, how often it reports, where it reads and
+# evaluates, how it is laid out on devices, and the fault-injection knobs of the tests.
+# Anything else (model, method, optimizer, training data, seed) would continue one
+# experiment's state under another's settings.
+RESUME_MAY_CHANGE = ("train.total_steps", "train.num_epochs", "train.log_every",
+                     "train.eval_every", "train.checkpoint_every", "train.max_to_keep",
+                     "train.fault_",
+                     "data.workers", "data.read_threads", "data.dataset_root",
+                     "data.dataset_json_folder", "data.test_dataset", "eval.", "mesh.",
+                     "multihost", "distributed.")
+
+
+def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
+    """Refuse, before any work, to resume WORKDIR's checkpoints under another experiment's
+    config, or checkpoints whose config.json is gone (e.g. a directory deleted while its
+    run was still saving): either would silently continue a different experiment."""
+    from fmsd_jax.errors import AlreadyExists
+
+    workdir = Path(workdir)
+    if not any((workdir / "checkpoints").glob("[0-9]*")):
+        return
+    diff = config_differences(workdir, cfg)
+    if diff is None:
+        raise AlreadyExists(
+            f"{workdir} holds checkpoints but no {CONFIG_JSON}, so what they trained is "
+            "unknown; delete the directory or use another --workdir")
+    blocking = [k for k in diff if not k.startswith(RESUME_MAY_CHANGE)]
+    if blocking:
+        raise AlreadyExists(
+            f"{workdir} holds a run trained with a different config (differs in "
+            f"{blocking[:8]}{' ...' if len(blocking) > 8 else ''}); rerun with its config "
+            f"({workdir / CONFIG_JSON}) to resume, or use another --workdir")
+
+
 class RunCheckpoints:
     """The latest-step manager (resume) and the best-on-validation manager (evaluation)."""
 

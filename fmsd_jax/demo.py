@@ -165,12 +165,6 @@ def prepare_backbone(cfg: mlc.ConfigDict, pretrained_dir: Path) -> dict[str, Any
     return record
 
 
-def _jsonable_config(cfg: mlc.ConfigDict) -> Any:
-    from fmsd_jax import checkpointing
-
-    return json.loads(json.dumps(checkpointing._jsonable(cfg.to_dict()), sort_keys=True))
-
-
 def row_is_done(sub: mlc.ConfigDict, subdir: Path) -> dict | None:
     """The results of a finished row, None if it still has to (re)run.
 
@@ -189,27 +183,12 @@ def _same_config(sub: mlc.ConfigDict, subdir: Path) -> bool:
     another config is refused (resuming it would silently continue a different experiment)."""
     from fmsd_jax import checkpointing
 
-    cfg_path = subdir / checkpointing.CONFIG_JSON
-    if not cfg_path.exists():
-        return False
-    found = checkpointing.read_json(cfg_path)
-    want = _jsonable_config(sub)
-    if found != want:
-        diff = sorted(k for k in _flat(found).keys() | _flat(want).keys()
-                      if _flat(found).get(k) != _flat(want).get(k))
+    diff = checkpointing.config_differences(subdir, sub)
+    if diff:
         raise AlreadyExists(
             f"{subdir} was trained with a different config (differs in {diff[:8]}); delete "
             "it or use another --workdir")
-    return True
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
+    return diff is not None
 
 
 def run_row(cfg: mlc.ConfigDict, method: str, subdir: Path, data_dir: Path,
@@ -248,8 +227,10 @@ def _overrides(cfg: mlc.ConfigDict) -> list[str]:
     if base is None:
         return []
     config_base.apply_regime(base)
-    mine = _flat(_jsonable_config(cfg))
-    theirs = _flat(_jsonable_config(base))
+    from fmsd_jax import checkpointing
+
+    mine = checkpointing.flat_keys(checkpointing.jsonable_config(cfg))
+    theirs = checkpointing.flat_keys(checkpointing.jsonable_config(base))
     out = []
     for key in sorted(mine):
         if key in ("demo.method", "demo.root", "demo.sweep.enabled") \
@@ -412,6 +393,7 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
     hist = backbone.get("history") or [{}]
     knn = backbone.get("knn_identity_accuracy") or {}
     timing = timing_record["timing"]
+    reused = set(timing_record.get("skipped", ()))  # their seconds are a skip, not the work
     intro = [
         "Everything here was produced offline on this machine by "
         f"`python -m fmsd_jax.main --config {CONFIG_FILE}"
@@ -446,7 +428,8 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
         "SynSplice. One seed: differences of a few hundredths are within run-to-run noise "
         f"on a test set this small ({_test_size(results)}).",
         "",
-        "**Time.** " + ", ".join(f"{k} {v:.0f}s" for k, v in timing.items())
+        "**Time.** " + ", ".join(f"{k} reused (done by an earlier run)" if k in reused
+                                 else f"{k} {v:.0f}s" for k, v in timing.items())
         + f" ({_fmt_load(timing_record['load'])}; the machine may have been shared; "
         "demo_timing.json also holds each stage's CPU seconds and load average).",
     ]
@@ -481,7 +464,8 @@ def _contribution(rundir: Path) -> dict[str, Any]:
         return {}
     ci = (c.get("ci95") or {}).get("frame_auc")
     return {"contribution": float(c["frame_auc"]),
-            "contribution_ci": (float(ci[0]), float(ci[1])) if ci else None}
+            "contribution_ci": (float(ci[0]), float(ci[1])) if ci else None,
+            "contribution_videos": c.get("num_videos")}
 
 
 def _lr_section(cfg: mlc.ConfigDict, workdir: Path) -> str:

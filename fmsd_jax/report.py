@@ -518,6 +518,12 @@ class DemoRow:
     # the trained head (None: not measured, e.g. the linear probe, whose backbone is frozen).
     contribution: float | None = None
     contribution_ci: tuple[float, float] | None = None  # its 95 % interval, when measured
+    contribution_videos: int | None = None  # validation videos it was measured on
+
+
+def _videos(rows: Sequence[DemoRow]) -> str:
+    n = {r.contribution_videos for r in rows if r.contribution_videos}
+    return f", {n.pop()} videos" if len(n) == 1 else ""
 
 
 @dataclass(frozen=True)
@@ -680,7 +686,7 @@ def demo_table(
         tag = " (train)" if f in train_families else ""
         header += [f"{_md_escape(f)}{tag} · frame AUC", f"{_md_escape(f)}{tag} · video AUC"]
     header += ["held-out mean · frame AUC", "held-out mean · video AUC",
-               "backbone contribution · val frame AUC"]
+               "backbone contribution · val frame AUC [95 %]"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -693,8 +699,9 @@ def demo_table(
             vals = [_metric(r, f, key) for f in held]
             mean, n = _nanmean(vals)
             cells.append(_fmt(mean) + ("" if n == len(held) else "†") if n else "n/a")
-        c = r.contribution
-        cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}")
+        c, ci = r.contribution, r.contribution_ci
+        cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}" + (
+            f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -856,9 +863,11 @@ def write_demo_report(
     if any("†" in line for line in md[-1].splitlines()[2:]):
         md += ["† mean over the held-out families where the metric is defined.", ""]
     md += [
-        "Backbone contribution: validation frame AUC (SynBlend's validation split, the "
-        "checkpoint-selection split) of the trained detector minus that of the *pretrained* "
-        "backbone carrying the same trained head. Near zero, the head did the work and the "
+        "Backbone contribution: validation frame AUC (the validation split of "
+        f"{', '.join(train_families)}, the checkpoint-selection split{_videos(all_rows)}) of "
+        "the trained detector minus that of the *pretrained* backbone carrying the same "
+        "trained head; the interval is a paired bootstrap over validation videos. Near zero, "
+        "the head did the work and the "
         "method's adaptation did not act; n/a where the backbone is frozen or it was not "
         "measured.",
         "",

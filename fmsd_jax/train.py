@@ -161,6 +161,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
     preflight.check_config(cfg)
     assemble.check_init_from(cfg)
+    checkpointing.check_resumable(workdir, cfg)
     # Every split this run will read (train, validation, test) is listed and checked now, so
     # a missing test frame is named before the first step, not after the last.
     manifest.record(workdir, "train", preflight.check_data(cfg, "train"))

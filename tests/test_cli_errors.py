@@ -156,3 +156,24 @@ def test_a_demo_row_says_where_it_reads_before_it_starts(tmp_path, caplog, monke
         demo.run(cfg, tmp_path / "other" / "effort")
     assert calls == ["data", "backbone"]
     assert f"writing the benchmark to {tmp_path / 'other' / 'effort' / 'data'}" in caplog.text
+
+
+def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
+        tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    from fmsd_jax import checkpointing
+
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # what orbax leaves after step 2
+    with pytest.raises(errors.AlreadyExists, match="holds checkpoints but no config.json"):
+        checkpointing.check_resumable(tmp_path, cfg)
+    checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())
+    checkpointing.check_resumable(tmp_path, cfg)  # the same run: resumes
+    longer = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                      **{"train.total_steps": "40", "eval.batch_size": "4"})
+    checkpointing.check_resumable(tmp_path, longer)  # run longer, evaluate differently: fine
+    other = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                     **{"optim.lr": "0.1", "method.regime": "effort"})
+    with pytest.raises(errors.AlreadyExists,
+                       match=r"different config.*'method.regime'.*'optim.lr'"):
+        checkpointing.check_resumable(tmp_path, other)
+    assert checkpointing.config_differences(tmp_path / "none", cfg) is None

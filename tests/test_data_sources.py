@@ -88,6 +88,16 @@ def test_deepfakebench_reads_compression_level_and_samples_evenly(tmp_path):
     assert len(list_records(cfg, 'FaceForensics++', 'test')) == 2 * (8 + 3)
 
 
+def test_frame_num_val_key_serves_only_the_val_split():
+    import ml_collections as mlc
+
+    from fmsd_jax.data.file_records import split_frame_num
+    d = mlc.ConfigDict({'frame_num': {'train': 8, 'test': 6}})
+    assert [split_frame_num(d, s) for s in ('train', 'val', 'test')] == [8, 6, 6]  # DFB
+    d.frame_num.val = 4
+    assert [split_frame_num(d, s) for s in ('train', 'val', 'test')] == [8, 4, 6]
+
+
 def test_deepfakebench_errors_name_json_split_and_missing_frames(tmp_path):
     jf = _ff_like(tmp_path, {'000': 4})
     cfg = _cfg(tmp_path, jf)

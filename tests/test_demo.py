@@ -111,8 +111,15 @@ def test_pretrained_backbone_is_a_clip_checkpoint(quick_demo):
 def test_rerun_skips_finished_stages(quick_demo):
     workdir, _ = quick_demo
     stamp = {p: p.stat().st_mtime_ns for p in workdir.rglob("*.json")}
+    timing = workdir / "demo_timing.json"
+    first = timing.read_text()
+    timing.unlink()  # a rerun that has no record of the first run's times
     again = demo.run(demo_config("quick"), workdir)
     assert set(again["skipped"]) == {"pretrain", *demo.METHODS}
+    time_line = next(line for line in (workdir / "report.md").read_text().splitlines()
+                     if line.startswith("**Time.**"))
+    assert "pretrain reused" in time_line and "fmsd reused" in time_line, time_line
+    timing.write_text(first)
     # Nothing a finished stage wrote was rewritten.
     changed = [p for p, t in stamp.items() if p.stat().st_mtime_ns != t
                and p.name != "demo_timing.json"]
@@ -202,15 +209,18 @@ def test_report_shows_contribution_and_explains_below_chance(tmp_path):
 
     def row(name, aucs, contribution=None, ci=None):
         res = {f: {"frame_auc": a, "video_auc": a - 0.01} for f, a in aucs.items()}
-        return report.DemoRow(name, res, "cmd", contribution=contribution, contribution_ci=ci)
+        return report.DemoRow(name, res, "cmd", contribution=contribution, contribution_ci=ci,
+                              contribution_videos=128 if ci else None)
 
     rows = [row("FMSD", {"A": .8, "B": .3, "C": .6}, 0.05, (0.02, 0.08)),
             row("Effort", {"A": .8, "B": .2, "C": .45}, 0.001, (-0.01, 0.012)),
             row("Probe", {"A": .7, "B": .4, "C": .55})]
     text = report.write_demo_report(tmp_path / "r.md", rows, train_families=["A"]).read_text()
     header, body = _table(text)
-    col = header.index("backbone contribution · val frame AUC")
-    assert [r[col] for r in body] == ["+0.0500", "+0.0010", "n/a"]
+    col = header.index("backbone contribution · val frame AUC [95 %]")
+    assert [r[col] for r in body] == ["+0.0500 [+0.020, +0.080]", "+0.0010 [-0.010, +0.012]",
+                                      "n/a"]
+    assert "(the validation split of A, the checkpoint-selection split, 128 videos)" in text
     assert "**Effort: the backbone did not adapt; the head did the work**" in text
     assert "FMSD: the adapted backbone adds 0.0500" in text
     assert "**B is below chance for every method (3 of 3)**: frame AUC 0.200–0.400" in text

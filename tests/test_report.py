@@ -278,7 +278,7 @@ def test_demo_report(tmp_path, demo_rows):
     assert header[1:3] == ["blend (train) · frame AUC", "blend (train) · video AUC"]
     assert "swap · frame AUC" in header and "swap · video AUC" in header
     assert header[-3:] == ["held-out mean · frame AUC", "held-out mean · video AUC",
-                           "backbone contribution · val frame AUC"]
+                           "backbone contribution · val frame AUC [95 %]"]
     col = {h: i for i, h in enumerate(header)}
     table = {r[0]: r for r in rows}
     assert list(table) == ["FMSD", "Effort", "LinearProbe", "FullFT", "Near"]

@@ -23,6 +23,7 @@ import pytest
 
 from fmsd_jax import (
     build,
+    checkpointing,
     config_base,
     diagnostics,
     errors,
@@ -303,6 +304,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
     good = trainable_at(tmp_path, 2)
     bad = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"optim.lr": "inf",
                                                             "optim.head_lr": "inf"})
+    # The run diverging later under its own settings: its config.json is the diverging one
+    # (resuming under a changed lr is refused; tests/test_cli_errors.py).
+    checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
     with pytest.raises(FloatingPointError, match="last good checkpoint was kept"):
         train.train(bad, tmp_path)
     assert latest_step(tmp_path) == 2

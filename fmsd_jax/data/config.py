@@ -55,7 +55,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.test_dataset = ('Celeb-DF-v1', 'Celeb-DF-v2', 'DFDCP', 'DFDC', 'DeepFakeDetection')
     # Only the FF family (FF++, DFD, FaceShifter) has a compression level in the JSON.
     c.compression = 'c23'
-    c.frame_num = ml_collections.ConfigDict({'train': 8, 'test': 8})  # Effort: 8 and 8
+    # Effort: 8 and 8. The 'val' split reads `test` unless a config adds a `val` key (the
+    # demo does: more validation videos at fewer frames each narrow its bootstrap interval).
+    c.frame_num = ml_collections.ConfigDict({'train': 8, 'test': 8})
     c.label_dict = ml_collections.ConfigDict({**DEEPFAKEBENCH_LABEL_DICT,
                                               **SYNTHETIC_LABEL_DICT})
     c.image_size = 224  # CLIP ViT-B/16 and L/14 resolution

@@ -16,9 +16,14 @@ FILE_SOURCES = SOURCES[:3]
 
 
 def split_frame_num(data_cfg, split: str) -> int | None:
-    """config.data.frame_num for a split: `train` for 'train', `test` for every other."""
+    """config.data.frame_num for a split: `train` for 'train', `test` for every other, as
+    DeepfakeBench; an optional `val` key (not DeepfakeBench's) serves 'val' when set."""
     fn = data_cfg.frame_num
-    return int(fn.train if split == 'train' else fn.test)
+    if split == 'train':
+        return int(fn.train)
+    if split == 'val' and fn.get('val') is not None:
+        return int(fn.val)
+    return int(fn.test)
 
 
 def list_records(data_cfg, dataset: str, split: str, *,
