@@ -20,6 +20,7 @@ from flax import nnx
 
 from fmsd_jax import build, manifest, metrics, preflight, report, sharding
 from fmsd_jax.data import pipeline
+from fmsd_jax.model.vit import on_mesh
 
 log = logging.getLogger("fmsd_jax")
 
@@ -31,7 +32,7 @@ def make_predict_fn(graphdef: Any, mesh) -> Any:
         model = nnx.merge(graphdef, trainable, frozen)
         return jax.nn.softmax(model(images).astype(np.float32), axis=-1)[:, 1]
 
-    return jax.jit(predict, out_shardings=sharding.batch_sharding(mesh))
+    return jax.jit(on_mesh(predict, mesh), out_shardings=sharding.batch_sharding(mesh))
 
 
 def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,

@@ -59,6 +59,7 @@ from fmsd_jax.data import pipeline
 from fmsd_jax.method import masking
 from fmsd_jax.method.objective import make_loss_fn
 from fmsd_jax.model.detector import HeadParam
+from fmsd_jax.model.vit import on_mesh
 
 log = logging.getLogger("fmsd_jax")
 
@@ -79,17 +80,25 @@ def estimator_loss_fn():
     return _CE
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _warmup_step(graphdef, lr: float, head, opt_state, rest, batch):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _warmup_step(graphdef, lr: float, mesh, head, opt_state, rest, batch):
     """One Adam step of the head alone (the backbone is only run forward)."""
     tx = optax.adam(lr)
 
     def loss_of(h):
         return _CE(nnx.merge(graphdef, h, rest), batch)
 
-    (_, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(head)
+    grad_fn = on_mesh(jax.value_and_grad(loss_of, has_aux=True), mesh)
+    (_, aux), grads = grad_fn(head)
     updates, opt_state = tx.update(grads, opt_state, head)
     return optax.apply_updates(head, updates), opt_state, (aux["ce"], aux["accuracy"])
+
+
+def estimator_placement(mesh, candidates: nnx.State, rest: nnx.State) -> tuple:
+    """The run's shardings for the estimator: weights as the train step holds them
+    (fsdp-split when large), the batch over every batch axis (sharding.py)."""
+    return (sharding.tree_shardings(mesh, candidates), sharding.tree_shardings(mesh, rest),
+            sharding.batch_sharding(mesh))
 
 
 def warm_head(cfg: mlc.ConfigDict, detector: nnx.Module, mesh, *,
@@ -110,7 +119,8 @@ def warm_head(cfg: mlc.ConfigDict, detector: nnx.Module, mesh, *,
     t0 = time.perf_counter()
     curve = []
     for batch in _batches(cfg, mesh, seed + 2, mc.warmup_steps):
-        head, opt_state, metrics = _warmup_step(graphdef, lr, head, opt_state, rest, batch)
+        head, opt_state, metrics = _warmup_step(graphdef, lr, mesh, head, opt_state, rest,
+                                                batch)
         curve.append(metrics)
     ce, acc = (np.asarray(x, np.float64) for x in zip(*jax.device_get(curve), strict=True))
     n = max(1, min(10, len(ce) // 2))
@@ -134,7 +144,8 @@ def layer_scores(cfg: mlc.ConfigDict, detector: nnx.Module, mesh, *,
     scores = masking.estimate_layer_scores(
         graphdef, candidates, rest, _batches(cfg, mesh, seed + 1, mc.num_batches),
         loss_fn=_CE, targets=targets,
-        score=mc.score, eps=mc.eps, num_batches=mc.num_batches, mesh=mesh)
+        score=mc.score, eps=mc.eps, num_batches=mc.num_batches, mesh=mesh,
+        placement=estimator_placement(mesh, candidates, rest))
     return scores, head_record
 
 

@@ -174,16 +174,31 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+def _trip_count(condition: list[str] | None) -> int:
+    """Iterations of a scan's while loop from its condition `i < N` (i counts from 0), for
+    HLO that does not state `known_trip_count` (the TPU compiler's output); 1 if unknown."""
+    text = "\n".join(condition or [])
+    bound = re.findall(r"=\s*s32\[\]\S*\s+constant\((\d+)\)", text)
+    if "direction=LT" in text and len(bound) == 1:
+        return int(bound[0])
+    return 1
+
+
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 
 
 def hlo_collectives(hlo: str) -> dict[str, dict[str, Any]]:
-    """Collectives of a compiled HLO module, per step: {kind: {count, bytes, dtypes}}.
+    """Collectives of a compiled HLO module, per step: {kind: {count, bytes, dtypes, shapes}}.
 
     An op inside a while loop (the scanned layers) runs trip-count times and is counted so.
     `bytes` is the size of each op's result buffer on one chip, summed over executions
-    (all-gather: the gathered weight; reduce-scatter: the scattered slice)."""
+    (all-gather: the gathered weight; reduce-scatter: the scattered slice); `shapes` the
+    distinct result types (what was moved: a weight, a gradient, an activation). XLA's TPU
+    backend writes a reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion
+    that keeps one slice: counted as a reduce-scatter, with the bytes of the tensor reduced.
+    It also splits one collective into a chain of ops that overlap with compute (the same
+    `chain_id`, each printed with the full result): a chain is counted once."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -200,10 +215,14 @@ def hlo_collectives(hlo: str) -> dict[str, dict[str, Any]]:
     for name, lines in comps.items():
         for line in lines:
             trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            cond = re.search(r"\bcondition=%?([\w.\-]+)", line)
             for key, callee in re.findall(r"\b(body|condition|calls|branch_computations|"
                                           r"true_computation|false_computation)=\{?%?([\w.\-]+)",
                                           line):
-                n = int(trip.group(1)) if (key == "body" and trip) else 1
+                n = 1
+                if key == "body":
+                    n = int(trip.group(1)) if trip else _trip_count(comps.get(cond.group(1)
+                                                                              if cond else ""))
                 callers[callee].append((name, n))
     memo: dict[str, int] = {}
 
@@ -215,6 +234,7 @@ def hlo_collectives(hlo: str) -> dict[str, dict[str, Any]]:
         return memo[name]
 
     out: dict[str, dict[str, Any]] = {}
+    chains: set[tuple[str, str]] = set()
     for name, lines in comps.items():
         m_comp = mult(name)
         if not m_comp:
@@ -227,14 +247,24 @@ def hlo_collectives(hlo: str) -> dict[str, dict[str, Any]]:
             kind = op.removesuffix("-start")
             if kind not in COLLECTIVES or op.endswith("-done"):
                 continue
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                kind = "reduce-scatter"
+            chain = re.search(r'chain_id="(\d+)"', line)
+            if chain:
+                if (kind, chain.group(1)) in chains:
+                    continue
+                chains.add((kind, chain.group(1)))
             if op.endswith("-start") and result.startswith("("):  # (operand, result) pair
                 result = result[1:].split("]", 1)[-1] if kind != "all-reduce" else result
-            rec = out.setdefault(kind, {"count": 0, "bytes": 0, "dtypes": set()})
+            rec = out.setdefault(kind, {"count": 0, "bytes": 0, "dtypes": set(),
+                                        "shapes": set()})
             rec["count"] += m_comp
             rec["bytes"] += m_comp * _shape_bytes(result)
             rec["dtypes"].update(re.findall(r"\b([a-z]+\d*)\[", result))
+            rec["shapes"].update(re.findall(r"\b[a-z]+\d*\[[\d,]*\]", result))
     for rec in out.values():
         rec["dtypes"] = sorted(rec["dtypes"])
+        rec["shapes"] = sorted(rec["shapes"])
     return out
 
 
@@ -311,16 +341,16 @@ def _programs(cfg: mlc.ConfigDict, mesh: Any, which: tuple[str, ...]) -> dict[st
     if "mask_update" in which and mask_used:
         dense, _ = assemble.abstract_detector(cfg, decomposed=False)
         graphdef, cand, rest = masking.candidate_split(dense, tuple(cfg.method.targets))
-        repl = sharding.replicated(mesh)
-        place = lambda t: jax.tree.map(  # noqa: E731
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), t)
-        acc = place(jax.eval_shape(masking.init_moments, cand))
+        placement = layer_mask.estimator_placement(mesh, cand, rest)
+        place = lambda t, sh: jax.tree.map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), t, sh)
+        acc = jax.eval_shape(masking.init_moments, cand)
+        acc = place(acc, masking.moment_shardings(mesh, placement))
         batch = train.batch_spec(cfg, cfg.train.batch_size, mesh)
-        data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data)
-                 for k, v in batch.items()}
-        step = masking.jit_moment_update(graphdef, layer_mask.estimator_loss_fn(), mesh)
-        out["mask_update"] = (step, (acc, place(cand), place(rest), batch), mesh.shape["data"])
+        step = masking.jit_moment_update(graphdef, layer_mask.estimator_loss_fn(), mesh,
+                                         placement)
+        out["mask_update"] = (step, (acc, place(cand, placement[0]), place(rest, placement[1]),
+                                     batch), n)
     return out
 
 

@@ -1,7 +1,10 @@
 """Device mesh and array shardings (pjit = `jax.jit` with explicit shardings; no pmap).
 
 The batch is split over every mesh axis; parameters are replicated over `data` and, when the
-`fsdp` axis is larger than one, large weights are split along it (XLA gathers them where used).
+`fsdp` axis is larger than one, large weights are stored split along it and gathered layer by
+layer where they are used (`vit.gather_weights` in the layer scan; the jitted steps are traced
+under `vit.on_mesh`), so fsdp costs weight all-gathers and gradient reduce-scatters while the
+activations stay split over the batch (FSDP).
 
 Nothing here reads the host's devices unless no devices are given: the planner
 (`fmsd_jax/plan.py`) builds meshes over a TPU topology's devices on a CPU machine with the same
@@ -22,8 +25,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fmsd_jax.errors import BadInput
+from fmsd_jax.model.vit import FSDP_AXIS
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", FSDP_AXIS)
 FSDP_MIN_SIZE = 2**18  # arrays smaller than this are cheaper replicated than gathered
 
 

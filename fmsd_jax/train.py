@@ -37,6 +37,7 @@ from fmsd_jax.data import pipeline
 from fmsd_jax.errors import BadInput, TrainingDiverged
 from fmsd_jax.method.objective import make_loss_fn
 from fmsd_jax.method.optimizer import make_optimizer
+from fmsd_jax.model.vit import on_mesh
 
 log = logging.getLogger("fmsd_jax")
 
@@ -76,7 +77,7 @@ def make_train_step(run: build.Run, loss_fn, tx: optax.GradientTransformation, s
         return new_state, metric_sums
 
     return jax.jit(
-        step,
+        on_mesh(step, run.mesh),
         in_shardings=(state_shardings, frozen_sh, {"image": batch_sh, "label": batch_sh}, repl),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0, 3),

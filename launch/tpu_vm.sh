@@ -144,17 +144,23 @@ case "${GENERATION}" in
   v4 | v5p) CHIPS=$((SIZE / 2)) ;;
   *) CHIPS="${SIZE}" ;;
 esac
-# The mesh from the evidence: README 'Planning a pod run' compiles the FMSD train step for
-# these slices (tools/plan_table.py). With FMSD every slice there fits data-only, and fsdp only
-# adds weight all-gathers (collective bytes per step in the table), so data-only is the default.
-# Full fine-tuning of L/14 or H/14 on v5e (16 GiB) needs fsdp: pass --fsdp and plan it first.
+# The mesh from the evidence: README 'Planning a pod run' (tools/plan_table.py) compiles the FMSD
+# and full fine-tuning train steps of B/16 and L/14 for v5e-8, v5e-256, v4-128 and v5p-512,
+# data-only against data x fsdp 4. On each of them the best FMSD mesh is data-only: it fits with most of the HBM
+# free and moves 1-3 MiB of fp32 gradient sums per step, while fsdp 4 saves 0.3 (B/16) to
+# 1.25 GiB (L/14) per chip and adds every layer's weight all-gathers, twice per step (326 MiB
+# for B/16, 1.13 GiB for L/14). So every slice defaults to data-only; for a slice the table does
+# not list, the same holds as long as the weights fit a chip. fsdp pays off when full
+# fine-tuning of a large tower does not fit a chip data-only: pass --fsdp N, planned first
+# with --mode plan.
 if [[ -z "${FSDP}" ]]; then FSDP=1; fi
 if ! [[ "${FSDP}" =~ ^[1-9][0-9]*$ ]] || ((CHIPS % FSDP)); then
   die "--fsdp ${FSDP} must be a positive divisor of the ${CHIPS} chips of ${ACCEL}"
 fi
 MESH_ARGS=(--config.mesh.data=-1 "--config.mesh.fsdp=${FSDP}")
 if [[ "${DRY_RUN}" == 1 ]]; then
-  echo "mesh for ${ACCEL} (${CHIPS} chips): data=$((CHIPS / FSDP)) x fsdp=${FSDP}" >&2
+  echo "mesh for ${ACCEL} (${CHIPS} chips): data=$((CHIPS / FSDP)) x fsdp=${FSDP}" \
+    "(the best FMSD mesh in README 'Planning a pod run' is data-only; --fsdp N overrides)" >&2
 fi
 # One TPU VM host carries up to 8 cores/chips; bigger slices are multi-host, and capacity
 # for them is only reliably obtained through queued resources.

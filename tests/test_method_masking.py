@@ -163,6 +163,16 @@ _SHARDED = textwrap.dedent("""
     many = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(None), mesh=mesh)
     for k in ("bias", "variance", "score", "gsnr"):
         np.testing.assert_allclose(many[k], one[k], rtol=2e-4, err_msg=k)
+    # A run's placement: data 4 x fsdp 2, every weight split over fsdp and gathered per layer.
+    from fmsd_jax import layer_mask, sharding
+    sharding.FSDP_MIN_SIZE = 0
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), sharding.BATCH_AXES)
+    placement = layer_mask.estimator_placement(mesh, c, r)
+    assert "fsdp" in str(jax.tree.leaves(placement[0])[0].spec)
+    fsdp = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(None), mesh=mesh,
+                                 placement=placement)
+    for k in ("bias", "variance", "score", "gsnr"):
+        np.testing.assert_allclose(fsdp[k], one[k], rtol=2e-4, err_msg=k)
     print("SHARDED_OK")
 """)
 

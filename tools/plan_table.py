@@ -1,23 +1,30 @@
 """The README's pod-planning table: compile the train step for TPU slices from this machine.
 
   python tools/plan_table.py --out runs/plan_table.json                 # the full grid
-  python tools/plan_table.py --variants B/16 --slices v5e-8 --fsdp 1 2 --out t.json
+  python tools/plan_table.py --variants B/16 --slices v5e-8 --fsdp 1 4 --out t.json
 
 For every (variant, slice, mesh) it compiles the FMSD train step (bf16, the run's shardings)
 at the DeepfakeBench global batch (32; or the smallest multiple of the chip count) and full
-fine-tuning at the same batch (the memory the decomposition saves per chip), then finds the
-largest per-chip batch that fits: two compiles give XLA's per-chip memory as a line in the
-batch, the line gives a candidate, and one more compile checks it (stepping down until one
-fits). Prints a Markdown table and writes every number to --out as JSON. Times are roofline
-estimates (counted FLOPs at the chip's peak bf16 rate), never measurements. Needs libtpu
-(pip install -r requirements-tpu.txt). Compile time grows with model and slice: B/16 on 8
-chips takes ~1 min on a 2-core machine, L/14 and H/14 on 256 chips several minutes each.
+fine-tuning at the same batch (the memory the decomposition saves per chip). Then, unless
+--no-max-batch, the largest per-chip FMSD batch that fits: per-chip memory is a line in the
+per-chip batch (activations grow with it, weights do not), so one more compile of the first
+row of each variant at 8x its per-chip batch gives the slope, every row of that variant reuses
+it (the activation bytes per image do not depend on the slice or the mesh), and one compile
+checks the batch the line predicts (stepping down 10 % at a time until one fits).
+
+Every compile's numbers go to --out (JSON, rewritten atomically after each compile), and a
+rerun with the same --out reuses them: an interrupted grid resumes where it stopped. All
+batch-32 rows come first, then the largest batches. Prints a Markdown table. Times are
+roofline estimates (counted FLOPs at the chip's peak bf16 rate), never measurements. Needs
+libtpu (pip install -r requirements-tpu.txt). Compile time grows with the model, not the
+slice: on a shared 2-core machine ~1 min (B/16) to several minutes (H/14) per compile.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fmsd_jax import config_base, plan  # noqa: E402
 
 GiB = 2**30
+SLOPE_FACTOR = 8  # the slope compile runs at this multiple of the row's per-chip batch
 
 
 def config(variant: str, regime: str, batch: int, fsdp: int):
@@ -43,33 +51,66 @@ def config(variant: str, regime: str, batch: int, fsdp: int):
     return c
 
 
-def compile_row(variant, regime, slice_, batch, fsdp) -> dict:
-    t0 = time.perf_counter()
-    p = plan.plan(config(variant, regime, batch, fsdp), slice_, which=("train_step",),
-                  suggest=False)
-    r = p["programs"]["train_step"]
-    coll = sum(v["bytes"] for v in r["collectives"].values())
-    return dict(variant=variant, regime=regime, slice=p["slice"], chips=p["chips"],
+class NotCompiled(Exception):
+    """--cached-only: this compile is not in --out yet."""
+
+
+class Results:
+    """Compiles already done, by (variant, regime, slice, global batch, fsdp), kept in a JSON
+    file that is rewritten after every compile (so a rerun resumes)."""
+
+    def __init__(self, path: Path, cached_only: bool = False):
+        self.path = path
+        self.cached_only = cached_only
+        self.rows: dict[str, dict] = {}
+        if path.exists():
+            self.rows = json.loads(path.read_text())["compiles"]
+
+    def compile(self, variant: str, regime: str, slice_: str, batch: int, fsdp: int) -> dict:
+        key = f"{variant}|{regime}|{slice_}|{batch}|{fsdp}"
+        if key not in self.rows and self.cached_only:
+            raise NotCompiled(key)
+        if key not in self.rows:
+            t0 = time.perf_counter()
+            p = plan.plan(config(variant, regime, batch, fsdp), slice_, which=("train_step",),
+                          suggest=False)
+            r = p["programs"]["train_step"]
+            self.rows[key] = dict(
+                variant=variant, regime=regime, slice=p["slice"], chips=p["chips"],
                 mesh=f"{p['mesh']['data']}x{p['mesh']['fsdp']}", global_batch=batch,
-                peak_gib=r["peak_bytes"] / GiB, fits=r["fits"], hbm_gib=p["chip"]["hbm_gib"],
-                tflop_per_chip=r["flops_per_chip"] / 1e12,
-                est_ms=r["estimated_seconds"] * 1e3, collective_mib=coll / 2**20,
-                collectives=r["collectives"], compile_s=time.perf_counter() - t0)
+                per_chip_batch=batch // p["chips"], peak_gib=r["peak_bytes"] / GiB,
+                fits=r["fits"], hbm_gib=p["chip"]["hbm_gib"],
+                tflop_per_chip=r["flops_per_chip"] / 1e12, est_ms=r["estimated_seconds"] * 1e3,
+                collective_mib=sum(v["bytes"] for v in r["collectives"].values()) / 2**20,
+                collectives=r["collectives"], compile_s=round(time.perf_counter() - t0, 1))
+            self.save()
+            print(json.dumps({k: v for k, v in self.rows[key].items() if k != "collectives"},
+                             default=str), flush=True)
+        return self.rows[key]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"compiles": self.rows}, indent=1, default=str))
+        os.replace(tmp, self.path)
 
 
-def largest_batch(variant, slice_, fsdp, chips, hbm_gib, lo: dict) -> tuple[int, dict]:
-    """Largest per-chip batch that fits: a line through two compiles, checked by a third."""
-    b1 = lo["global_batch"] // chips
-    b2 = b1 * 4
-    hi = compile_row(variant, "fmsd", slice_, b2 * chips, fsdp)
-    slope = (hi["peak_gib"] - lo["peak_gib"]) / (b2 - b1)
-    guess = max(1, int((hbm_gib - lo["peak_gib"]) / slope + b1)) if slope > 0 else b2
+def largest_batch(res: Results, row: dict, slope_row: dict) -> tuple[int, dict]:
+    """Largest per-chip FMSD batch that fits: the line through `slope_row` and its 8x compile,
+    moved to `row`'s intercept, predicts it; one compile checks (10 % lower until it fits)."""
+    b0 = slope_row["per_chip_batch"]
+    hi = res.compile(row["variant"], "fmsd", slope_row["slice"],
+                     b0 * SLOPE_FACTOR * slope_row["chips"], int(slope_row["mesh"].split("x")[1]))
+    slope = (hi["peak_gib"] - slope_row["peak_gib"]) / (b0 * (SLOPE_FACTOR - 1))
+    b1 = row["per_chip_batch"]
+    fsdp = int(row["mesh"].split("x")[1])
+    guess = max(1, int((row["hbm_gib"] - row["peak_gib"]) / slope + b1))
     while guess >= 1:
-        row = compile_row(variant, "fmsd", slice_, guess * chips, fsdp)
-        if row["fits"]:
-            return guess, row
+        checked = res.compile(row["variant"], "fmsd", row["slice"], guess * row["chips"], fsdp)
+        if checked["fits"]:
+            return guess, checked
         guess = int(guess * 0.9)
-    return 0, hi
+    return 0, checked
 
 
 def main() -> None:
@@ -80,56 +121,68 @@ def main() -> None:
                     help="fsdp sizes of the rows (1: data only)")
     ap.add_argument("--batch", type=int, default=32, help="DeepfakeBench's global batch")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--no-full", action="store_true", help="skip the full fine-tuning compiles")
+    ap.add_argument("--max-batch-fsdp", type=int, nargs="+",
+                    help="search the largest batch only for rows with these fsdp sizes")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="compile nothing: print the table of what --out holds, and what not")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--max-batch-only", action="store_true",
-                    help="only add the largest batch to the rows already in --out")
     args = ap.parse_args()
-    if args.max_batch_only:
-        rows = json.loads(args.out.read_text())
+    res = Results(args.out, cached_only=args.cached_only)
+    chips = {s: plan.parse_topology(s)[2] for s in args.slices}
+    cells = [(v, s, f) for v in args.variants for s in args.slices
+             for f in sorted({min(f, chips[s]) for f in args.fsdp})]
+    rows, missing = [], []
+    for v, s, f in cells:
+        batch = max(args.batch, chips[s]) // chips[s] * chips[s]
+        try:
+            row = dict(res.compile(v, "fmsd", s, batch, f))
+            if not args.no_full:
+                full = res.compile(v, "full", s, batch, f)
+                row["full_peak_gib"], row["full_collective_mib"] = (full["peak_gib"],
+                                                                    full["collective_mib"])
+                row["full_fits"] = full["fits"]
+        except NotCompiled:
+            missing.append(f"{v} on {s}, data x fsdp {chips[s] // f}x{f}, batch {batch}")
+            continue
+        rows.append(row)
+    if not args.no_max_batch:
+        first: dict[str, dict] = {}
         for row in rows:
-            fsdp = int(row["mesh"].split("x")[1])
-            if "max_per_chip_batch" in row or fsdp not in args.fsdp:
+            slope_row = first.setdefault(row["variant"], row)
+            if args.max_batch_fsdp and int(row["mesh"].split("x")[1]) not in args.max_batch_fsdp:
                 continue
-            row["max_per_chip_batch"], row["max_row"] = largest_batch(
-                row["variant"], row["slice"], fsdp, row["chips"], row["hbm_gib"], row)
-            args.out.write_text(json.dumps(rows, indent=1, default=str))
-        print(table(rows))
-        return
-    rows = []
-    for variant in args.variants:
-        for slice_ in args.slices:
-            _, devices = plan.topology_devices(slice_)
-            chips = len(devices)
-            batch = max(args.batch, chips) // chips * chips
-            for fsdp in sorted({min(f, chips) for f in args.fsdp}):
-                row = compile_row(variant, "fmsd", slice_, batch, fsdp)
-                full = compile_row(variant, "full", slice_, batch, fsdp)
-                row["full_peak_gib"] = full["peak_gib"]
-                row["full_collective_mib"] = full["collective_mib"]
-                if not args.no_max_batch:
-                    row["max_per_chip_batch"], row["max_row"] = largest_batch(
-                        variant, slice_, fsdp, chips, row["hbm_gib"], row)
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items()
-                                  if k not in ("collectives", "max_row")}, default=str),
-                      flush=True)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(rows, indent=1, default=str))
+            try:
+                row["max_per_chip_batch"], best = largest_batch(res, row, slope_row)
+            except NotCompiled:
+                missing.append(f"largest FMSD batch of {row['variant']} on {row['slice']}, "
+                               f"data x fsdp {row['mesh']}")
+                continue
+            row["max_peak_gib"], row["max_est_ms"] = best["peak_gib"], best["est_ms"]
     print(table(rows))
+    if missing:
+        print("not compiled yet:\n  " + "\n  ".join(missing))
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | slice | mesh data×fsdp | batch (global) | FMSD GiB/chip | full FT "
             "GiB/chip | saved | TFLOP/chip/step | est. ms/step | collectives MiB/step "
-            "(FMSD / full) | largest FMSD batch/chip |")
+            "(FMSD / full) | largest FMSD batch/chip (GiB, est. ms) |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
+        full = r.get("full_peak_gib")
+        fulls = "—" if full is None else f"{full:.2f}" + ("" if r["full_fits"] else " ✗")
+        saved = "—" if full is None else f"{full - r['peak_gib']:.2f}"
+        fcoll = "—" if full is None else f"{r['full_collective_mib']:.1f}"
+        best = "—"
+        if "max_per_chip_batch" in r:
+            best = (f"{r['max_per_chip_batch']} ({r['max_peak_gib']:.1f}, "
+                    f"{r['max_est_ms']:.0f})")
         lines.append(
-            f"| {r['variant']} | {r['slice']} | {r['mesh']} | {r['global_batch']} | "
-            f"{r['peak_gib']:.2f} | {r['full_peak_gib']:.2f} | "
-            f"{r['full_peak_gib'] - r['peak_gib']:.2f} | {r['tflop_per_chip']:.3f} | "
-            f"{r['est_ms']:.1f} | {r['collective_mib']:.1f} / {r['full_collective_mib']:.1f} | "
-            f"{r.get('max_per_chip_batch', '—')} |")
+            f"| {r['variant']} | {r['slice']} | {r['mesh'].replace('x', '×')} | "
+            f"{r['global_batch']} | {r['peak_gib']:.2f}{'' if r['fits'] else ' ✗'} | {fulls} | "
+            f"{saved} | {r['tflop_per_chip']:.3f} | {r['est_ms']:.1f} | "
+            f"{r['collective_mib']:.1f} / {fcoll} | {best} |")
     return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fmsd_jax.model.detector import HeadParam
-from fmsd_jax.model.vit import ATTN_PROJECTIONS, MLP_PROJECTIONS, Dense
+from fmsd_jax.model.vit import ATTN_PROJECTIONS, MLP_PROJECTIONS, Dense, add_bias
 
 
 class SemanticWeight(nnx.Variable):
@@ -199,7 +199,7 @@ class DecomposedDense(nnx.Module):
             y = x @ self.semantic[...].astype(dt)
             y = y + artifact_path(x, self.u[...], self.s[...], self.v[...])
         if self.bias is not None:
-            y = y + self.bias[...].astype(dt)
+            y = add_bias(y, self.bias[...])
         return y
 
 

@@ -22,8 +22,9 @@ the same function scores artifact factors of a decomposed model (split with
 
 Moments accumulate on device with Welford's update (no fp32 cancellation between E‖g‖² and
 ‖ḡ‖² when a layer's gradient is consistent): per element, mean and M2 are carried across T
-batches in one jitted step per batch (donated, sharded over the data axis when a mesh is given)
-and reduced to (L, n_targets) cells only at the end; one host transfer in total.
+batches in one jitted step per batch (donated; on a mesh, placed like the candidate weights,
+which a run splits over fsdp as in training) and reduced to (L, n_targets) cells only at the
+end; one host transfer in total.
 
 Definitions (DESIGN.md §1.3), per cell c with element set E_c and ḡ = mean_t g(t):
     bias_c     = Σ_{e∈E_c} ḡ_e²                       = ‖ḡ_c‖²
@@ -46,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fmsd_jax.method.decompose import target_of_path
-from fmsd_jax.model.vit import ATTN_PROJECTIONS
+from fmsd_jax.model.vit import ATTN_PROJECTIONS, on_mesh
 
 SCORES = ("bias_variance", "gsnr")
 
@@ -125,23 +126,41 @@ def make_moment_update(
     return update
 
 
+Placement = tuple[Any, Any, Any]  # shardings of (candidates, everything else, batch)
+
+
+def default_placement(
+    mesh: Mesh, candidates: nnx.State, rest: nnx.State, data_axis: str = "data"
+) -> Placement:
+    """Parameters replicated and the batch split over `data_axis` (a run passes its own)."""
+    repl = NamedSharding(mesh, P())
+    return (jax.tree.map(lambda _: repl, candidates), jax.tree.map(lambda _: repl, rest),
+            NamedSharding(mesh, P(data_axis)))
+
+
+def moment_shardings(mesh: Mesh, placement: Placement) -> Any:
+    """The moments (count, mean, M2) live like the candidates they accumulate."""
+    cand = placement[0]
+    return NamedSharding(mesh, P()), cand, cand
+
+
 def jit_moment_update(
     graphdef: nnx.GraphDef,
     loss_fn: Callable[..., tuple[jax.Array, Any]],
     mesh: Mesh | None = None,
-    data_axis: str = "data",
+    placement: Placement | None = None,
 ) -> Callable[[Moments, nnx.State, nnx.State, Any], Moments]:
     """The jitted estimator step exactly as `estimate_layer_scores` runs it (the planner
-    compiles this same function for a TPU slice): moments donated; with a mesh, the batch
-    split over `data_axis` and everything else replicated."""
+    compiles this same function for a TPU slice): moments donated; with a mesh, arguments
+    placed by `placement` (the run's shardings; see `default_placement`) and the step traced
+    on the mesh, so that fsdp-split weights are gathered per layer as in the train step."""
     update = make_moment_update(graphdef, loss_fn)
     if mesh is None:
         return jax.jit(update, donate_argnums=0)
-    repl = NamedSharding(mesh, P())
-    data = NamedSharding(mesh, P(data_axis))
-    return jax.jit(
-        update, in_shardings=(repl, repl, repl, data), out_shardings=repl, donate_argnums=0
-    )
+    cand, rest, batch = placement
+    acc = moment_shardings(mesh, placement)
+    return jax.jit(on_mesh(update, mesh), in_shardings=(acc, cand, rest, batch),
+                   out_shardings=acc, donate_argnums=0)
 
 
 def estimate_layer_scores(
@@ -157,13 +176,15 @@ def estimate_layer_scores(
     num_batches: int | None = None,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    placement: Placement | None = None,
 ) -> dict[str, np.ndarray]:
     """Gradient bias, variance and score of every (layer, target) cell over T batches.
 
     `trainable_state` holds the leaves to differentiate (stacked, leading axis L); `loss_fn`
-    is the training objective, loss_fn(model, batch) -> (loss, aux). With `mesh`, batches are
-    sharded over `data_axis` and the parameters and moments replicated; the mini-batch gradient
-    (a mean over the global batch) is the same as on one device. Returns numpy arrays
+    is the training objective, loss_fn(model, batch) -> (loss, aux). With `mesh`, arguments
+    are placed by `placement` (a run passes its own shardings; default: batches split over
+    `data_axis`, parameters and moments replicated); the mini-batch gradient (a mean over the
+    global batch) is the same as on one device. Returns numpy arrays
     bias, variance, gsnr, score of shape (L, len(targets)) and the batch count T.
     """
     if score not in SCORES:
@@ -176,15 +197,16 @@ def estimate_layer_scores(
         raise ValueError(f"candidate leaves disagree on the stacked layer axis: {num_layers}")
     (L,) = num_layers
 
-    step = jit_moment_update(graphdef, loss_fn, mesh, data_axis)
-    acc = init_moments(trainable_state)
     data = None
+    if mesh is not None and placement is None:
+        placement = default_placement(mesh, trainable_state, frozen_state, data_axis)
+    step = jit_moment_update(graphdef, loss_fn, mesh, placement)
+    acc = init_moments(trainable_state)
     if mesh is not None:
-        repl = NamedSharding(mesh, P())
-        data = NamedSharding(mesh, P(data_axis))
-        acc = jax.device_put(acc, repl)
-        trainable_state = jax.device_put(trainable_state, repl)
-        frozen_state = jax.device_put(frozen_state, repl)
+        acc = jax.device_put(acc, moment_shardings(mesh, placement))
+        trainable_state = jax.device_put(trainable_state, placement[0])
+        frozen_state = jax.device_put(frozen_state, placement[1])
+        data = placement[2]
 
     t = 0
     for batch in batches:

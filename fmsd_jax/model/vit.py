@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 # Architectures of the public CLIP vision towers; `tiny` is for tests and the demo.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -31,6 +32,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 ATTN_PROJECTIONS = ("q", "k", "v", "out")
+FSDP_AXIS = "fsdp"  # the mesh axis that splits the weights (fmsd_jax/sharding.py)
 MLP_PROJECTIONS = ("fc1", "fc2")
 REMAT_POLICIES = ("dots", "none", "full")
 
@@ -123,10 +125,131 @@ class Dense(nnx.Module):
         return self.kernel.shape[-1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = matmul(x, self.kernel[...], self.dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = add_bias(y, self.bias[...])
         return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter gradients summed in float32, and weights gathered per layer under fsdp.
+#
+# Why: under a bf16 compute dtype, autodiff forms a weight's gradient as a bf16 dot (x^T g) or
+# bf16 reduce (sum of g, for a bias) over the batch, and on a sharded batch XLA sums those bf16
+# partial results across chips before the cast back to the fp32 parameter (seen in compiled
+# TPU steps, tests/test_plan.py). These VJPs form the batch contractions in float32, so every
+# cross-chip sum of a parameter gradient is float32. Under a float32 compute dtype they are
+# plain autodiff (the CPU programs are unchanged).
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """x @ w in `dtype`; w's gradient is summed over the batch in float32."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return x.astype(dtype) @ w.astype(dtype)
+    return _matmul_f32_grad(x.astype(dtype), w)
+
+
+@jax.custom_vjp
+def _matmul_f32_grad(x: jax.Array, w: jax.Array) -> jax.Array:
+    return x @ w.astype(x.dtype)
+
+
+def _matmul_fwd(x, w):
+    # symbolic_zeros: the backward forms only the gradients that are needed (a frozen weight
+    # gets none), so the program's jaxpr, whose matmuls plan.py counts, holds no dead dots.
+    # The flags travel as the residuals' structure (None: needed, (): not), never as arrays.
+    flags = tuple(None if a.perturbed else () for a in (x, w))
+    x, w = x.value, w.value
+    return x @ w.astype(x.dtype), (x, w, flags)
+
+
+def _matmul_bwd(res, g):
+    x, w, (x_flag, w_flag) = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros(g.shape, g.dtype)
+    dx = dw = None
+    if x_flag is None:
+        dx = (g @ w.astype(g.dtype).T).astype(x.dtype)
+    if w_flag is None:
+        dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+        dw = dw.astype(w.dtype)
+    return dx, dw
+
+
+_matmul_f32_grad.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
+
+
+def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """y + b in y's dtype; b's gradient is summed over the batch in float32."""
+    if y.dtype == jnp.float32:
+        return y + b.astype(y.dtype)
+    return _bias_f32_grad(y, b)
+
+
+@jax.custom_vjp
+def _bias_f32_grad(y: jax.Array, b: jax.Array) -> jax.Array:
+    return y + b.astype(y.dtype)
+
+
+def _bias_fwd(y, b):
+    return y + b.astype(y.dtype), b
+
+
+def _bias_bwd(b, g):
+    db = jnp.sum(g, axis=tuple(range(g.ndim - 1)), dtype=jnp.float32)
+    return g, db.astype(b.dtype)
+
+
+_bias_f32_grad.defvjp(_bias_fwd, _bias_bwd)
+
+
+def fsdp_size() -> int:
+    """Size of the `fsdp` axis of the mesh the program is traced under (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or FSDP_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[FSDP_AXIS])
+
+
+def gather_weights(tree: Any) -> Any:
+    """A layer's weights replicated for use: FSDP's per-layer all-gather.
+
+    Weights are stored split over the `fsdp` mesh axis (sharding.param_sharding). Left to
+    itself, XLA keeps a split weight in place and instead moves the activations: for a weight
+    split on the axis the matmul contracts, an all-reduce of every layer's activations
+    (DESIGN.md §6). Constraining each layer's weights to be replicated where they are used
+    makes the cost a weight all-gather per layer (forward, and again in the backward, where
+    remat recomputes it) while activations stay split over the batch. The gradient is left
+    unconstrained, so XLA sums it straight into the split layout (a reduce-scatter).
+    A no-op unless the program is traced under a mesh whose fsdp axis is larger than one
+    (`on_mesh`): single-device and data-only programs are unchanged.
+    """
+    if fsdp_size() == 1:
+        return tree
+    return jax.tree.map(_replicate, tree)
+
+
+@jax.custom_vjp
+def _replicate(w: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(w, P())
+
+
+_replicate.defvjp(lambda w: (_replicate(w), None), lambda _, g: (g,))
+
+
+def on_mesh(fn: Callable, mesh: Any) -> Callable:
+    """`fn`, traced with `mesh` as the context mesh: what lets `gather_weights` act.
+
+    Wrap the function handed to jax.jit (the train step, the evaluation step, the mask
+    estimator's update); None: `fn` unchanged."""
+    if mesh is None:
+        return fn
+
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 LinearFactory = Callable[..., nnx.Module]
@@ -274,7 +397,7 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, num_valid), None
+            return nnx.merge(graphdef, gather_weights(layer_state))(h, num_valid), None
 
         # Why 'dots' is the default: with everything saved, the scan stacks every elementwise
         # intermediate (and a copy of each layer's weights) into (layers, ...) buffers that
@@ -324,10 +447,13 @@ class CLIPVisionTower(nnx.Module):
         dt = cfg.compute_dtype
         x = images.astype(dt).reshape(b, h // p, p, w // p, p, c)
         x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
-        x = x @ self.patch_embed[...].reshape(p * p * c, cfg.width).astype(dt)
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(dt), (b, 1, cfg.width))
-        x = jnp.concatenate([cls, x], axis=1)
-        return x + self.pos_embedding[...].astype(dt)
+        kernel, cls, pos = gather_weights(
+            (self.patch_embed[...], self.class_embedding[...], self.pos_embedding[...]))
+        x = matmul(x, kernel.reshape(p * p * c, cfg.width), dt)
+        # The embeddings are added in float32 whatever the compute dtype, so that their
+        # gradients (sums over the batch) are float32 too; ln_pre computes in float32 anyway.
+        cls = jnp.broadcast_to(cls, (b, 1, cfg.width))
+        return (jnp.concatenate([cls, x.astype(jnp.float32)], axis=1) + pos).astype(dt)
 
     def tokens(self, images: jax.Array) -> jax.Array:
         """All output tokens of the last block (before ln_post)."""
