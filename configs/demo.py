@@ -78,19 +78,18 @@ layers' merged weights moved (‖W − W₀‖/‖W₀‖, median / max, from ea
   λ = 0.01 and 0.1 it let the weights move about twice as far as Effort's |·| for the same AUC).
   The same ordering held in an earlier measurement on the 8-video validation split at lr 2e-3.
 
-Time, from scratch at commit a6affe4 on this repository's 2-CPU machine with the test suite
-running beside it (1-min load average 4-7): 12 min 0 s (data 24 s, SimCLR pretraining 323 s,
-FMSD 119 s, Effort 90 s, full fine-tuning 84 s, linear probe 38 s, robustness 41 s; 737
-CPU-seconds). The 10-minute budget is not demonstrated on a quiet machine; the previous code
-took 9 min 5 s at load 4-6. `demo_timing.json` records every stage's wall and CPU seconds and
-its load average. `:quick` was only timed under heavy load (9 min 19 s wall at load 7-11,
-1 min 45 s CPU).
+Time, from scratch at commit 5b71fb0 on this repository's 2-CPU machine with nothing else
+running (1-min load average 1.6 at the start, 2.5 at the end: the demo's own threads): 8 min
+7 s (data 17 s, SimCLR pretraining 207 s, FMSD 79 s, Effort 56 s, full fine-tuning 60 s,
+linear probe 31 s, robustness 25 s; 837 CPU-seconds). The same run at 7f236c0 while the
+machine was still shared at its start took 10 min 4 s (pretraining 286 s): times vary with
+load far more than between these two commits. `demo_timing.json` records every stage's wall
+and CPU seconds and its load average. `:quick`: 1 min 42 s on the same quiet machine.
 
 Result with these defaults (frame / video test AUC, 16 videos = 128 frames per family; the
 last column is the backbone contribution on SynBlend validation, 128 videos, with its 95 %
-interval; the row-by-row run (`runs/demo64`, rows trained by `configs/demo.py --workdir` on a
-prepared data and backbone) and the from-scratch run above give the same numbers; verdict,
-computed: FMSD beats 0 of 3 baselines held out):
+interval; a run on an earlier prepared data and backbone and the from-scratch run above give
+the same numbers to the last digit; verdict, computed: FMSD beats 0 of 3 baselines held out):
 
   method          SynBlend(train) SynUpsample SynAutoencode SynSplice  held-out   contrib.
   FMSD            .715/.688       .625/.625   .176/.156     .557/.500  .453/.427  +.21 [+.08, +.34]
