@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmsd_jax import atomic
-from fmsd_jax.errors import InputNotFound
+from fmsd_jax.errors import AlreadyExists, InputNotFound
 
 CONFIG_JSON = "config.json"
 MASK_JSON = "layer_mask.json"
@@ -88,8 +88,6 @@ def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
     """Refuse, before any work, to resume WORKDIR's checkpoints under another experiment's
     config, or checkpoints whose config.json is gone (e.g. a directory deleted while its
     run was still saving): either would silently continue a different experiment."""
-    from fmsd_jax.errors import AlreadyExists
-
     workdir = Path(workdir)
     if not any((workdir / "checkpoints").glob("[0-9]*")):
         return
