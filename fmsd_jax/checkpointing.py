@@ -89,7 +89,7 @@ def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
     config, or checkpoints whose config.json is gone (e.g. a directory deleted while its
     run was still saving): either would silently continue a different experiment."""
     workdir = Path(workdir)
-    if not any((workdir / "checkpoints").glob("[0-9]*")):
+    if latest_saved_step(workdir) is None:
         return
     diff = config_differences(workdir, cfg)
     if diff is None:
@@ -102,6 +102,13 @@ def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
             f"{workdir} holds a run trained with a different config (differs in "
             f"{blocking[:8]}{' ...' if len(blocking) > 8 else ''}); rerun with its config "
             f"({workdir / CONFIG_JSON}) to resume, or use another --workdir")
+
+
+def latest_saved_step(workdir: str | os.PathLike) -> int | None:
+    """The latest finalized training checkpoint in WORKDIR, read without a CheckpointManager
+    (which would create directories) and ignoring orbax's unfinished temporary ones."""
+    steps = ocp.step.checkpoint_steps(Path(workdir) / "checkpoints")
+    return max(steps, default=None)
 
 
 class RunCheckpoints:

@@ -554,7 +554,7 @@ def run_sweep(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]
     value. Runs go to WORKDIR/sweep/<method>_lr<lr>/ next to the demo's data/ and pretrained/
     (made if missing, shared with the demo), finished points are skipped, and the table is
     printed and written to WORKDIR/sweep/sweep.json and sweep.md."""
-    from fmsd_jax import train
+    from fmsd_jax import checkpointing, train
 
     workdir = Path(workdir)
     data_dir, pretrained_dir = _paths(cfg, workdir)
@@ -567,7 +567,8 @@ def run_sweep(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]
         for lr in cfg.demo.sweep.lrs:
             sub = sweep_config(cfg, method, lr, data_dir, pretrained_dir)
             subdir = out_dir / f"{method}_lr{lr:g}"
-            done = _same_config(sub, subdir) and _latest_step(subdir) == sub.train.total_steps
+            done = (_same_config(sub, subdir)
+                    and checkpointing.latest_saved_step(subdir) == sub.train.total_steps)
             best = best_validation(subdir, metric) if done else None
             seconds, cpu = 0.0, 0.0
             if best is None:  # not started, or interrupted: train.train resumes it
@@ -595,16 +596,6 @@ def run_sweep(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]
     log.info("sweep: chosen backbone lr %s (written to %s)",
              ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), out_dir / SWEEP_JSON)
     return {"points": points, "chosen": chosen, "table": table}
-
-
-def _latest_step(subdir: Path) -> int | None:
-    from fmsd_jax import checkpointing
-
-    ckpts = checkpointing.RunCheckpoints(subdir)
-    try:
-        return ckpts.latest_step()
-    finally:
-        ckpts.close()
 
 
 def choose_learning_rates(points: list[dict[str, Any]], metric: str) -> dict[str, float]:

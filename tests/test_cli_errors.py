@@ -163,7 +163,12 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
     from fmsd_jax import checkpointing
 
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
+    # A save killed before it finished leaves only orbax's temporary directory: no checkpoint.
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    checkpointing.check_resumable(tmp_path, cfg)
+    assert checkpointing.latest_saved_step(tmp_path) is None
     (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # what orbax leaves after step 2
+    assert checkpointing.latest_saved_step(tmp_path) == 2
     with pytest.raises(errors.AlreadyExists, match="holds checkpoints but no config.json"):
         checkpointing.check_resumable(tmp_path, cfg)
     checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())

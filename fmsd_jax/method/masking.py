@@ -157,6 +157,9 @@ def jit_moment_update(
     update = make_moment_update(graphdef, loss_fn)
     if mesh is None:
         return jax.jit(update, donate_argnums=0)
+    if placement is None:  # the candidates' shapes are not known here to build a default
+        raise TypeError("jit_moment_update: a mesh needs its placement "
+                        "(masking.default_placement or the run's)")
     cand, rest, batch = placement
     acc = moment_shardings(mesh, placement)
     return jax.jit(on_mesh(update, mesh), in_shardings=(acc, cand, rest, batch),
