@@ -6,11 +6,12 @@
 For every (variant, slice, mesh) it compiles the FMSD train step (bf16, the run's shardings)
 at the DeepfakeBench global batch (32; or the smallest multiple of the chip count) and full
 fine-tuning at the same batch (the memory the decomposition saves per chip). Then, unless
---no-max-batch, the largest per-chip FMSD batch that fits: per-chip memory is a line in the
-per-chip batch (activations grow with it, weights do not), so one more compile of the first
-row of each variant at 8x its per-chip batch gives the slope, every row of that variant reuses
-it (the activation bytes per image do not depend on the slice or the mesh), and one compile
-checks the batch the line predicts (stepping down 10 % at a time until one fits).
+--no-max-batch, the largest per-chip batch that fits, for FMSD and for full fine-tuning (what
+the saved memory buys): per-chip memory is a line in the per-chip batch (activations grow with
+it, weights do not), so one more compile of the first row of each variant and regime at 8x its
+per-chip batch gives the slope, every row of that variant reuses it (the activation bytes per
+image do not depend on the slice or the mesh), and one compile checks the batch the line
+predicts (stepping down 10 % at a time until one fits).
 
 Every compile's numbers go to --out (JSON, rewritten atomically after each compile), and a
 rerun with the same --out reuses them: an interrupted grid resumes where it stopped. All
@@ -95,18 +96,19 @@ class Results:
         os.replace(tmp, self.path)
 
 
-def largest_batch(res: Results, row: dict, slope_row: dict) -> tuple[int, dict]:
-    """Largest per-chip FMSD batch that fits: the line through `slope_row` and its 8x compile,
-    moved to `row`'s intercept, predicts it; one compile checks (10 % lower until it fits)."""
+def largest_batch(res: Results, row: dict, slope_row: dict, regime: str) -> tuple[int, dict]:
+    """Largest per-chip batch of `regime` that fits: the line through `slope_row` and its 8x
+    compile, moved to `row`'s intercept, predicts it; one compile checks (10 % lower until it
+    fits). Both rows are `regime`'s compiles at the grid's batch."""
     b0 = slope_row["per_chip_batch"]
-    hi = res.compile(row["variant"], "fmsd", slope_row["slice"],
+    hi = res.compile(row["variant"], regime, slope_row["slice"],
                      b0 * SLOPE_FACTOR * slope_row["chips"], int(slope_row["mesh"].split("x")[1]))
     slope = (hi["peak_gib"] - slope_row["peak_gib"]) / (b0 * (SLOPE_FACTOR - 1))
     b1 = row["per_chip_batch"]
     fsdp = int(row["mesh"].split("x")[1])
     guess = max(1, int((row["hbm_gib"] - row["peak_gib"]) / slope + b1))
     while guess >= 1:
-        checked = res.compile(row["variant"], "fmsd", row["slice"], guess * row["chips"], fsdp)
+        checked = res.compile(row["variant"], regime, row["slice"], guess * row["chips"], fsdp)
         if checked["fits"]:
             return guess, checked
         guess = int(guess * 0.9)
@@ -147,18 +149,23 @@ def main() -> None:
             continue
         rows.append(row)
     if not args.no_max_batch:
-        first: dict[str, dict] = {}
+        first: dict[tuple[str, str], dict] = {}
+        regimes = ("fmsd",) if args.no_full else ("fmsd", "full")
         for row in rows:
-            slope_row = first.setdefault(row["variant"], row)
             if args.max_batch_fsdp and int(row["mesh"].split("x")[1]) not in args.max_batch_fsdp:
                 continue
-            try:
-                row["max_per_chip_batch"], best = largest_batch(res, row, slope_row)
-            except NotCompiled:
-                missing.append(f"largest FMSD batch of {row['variant']} on {row['slice']}, "
-                               f"data x fsdp {row['mesh']}")
-                continue
-            row["max_peak_gib"], row["max_est_ms"] = best["peak_gib"], best["est_ms"]
+            for regime in regimes:
+                grid_row = row if regime == "fmsd" else res.compile(
+                    row["variant"], "full", row["slice"], row["global_batch"],
+                    int(row["mesh"].split("x")[1]))
+                slope_row = first.setdefault((row["variant"], regime), grid_row)
+                try:
+                    n, best = largest_batch(res, grid_row, slope_row, regime)
+                except NotCompiled:
+                    missing.append(f"largest {regime} batch of {row['variant']} on "
+                                   f"{row['slice']}, data x fsdp {row['mesh']}")
+                    continue
+                row[f"{regime}_max"] = (n, best["peak_gib"], best["est_ms"])
     print(table(rows))
     if missing:
         print("not compiled yet:\n  " + "\n  ".join(missing))
@@ -167,22 +174,21 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     head = ("| model | slice | mesh data×fsdp | batch (global) | FMSD GiB/chip | full FT "
             "GiB/chip | saved | TFLOP/chip/step | est. ms/step | collectives MiB/step "
-            "(FMSD / full) | largest FMSD batch/chip (GiB, est. ms) |")
-    lines = [head, "|" + "---|" * 11]
+            "(FMSD / full) | largest batch/chip, FMSD (GiB, est. ms) | largest batch/chip, "
+            "full FT (GiB, est. ms) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         full = r.get("full_peak_gib")
         fulls = "—" if full is None else f"{full:.2f}" + ("" if r["full_fits"] else " ✗")
         saved = "—" if full is None else f"{full - r['peak_gib']:.2f}"
         fcoll = "—" if full is None else f"{r['full_collective_mib']:.1f}"
-        best = "—"
-        if "max_per_chip_batch" in r:
-            best = (f"{r['max_per_chip_batch']} ({r['max_peak_gib']:.1f}, "
-                    f"{r['max_est_ms']:.0f})")
+        best = {regime: "—" if f"{regime}_max" not in r else
+                "{} ({:.1f}, {:.0f})".format(*r[f"{regime}_max"]) for regime in ("fmsd", "full")}
         lines.append(
             f"| {r['variant']} | {r['slice']} | {r['mesh'].replace('x', '×')} | "
             f"{r['global_batch']} | {r['peak_gib']:.2f}{'' if r['fits'] else ' ✗'} | {fulls} | "
             f"{saved} | {r['tflop_per_chip']:.3f} | {r['est_ms']:.1f} | "
-            f"{r['collective_mib']:.1f} / {fcoll} | {best} |")
+            f"{r['collective_mib']:.1f} / {fcoll} | {best['fmsd']} | {best['full']} |")
     return "\n".join(lines)
 
 
