@@ -145,14 +145,15 @@ case "${GENERATION}" in
   *) CHIPS="${SIZE}" ;;
 esac
 # The mesh from the evidence: README 'Planning a pod run' (tools/plan_table.py) compiles the FMSD
-# and full fine-tuning train steps of B/16 and L/14 for v5e-8, v5e-256, v4-128 and v5p-512,
-# data-only against data x fsdp 4. On each of them the best FMSD mesh is data-only: it fits with most of the HBM
-# free and moves 1-3 MiB of fp32 gradient sums per step, while fsdp 4 saves 0.3 (B/16) to
-# 1.25 GiB (L/14) per chip and adds every layer's weight all-gathers, twice per step (326 MiB
-# for B/16, 1.13 GiB for L/14). So every slice defaults to data-only; for a slice the table does
-# not list, the same holds as long as the weights fit a chip. fsdp pays off when full
-# fine-tuning of a large tower does not fit a chip data-only: pass --fsdp N, planned first
-# with --mode plan.
+# and full fine-tuning train steps of B/16, L/14 and H/14 for v5e-8, v5e-256, v4-128 and
+# v5p-512, data-only against data x fsdp 4. On each of them the best FMSD mesh is data-only: it
+# fits with most of the HBM free and moves 1-5 MiB of fp32 gradient sums per step, while fsdp 4
+# saves 0.3 (B/16), 1.25 (L/14) or 2.7 GiB (H/14) per chip and adds every layer's weight
+# all-gathers, twice per step (326 MiB, 1.13 GiB, 2.35 GiB). So every slice defaults to
+# data-only; for a slice the table does not list, the same holds as long as the weights fit a
+# chip. fsdp pays off when full fine-tuning of a large tower does not fit a chip data-only:
+# H/14 on 16 GiB v5e chips fits 7 images per chip data-only and 27 with fsdp 4. Pass --fsdp N
+# there, planned first with --mode plan.
 if [[ -z "${FSDP}" ]]; then FSDP=1; fi
 if ! [[ "${FSDP}" =~ ^[1-9][0-9]*$ ]] || ((CHIPS % FSDP)); then
   die "--fsdp ${FSDP} must be a positive divisor of the ${CHIPS} chips of ${ACCEL}"

@@ -138,3 +138,18 @@ def test_remat_policies_change_memory_not_results():
     assert temp["full"] < temp["dots"] < temp["none"], temp  # XLA's compiled temporaries
     with pytest.raises(ValueError, match="remat"):
         ViTConfig.from_variant("tiny", remat=True)
+
+
+def test_dots_recomputes_the_artifact_output_instead_of_keeping_it(monkeypatch):
+    """remat='dots' keeps matmul outputs but not the skinny artifact path's (K*r contraction):
+    fewer temporaries than jax's checkpoint_dots, and bit-identical results."""
+    from fmsd_jax.model import vit
+
+    temp: dict[str, int] = {}
+    l_w, g_w = _detector_grads("einsum", remat="dots", temp_bytes=temp)
+    wide = temp["dots"]
+    monkeypatch.setattr(vit, "save_wide_dots", jax.checkpoint_policies.checkpoint_dots)
+    l_a, g_a = _detector_grads("einsum", remat="dots", temp_bytes=temp)
+    assert wide < temp["dots"], (wide, temp["dots"])
+    np.testing.assert_array_equal(l_w, l_a)
+    chex.assert_trees_all_equal(g_w, g_a)
