@@ -148,7 +148,7 @@ esac
 # and full fine-tuning train steps of B/16, L/14 and H/14 for v5e-8, v5e-256, v4-128 and
 # v5p-512, data-only against data x fsdp 4. On each of them the best FMSD mesh is data-only: it
 # fits with most of the HBM free and moves 1-5 MiB of fp32 gradient sums per step, while fsdp 4
-# saves 0.3 (B/16), 1.25 (L/14) or 2.7 GiB (H/14) per chip and adds every layer's weight
+# saves 0.3 (B/16), 1.25 (L/14) or 2.4-2.7 GiB (H/14) per chip and adds every layer's weight
 # all-gathers, twice per step (326 MiB, 1.13 GiB, 2.35 GiB). So every slice defaults to
 # data-only; for a slice the table does not list, the same holds as long as the weights fit a
 # chip. fsdp pays off when full fine-tuning of a large tower does not fit a chip data-only:
