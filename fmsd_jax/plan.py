@@ -78,7 +78,7 @@ def _grid(chips: int, dims: int) -> str:
     while math.prod(shape) < chips:
         shape[i % 3] *= 2
         i += 1
-    shape = sorted(shape)
+    shape = sorted(shape, key=lambda d: (d == 1, d))  # Cloud TPU writes v4-8 as 2x2x1
     return "x".join(map(str, shape))
 
 
@@ -119,7 +119,9 @@ def topology_devices(name: str) -> tuple[str, list[Any]]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     # v4/v5p chips have two TensorCores run as one device ('megacore'), as on a real slice.
-    kw = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
+    kw: dict[str, Any] = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
+    if gen not in ("v4", "v5p") and chips < 4:  # v5litepod-1: one chip, below a 2x2 host
+        kw["chips_per_host_bounds"] = (*map(int, topo.split(":")[1].split("x")), 1)
     try:
         desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", **kw)
     except Exception as e:  # libtpu's own message names what it did not accept

@@ -275,11 +275,22 @@ def test_parse_topology_names():
     assert plan.parse_topology("v4-128") == ("v4", "v4:4x4x4", 64)
     assert plan.parse_topology("v5p-512") == ("v5p", "v5p:4x8x8", 256)
     assert plan.parse_topology("v5e:2x2") == ("v5e", "v5e:2x2", 4)
+    assert plan.parse_topology("v5p-8") == ("v5p", "v5p:2x2x1", 4)  # not 1x2x2: libtpu refuses
+    assert plan.parse_topology("v4-32") == ("v4", "v4:2x2x4", 16)
     assert plan.slice_name("v4", 64) == "v4-128"
     with pytest.raises(plan.PlanError, match="v5e-256"):
         plan.parse_topology("tpu8")
     with pytest.raises(plan.PlanError, match="power-of-two"):
         plan.parse_topology("v5e-12")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["v5e-1", "v5e-4", "v5e-256", "v4-8", "v4-16", "v4-4096",
+                                  "v5p-8", "v5p-8192"])
+def test_cloud_tpu_slice_names_give_libtpu_topologies(name):
+    """Every size Cloud TPU sells must reach libtpu in a shape it accepts (v5p-8 once did not)."""
+    _, devices = plan.topology_devices(name)
+    assert len(devices) == plan.parse_topology(name)[2]
 
 
 def test_without_libtpu_the_planner_says_how_to_install_it(monkeypatch):
