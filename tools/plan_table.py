@@ -97,16 +97,20 @@ class Results:
         os.replace(tmp, self.path)
 
 
+def fsdp_of(row: dict) -> int:
+    """The fsdp size of a compile, from its mesh 'DATAxFSDP'."""
+    return int(row["mesh"].split("x")[1])
+
+
 def largest_batch(res: Results, row: dict, slope_row: dict, regime: str) -> tuple[int, dict]:
     """Largest per-chip batch of `regime` that fits: the line through `slope_row` and its 8x
     compile, moved to `row`'s intercept, predicts it; one compile checks (10 % lower until it
     fits). Both rows are `regime`'s compiles at the grid's batch."""
     b0 = slope_row["per_chip_batch"]
     hi = res.compile(row["variant"], regime, slope_row["slice"],
-                     b0 * SLOPE_FACTOR * slope_row["chips"], int(slope_row["mesh"].split("x")[1]))
+                     b0 * SLOPE_FACTOR * slope_row["chips"], fsdp_of(slope_row))
     slope = (hi["peak_gib"] - slope_row["peak_gib"]) / (b0 * (SLOPE_FACTOR - 1))
-    b1 = row["per_chip_batch"]
-    fsdp = int(row["mesh"].split("x")[1])
+    b1, fsdp = row["per_chip_batch"], fsdp_of(row)
     guess = max(1, int((row["hbm_gib"] - row["peak_gib"]) / slope + b1))
     while guess >= 1:
         checked = res.compile(row["variant"], regime, row["slice"], guess * row["chips"], fsdp)
@@ -141,10 +145,7 @@ def main() -> None:
         try:
             row = dict(res.compile(v, "fmsd", s, batch, f))
             if not args.no_full:
-                full = res.compile(v, "full", s, batch, f)
-                row["full_peak_gib"], row["full_collective_mib"] = (full["peak_gib"],
-                                                                    full["collective_mib"])
-                row["full_fits"] = full["fits"]
+                row["full"] = res.compile(v, "full", s, batch, f)
         except NotCompiled:
             missing.append(f"{v} on {s}, data x fsdp {chips[s] // f}x{f}, batch {batch}")
             continue
@@ -153,12 +154,10 @@ def main() -> None:
         first: dict[tuple[str, str], dict] = {}
         regimes = ("fmsd",) if args.no_full else ("fmsd", "full")
         for row in rows:
-            if args.max_batch_fsdp and int(row["mesh"].split("x")[1]) not in args.max_batch_fsdp:
+            if args.max_batch_fsdp and fsdp_of(row) not in args.max_batch_fsdp:
                 continue
             for regime in regimes:
-                grid_row = row if regime == "fmsd" else res.compile(
-                    row["variant"], "full", row["slice"], row["global_batch"],
-                    int(row["mesh"].split("x")[1]))
+                grid_row = row if regime == "fmsd" else row["full"]
                 slope_row = first.setdefault((row["variant"], regime), grid_row)
                 try:
                     n, best = largest_batch(res, grid_row, slope_row, regime)
@@ -179,10 +178,10 @@ def table(rows: list[dict]) -> str:
             "full FT (GiB, est. ms) |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        full = r.get("full_peak_gib")
-        fulls = "—" if full is None else f"{full:.2f}" + ("" if r["full_fits"] else " ✗")
-        saved = "—" if full is None else f"{full - r['peak_gib']:.2f}"
-        fcoll = "—" if full is None else f"{r['full_collective_mib']:.1f}"
+        full = r.get("full")
+        fulls = "—" if full is None else f"{full['peak_gib']:.2f}" + ("" if full["fits"] else " ✗")
+        saved = "—" if full is None else f"{full['peak_gib'] - r['peak_gib']:.2f}"
+        fcoll = "—" if full is None else f"{full['collective_mib']:.1f}"
         best = {regime: "—" if f"{regime}_max" not in r else
                 "{} ({:.1f}, {:.0f})".format(*r[f"{regime}_max"]) for regime in ("fmsd", "full")}
         lines.append(
