@@ -45,15 +45,21 @@ class Chip:
     hbm_gib: float  # HBM per chip
     bf16_tflops: float  # peak dense bf16 per chip
     cores_in_name: int  # accelerator-type suffix counts TensorCores (2/chip) or chips (1)
+    torus_dims: int  # the slice's interconnect: a 2-D (v5e/v6e) or 3-D (v4/v5p) torus
+
+    @property
+    def megacore(self) -> bool:
+        """Two TensorCores run as one device, as on a real v4/v5p slice."""
+        return self.cores_in_name == 2
 
 
 # Per-chip figures from Google's TPU system-architecture pages (cloud.google.com/tpu/docs/v4,
 # /v5e, /v5p, /v6e, read 2026-12): HBM capacity and peak bf16 FLOP/s.
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(32, 275, 2),
-    "v5e": Chip(16, 197, 1),
-    "v5p": Chip(95, 459, 2),
-    "v6e": Chip(32, 918, 1),
+    "v4": Chip(32, 275, 2, 3),
+    "v5e": Chip(16, 197, 1, 2),
+    "v5p": Chip(95, 459, 2, 3),
+    "v6e": Chip(32, 918, 1, 2),
 }
 _ALIASES = {"v5litepod": "v5e", "v6": "v6e"}
 
@@ -100,7 +106,7 @@ def parse_topology(name: str) -> tuple[str, str, int]:
     chips = int(rest) // CHIPS[gen].cores_in_name
     if chips & (chips - 1):
         raise PlanError(f"--topology={name!r}: slices have a power-of-two chip count")
-    return gen, f"{gen}:{_grid(chips, 3 if gen in ('v4', 'v5p') else 2)}", chips
+    return gen, f"{gen}:{_grid(chips, CHIPS[gen].torus_dims)}", chips
 
 
 def slice_name(gen: str, chips: int) -> str:
@@ -118,9 +124,8 @@ def topology_devices(name: str) -> tuple[str, list[Any]]:
     # Compile-only: no chip is opened, so several planners (or tests) may load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    # v4/v5p chips have two TensorCores run as one device ('megacore'), as on a real slice.
-    kw: dict[str, Any] = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
-    if gen not in ("v4", "v5p") and chips < 4:  # v5litepod-1: one chip, below a 2x2 host
+    kw: dict[str, Any] = {"chip_config_name": "megacore"} if CHIPS[gen].megacore else {}
+    if CHIPS[gen].torus_dims == 2 and chips < 4:  # v5litepod-1: one chip, below a 2x2 host
         kw["chips_per_host_bounds"] = (*map(int, topo.split(":")[1].split("x")), 1)
     try:
         desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", **kw)
