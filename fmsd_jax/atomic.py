@@ -1,9 +1,14 @@
-"""Atomic file writes that respect the user's umask.
+"""Atomic file writes that respect the user's umask, and the record of what a process wrote.
 
 `tempfile.mkstemp` creates its file with mode 0600 whatever the umask, so a file written through
 it and renamed into place stays unreadable to the user's group (on a shared cluster, the group
 that needs the results). Here the temporary file gets the mode a plain `open(path, 'w')` would
 give it, 0666 & ~umask, before it is renamed onto the target.
+
+Every file written here, and every output another writer reports through `note_written`
+(orbax checkpoint steps, TensorBoard event folders), is remembered with whether it replaced an
+earlier file, so that a mode can end by saying exactly what it wrote and what it replaced
+(`written()`, printed by `fmsd_jax.main`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,43 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# path -> True when it replaced a file that existed before this process first wrote it.
+_WRITTEN: dict[Path, bool] = {}
+
+
+def note_written(path: str | os.PathLike, replaced: bool) -> None:
+    """Remember an output of this process; the first write decides whether it was new."""
+    path = Path(os.path.abspath(path))
+    _WRITTEN[path] = _WRITTEN.get(path, replaced)
+
+
+def written() -> dict[Path, bool]:
+    """Every output this process wrote, in the order first written: path -> replaced."""
+    return dict(_WRITTEN)
+
+
+def describe_written(base: str | os.PathLike) -> list[str]:
+    """Lines that list this process's outputs, new and replaced, relative to `base` where they
+    lie under it; an output removed since (an old checkpoint step past max_to_keep) says so."""
+    base = Path(os.path.abspath(base))
+    entries = written()
+    if not entries:
+        return [f"wrote no file (in {base} or elsewhere)"]
+    replaced = sum(entries.values())
+    lines = [f"wrote {len(entries)} output(s), {len(entries) - replaced} new and {replaced} "
+             f"replacing an earlier file, in {base}:"]
+    for path, was in entries.items():
+        name = path.relative_to(base) if path.is_relative_to(base) else path
+        state = "replaced" if was else "new"
+        gone = "" if os.path.lexists(path) else " (removed since)"
+        lines.append(f"  {state:<8} {os.fspath(name)}{'/' if path.is_dir() else ''}{gone}")
+    return lines
+
+
+def forget_written() -> None:
+    """Start a new record (a test running several modes in one process)."""
+    _WRITTEN.clear()
 
 
 def current_umask() -> int:
@@ -42,7 +84,9 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         # After the writer: some (safetensors) replace the file rather than write into it.
         os.chmod(tmp, 0o666 & ~current_umask())
+        replaced = path.exists()
         os.replace(tmp, path)
+        note_written(path, replaced)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -51,3 +95,20 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def claim_free_name(path: str | os.PathLike) -> Path:
+    """`path`, or the first free `stem-N.suffix` beside it (N = 2, 3, ...), created empty with
+    O_EXCL so that two processes can never claim the same name; the caller then writes it
+    through `replacing`, and the file is recorded as new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            note_written(candidate, False)
+            return candidate
+        except FileExistsError:
+            n += 1

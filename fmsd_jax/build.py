@@ -43,6 +43,9 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool =
             abstract: bool = False) -> Run:
     """Pretrained detector → layer mask (estimated once, then read back) → decomposition.
 
+    `estimate=True` is training: a missing mask is estimated and decomposition.json written;
+    the modes that only read a trained workdir pass False and write nothing here.
+
     `abstract=True` builds the same structure as sharded ShapeDtypeStructs on `mesh`, which
     may hold devices this host cannot address (a TPU topology compiled for from a CPU): no
     weights file, no data, no device transfer. The mask is then all-ones, unless the workdir
@@ -68,7 +71,7 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool =
     spec = None
     if assemble.uses_decomposition(cfg):
         spec = assemble.decompose_detector(cfg, detector)
-        if jax.process_index() == 0:
+        if estimate and jax.process_index() == 0:  # training; the other modes only read
             checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
     return _split_and_place(cfg, detector, mask, spec, mesh, abstract=False)
 

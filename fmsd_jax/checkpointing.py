@@ -135,10 +135,12 @@ class RunCheckpoints:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.latest.save(step, args=ocp.args.Composite(**items), force=force)
+        atomic.note_written(self.latest.directory / str(step), False)
 
     def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
         self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                        metrics={k: float(v) for k, v in metrics.items()}, force=True)
+        atomic.note_written(self.best.directory / str(step), False)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()

@@ -428,14 +428,18 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
         "SynSplice. One seed: differences of a few hundredths are within run-to-run noise "
         f"on a test set this small ({_test_size(results)}).",
         "",
+        "**Sources.** Each row's numbers are its own results file: "
+        + ", ".join(f"{ROW_NAMES[m]} `{m}/{report.RESULTS_JSON}`" for m in methods)
+        + " (a later `--mode evaluate` of a row refuses to replace them under this report).",
+        "",
         "**Time.** " + ", ".join(f"{k} reused (done by an earlier run)" if k in reused
                                  else f"{k} {v:.0f}s" for k, v in timing.items())
         + f" ({_fmt_load(timing_record['load'])}; the machine may have been shared; "
         "demo_timing.json also holds each stage's CPU seconds and load average).",
     ]
     layer_chart = workdir / "fmsd" / "layer_scores.png"
-    roc = {ROW_NAMES[m]: workdir / m / "roc.png" for m in methods
-           if (workdir / m / "roc.png").exists()}
+    roc = {ROW_NAMES[m]: workdir / m / report.ROC_PNG for m in methods
+           if (workdir / m / report.ROC_PNG).exists()}
     return report.write_demo_report(
         workdir / "report.md", rows, train_families=list(cfg.data.train_dataset),
         ours=ROW_NAMES["fmsd"], layer_chart=layer_chart if layer_chart.exists() else None,

@@ -117,15 +117,22 @@ def validate(cfg: mlc.ConfigDict, run, trainable) -> dict[str, float] | None:
     return out
 
 
-def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None) -> dict:
+def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None,
+             overwrite: bool = False) -> dict:
     """Score every test dataset; write results.json, results.md and ROC curves.
 
     results.md also shows the backbone's contribution from the run's diagnostics.json (written
-    by training; see fmsd_jax/diagnostics.py) when that file is there.
+    by training; see fmsd_jax/diagnostics.py) when that file is there. `--mode evaluate`
+    replaces the run's own results (and says so), but not files that another report points
+    at (a demo row's, which the demo's report.md shows) unless `overwrite`.
     """
     workdir = Path(workdir)
     mode = "train" if run is not None else "evaluate"  # train passes its run in
     if run is None:
+        if not overwrite:
+            report.refuse_replacing_reported(
+                [workdir / n for n in (report.RESULTS_JSON, report.RESULTS_MD, report.ROC_PNG)],
+                own=[workdir / report.RESULTS_MD], what="--mode evaluate", allow="--overwrite")
         preflight.check_config(cfg)
         data = preflight.check_data(cfg, "evaluate")
         manifest.warn_if_data_changed(workdir, data)
@@ -155,7 +162,7 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None)
         report.write_results(workdir, results, notes=[manifest.citation(workdir, mode)],
                              diagnostics=json.loads(diag.read_text()) if diag.is_file() else None)
         if curves:
-            report.plot_roc(curves, workdir / "roc.png", video_curves=video_curves or None,
+            report.plot_roc(curves, workdir / report.ROC_PNG, video_curves=video_curves or None,
                             title=f"ROC: {report.method_name(cfg.method.regime)} "
                                   f"({workdir.name})")
     return results

@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from fmsd_jax import assemble, atomic, build, checkpointing, sharding
+from fmsd_jax.errors import AlreadyExists
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.checkpoint import save_hf_clip_vision
 
@@ -26,9 +27,32 @@ HEAD_FILE = "head.safetensors"
 DETECTOR_JSON = "detector.json"
 
 
+def check_out_dir(out: Path, workdir: Path) -> None:
+    """The export goes into a new or empty folder, or replaces an earlier export of this same
+    workdir; any other folder (a pretrained CLIP checkpoint, another run's export) is refused
+    before work, since the export would overwrite its model.safetensors and config.json."""
+    if out.exists() and not out.is_dir():
+        raise AlreadyExists(f"export folder {out} is a file; pass --out with a new folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    source = None
+    if (out / DETECTOR_JSON).is_file():
+        try:
+            source = checkpointing.read_json(out / DETECTOR_JSON).get("source_workdir")
+        except (ValueError, OSError, AttributeError):
+            source = None
+    if source != str(workdir.absolute()):
+        raise AlreadyExists(
+            f"export folder {out} already holds files that are not an export of {workdir} "
+            f"({'an export of ' + str(source) if source else 'no ' + DETECTOR_JSON}); pass "
+            "--out with a new folder")
+    log.info("export: replacing the earlier export of this workdir in %s", out)
+
+
 def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None = None) -> Path:
     workdir = Path(workdir)
     out = Path(out_dir or cfg.export.out_dir or workdir / "export")
+    check_out_dir(out, workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     run = build.prepare(cfg, workdir, mesh, estimate=False)
     trainable = build.restore_trainable(cfg, workdir, run, "exporting")

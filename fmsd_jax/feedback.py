@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
+from fmsd_jax import atomic
+
 
 class Progress:
     """Step rate, images/s and ETA measured over the interval since the last report."""
@@ -37,6 +39,7 @@ class TensorBoard:
     """Scalars into WORKDIR/tb (tensorboardX: event files without TensorFlow)."""
 
     def __init__(self, logdir: str | Path):
+        atomic.note_written(logdir, Path(logdir).exists())
         self._writer = SummaryWriter(str(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from fmsd_jax import atomic  # stdlib only: safe before jax.distributed starts
 from fmsd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,6 +46,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: the TPU slice, e.g. v5e
                                 "v5p-512 or v5e:16x16; the mesh is config.mesh.")
 _OUT = flags.DEFINE_string("out", None, "export: output directory (default WORKDIR/export); "
                            "predict: output JSON (default WORKDIR/predictions.json).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "evaluate: replace results that another "
+                                "report points at (a demo row's, shown in the demo's report.md)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -91,6 +94,23 @@ def main(argv: list[str]) -> None:
         from fmsd_jax import demo  # configs/demo.py: other modes act on one trained row
 
         cfg = demo.row_config(cfg, workdir)
+    try:
+        run_mode(cfg, mode, workdir, argv)
+    except BaseException:
+        if atomic.written():  # what a failed mode had written by then (to resume or remove)
+            _log_written(workdir)
+        raise
+    _log_written(workdir)
+
+
+def _log_written(workdir: str) -> None:
+    log = logging.getLogger("fmsd_jax")
+    for line in atomic.describe_written(workdir):
+        log.info(line)
+
+
+def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:
+    """Dispatch to the mode's module (imported only here: each pulls in its own stack)."""
     if mode == "train":
         from fmsd_jax import train
 
@@ -110,7 +130,7 @@ def main(argv: list[str]) -> None:
     elif mode == "evaluate":
         from fmsd_jax import evaluate
 
-        evaluate.evaluate(cfg, workdir)
+        evaluate.evaluate(cfg, workdir, overwrite=_OVERWRITE.value)
     elif mode == "plan":
         from fmsd_jax import plan
 

@@ -24,7 +24,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fmsd_jax import build, checkpointing, evaluate, sharding
+from fmsd_jax import atomic, build, checkpointing, evaluate, report, sharding
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
@@ -77,19 +77,41 @@ def frames_to_score(inputs: list[str], data_cfg: mlc.ConfigDict, video_frames: i
     return out
 
 
-def output_path(workdir: Path, out_path: str | Path | None) -> Path:
-    """Where the predictions go: --out, which must not exist yet, or the first free
-    WORKDIR/predictions[-N].json, so an earlier file is never replaced."""
+def claim_output(workdir: Path, out_path: str | Path | None) -> Path:
+    """Where the predictions go, claimed now (an empty file made with O_EXCL) so that two
+    predict commands on one workdir never write the same file: --out, which must not exist
+    yet, or the first free WORKDIR/predictions[-N].json; an earlier file is never replaced."""
     if out_path:
         out = Path(out_path)
-        if out.exists():
-            raise AlreadyExists(f"--out {out} exists; choose another file or delete it")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            raise AlreadyExists(f"--out {out} exists; choose another file or delete it") from None
+        atomic.note_written(out, False)
         return out
-    out, n = workdir / "predictions.json", 1
-    while out.exists():
-        n += 1
-        out = workdir / f"predictions-{n}.json"
-    return out
+    return atomic.claim_free_name(workdir / "predictions.json")
+
+
+def what_is_scored(data_cfg: mlc.ConfigDict, video_frames: int, per_image: bool,
+                   kinds: set[str]) -> str:
+    """What predict does to each kind of input given (`kinds`: 'image', 'folder', 'video'),
+    in the words of its header: analysts must know whether a face was looked for."""
+    size = int(data_cfg.image_size)
+    face = (f"the largest face cropped (a square {data_cfg.video.face_margin:g} x its box, "
+            "the centre square when no face is found)" if data_cfg.video.detect_faces
+            else "its centre square")
+    parts = []
+    if kinds & {"image", "folder"}:
+        parts.append("an image is taken whole as a face crop, as DeepfakeBench stores frames "
+                     "(no face detection)")
+    if "folder" in kinds:
+        parts.append("a folder is " + ("a set of separate images" if per_image else
+                                        "one video of its images (score: their mean)"))
+    if "video" in kinds:
+        parts.append(f"a video file gives {video_frames} frames taken evenly across it, each "
+                     f"{face} (score: their mean)")
+    return "; ".join(parts) + f"; every frame resized to {size}x{size} px"
 
 
 def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
@@ -98,14 +120,37 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     workdir = Path(workdir)
     per_image = bool(cfg.predict.per_image)
     frames = frames_to_score(inputs, cfg.data, cfg.predict.video_frames, per_image)
-    out = output_path(workdir, out_path)
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size = cfg.predict.batch_size
     sharding.check_batch_fits(mesh, batch_size, "config.predict.batch_size")
+    out = claim_output(workdir, out_path) if jax.process_index() == 0 else None
+    try:
+        result = _score(cfg, workdir, inputs, frames, mesh, per_image)
+    except BaseException:
+        if out is not None and out.stat().st_size == 0:  # our empty claim, never filled
+            out.unlink()
+        raise
+    if out is not None:
+        checkpointing.write_json_atomic(out, result)
+        log.info("wrote %s", os.fspath(out))
+    keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
+    failed = [k for k in keys if k not in result["inputs"]]
+    if failed:
+        raise BadInput(f"{len(failed)} of {len(keys)} input(s) could not be scored (their frames "
+                       f"did not decode): {', '.join(failed)}; the others are in {out}")
+    return result
+
+
+def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[dict], mesh,
+           per_image: bool) -> dict:
+    """Scores the frames, prints the table and returns what predictions.json holds."""
+    batch_size = cfg.predict.batch_size
     run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run, "scoring inputs with")
-    log.info("scoring %d frame(s) of %d input(s)%s", len(frames), len(inputs),
-             " (each image of a folder on its own)" if per_image else "")
+    trainable, step, which = build.restore_evaluated(cfg, workdir, run, "scoring inputs with")
+    kinds = {"video" if r["frame_index"] >= 0 else "image" for r in frames}
+    kinds |= {"folder"} if any(Path(i).is_dir() for i in inputs) else set()
+    processing = what_is_scored(cfg.data, cfg.predict.video_frames, per_image, kinds)
+    log.info("scoring %d frame(s) of %d input(s)", len(frames), len(inputs))
     predict_fn = evaluate.make_predict_fn(run.graphdef, mesh)
     reader = transforms.ImageReader.from_config(cfg.data)
 
@@ -133,13 +178,21 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
             unreadable.append(f"{record['path']}#{record['frame_index']}"
                               if record["frame_index"] >= 0 else record["path"])
     threshold = float(cfg.predict.threshold)
+    model = {"workdir": os.fspath(workdir.absolute()), "checkpoint": which,
+             "step": step, "regime": cfg.method.regime,
+             "train_dataset": list(cfg.data.train_dataset)}
     result = {"threshold": threshold, "prob": "P(fake): softmax probability of class 1, "
-              "mean over an input's frames", "inputs": {}, "unreadable": unreadable}
+              "mean over an input's frames", "model": model, "processing": processing,
+              "inputs": {}, "unreadable": unreadable}
     for key, v in per_input.items():
         prob = float(np.mean(v))
         result["inputs"][key] = {"prob_fake": prob, "label": "fake" if prob > threshold
                                  else "real", "frames": len(v), "frame_probs": v}
     keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
+    print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
+          f"{report.method_name(cfg.method.regime)} trained on "
+          f"{', '.join(model['train_dataset'])}")
+    print(f"# input: {processing}")
     print(f"P(fake)  label (fake if P(fake) > {threshold:g})  input")
     for key in keys:
         if key in result["inputs"]:
@@ -148,11 +201,4 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
             print(f"{r['prob_fake']:.4f}   {r['label']:<4}  {key}  ({n} frame{'s' * (n > 1)})")
         else:
             print(f"  n/a    -     {key}  (unreadable)")
-    if jax.process_index() == 0:
-        checkpointing.write_json_atomic(out, result)
-        log.info("wrote %s", os.fspath(out))
-    failed = [k for k in keys if k not in result["inputs"]]
-    if failed:
-        raise BadInput(f"{len(failed)} of {len(keys)} input(s) could not be scored (their frames "
-                       f"did not decode): {', '.join(failed)}; the others are in {out}")
     return result

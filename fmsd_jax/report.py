@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fmsd_jax import atomic
+from fmsd_jax.errors import AlreadyExists
 from fmsd_jax.metrics import METRIC_KEYS
 
 __all__ = [
@@ -58,6 +60,7 @@ METHOD_NAMES = {
 }
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+ROC_PNG = "roc.png"
 DIAGNOSTICS_JSON = "diagnostics.json"  # written by fmsd_jax.diagnostics, shown in results.md
 
 # Column order and headers of results.md; the level is in every header so that no reader
@@ -105,10 +108,48 @@ def _md_escape(text: str) -> str:
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, format="png", dpi=120, bbox_inches="tight")
+    with atomic.replacing(out) as tmp:  # a run killed mid-savefig leaves the old chart
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return out
+
+
+def reports_pointing_at(target: str | os.PathLike[str],
+                        own: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
+    """The Markdown reports beside `target` or one folder up (the demo's report.md above its
+    rows) that name it by its path relative to themselves, other than `own` (the reports the
+    writing mode rewrites itself). Such a report would silently describe another file if
+    `target` were replaced under it."""
+    target = Path(target).absolute()
+    mine = {Path(p).absolute() for p in own}
+    found = []
+    for folder in (target.parent, target.parent.parent):
+        name = target.relative_to(folder).as_posix()
+        for md in sorted(folder.glob("*.md")):
+            if md.absolute() in mine or not md.is_file():
+                continue
+            try:
+                text = md.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            if re.search(rf"(?<![\w./-]){re.escape(name)}(?![\w/-]|\.\w)", text):
+                found.append(md)
+    return found
+
+
+def refuse_replacing_reported(targets: Sequence[str | os.PathLike[str]],
+                              own: Sequence[str | os.PathLike[str]], what: str,
+                              allow: str) -> None:
+    """AlreadyExists, before any work, when one of `targets` exists and another report points
+    at it; `allow` names the flag that replaces them anyway."""
+    hits = {(Path(t), md) for t in targets if Path(t).exists()
+            for md in reports_pointing_at(t, own)}
+    if hits:
+        t, md = sorted(hits)[0]
+        raise AlreadyExists(
+            f"{md} points at {t}; {what} would replace it under that report. Pass {allow} to "
+            "replace it anyway (the report then describes the earlier file), or copy the "
+            "workdir and run on the copy")
 
 
 def method_name(regime: str) -> str:

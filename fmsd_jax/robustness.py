@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,16 +29,17 @@ import ml_collections as mlc
 import numpy as np
 from matplotlib.figure import Figure
 
-from fmsd_jax import build, evaluate, report, sharding
+from fmsd_jax import atomic, build, evaluate, report, sharding
 from fmsd_jax.data import perturbations as pt
 from fmsd_jax.data import pipeline
 from fmsd_jax.errors import BadInput
 
 log = logging.getLogger("fmsd_jax")
 
-ROBUSTNESS_JSON = "robustness.json"
-ROBUSTNESS_MD = "robustness.md"
-ROBUSTNESS_PNG = "robustness.png"
+ROBUSTNESS = "robustness"  # the outputs' stem; another grid goes beside as robustness-N
+ROBUSTNESS_JSON = f"{ROBUSTNESS}.json"
+ROBUSTNESS_MD = f"{ROBUSTNESS}.md"
+ROBUSTNESS_PNG = f"{ROBUSTNESS}.png"
 _KEYS = ("frame_auc", "video_auc")
 _LEVEL_NAME = {"frame_auc": "Frame AUC", "video_auc": "Video AUC"}
 _LOWER = {"frame_auc": "frame AUC", "video_auc": "video AUC"}
@@ -91,6 +93,41 @@ def robustness(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict[str, 
         mesh = sharding.make_mesh(cfg.mesh)
         sharding.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
         run = build.prepare(cfg, workdir, mesh, estimate=False)
+    stem = output_stem(cfg, workdir) if jax.process_index() == 0 else ROBUSTNESS
+    try:
+        result = _measure(cfg, workdir, run, items, datasets)
+    except BaseException:
+        claim = workdir / f"{stem}.json"
+        if stem != ROBUSTNESS and claim.is_file() and claim.stat().st_size == 0:
+            claim.unlink()  # our empty claim of a new name, never filled
+        raise
+    if jax.process_index() == 0:
+        js, _, _ = write_outputs(workdir, result, stem)
+        log.info("robustness: wrote %s and its .md and .png", js)
+    return result
+
+
+def output_stem(cfg: mlc.ConfigDict, workdir: Path) -> str:
+    """The outputs' name: `robustness` when free, or when it holds this same measurement
+    (settings equal) and no other report points at it; else the first free `robustness-N`,
+    claimed now, so that an earlier grid (a demo row's, which the demo's report.md shows) is
+    never replaced by another one."""
+    own = workdir / f"{ROBUSTNESS}.json"
+    if not own.exists():
+        return ROBUSTNESS
+    outputs = [workdir / f"{ROBUSTNESS}{ext}" for ext in (".json", ".md", ".png")]
+    if (load_if_current(cfg, workdir) or ("", ""))[1] == ROBUSTNESS and not any(
+            report.reports_pointing_at(p, own=[outputs[1]]) for p in outputs):
+        return ROBUSTNESS
+    stem = atomic.claim_free_name(own).stem
+    log.info("robustness: %s holds another grid (or a report points at it); writing %s.* "
+             "beside it", own.name, stem)
+    return stem
+
+
+def _measure(cfg: mlc.ConfigDict, workdir: Path, run, items: list[pt.Perturbation],
+             datasets: list[str]) -> dict[str, Any]:
+    """Every dataset clean and under every perturbation: the robustness.json structure."""
     trainable = build.restore_trainable(cfg, workdir, run)
     predict = evaluate.make_predict_fn(run.graphdef, run.mesh)
     # The clean pass checks the frame files; the perturbed passes read the same ones.
@@ -140,8 +177,6 @@ def robustness(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict[str, 
     log.info("robustness: %d evaluations in %.1fs (the first, with compilation, %.1fs; the "
              "others %.2fs each)", total, seconds, first,
              result["timing"]["seconds_per_evaluation"])
-    if jax.process_index() == 0:
-        write_outputs(workdir, result)
     return result
 
 
@@ -220,12 +255,13 @@ def _augmentation_text(aug) -> str:
 # Outputs
 
 
-def write_outputs(workdir: str | Path, result: Mapping[str, Any]) -> tuple[Path, Path, Path]:
+def write_outputs(workdir: str | Path, result: Mapping[str, Any],
+                  stem: str = "robustness") -> tuple[Path, Path, Path]:
     workdir = Path(workdir)
-    js = workdir / ROBUSTNESS_JSON
+    js = workdir / f"{stem}.json"
     report._atomic_write_text(js, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    png = plot(result, workdir / ROBUSTNESS_PNG)
-    md = workdir / ROBUSTNESS_MD
+    png = plot(result, workdir / f"{stem}.png")
+    md = workdir / f"{stem}.md"
     report._atomic_write_text(md, markdown(result, chart=png.name))
     return js, md, png
 
@@ -362,40 +398,48 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 # The demo's table
 
 
-def load_if_current(cfg: mlc.ConfigDict, workdir: str | Path) -> dict | None:
-    """A robustness.json in WORKDIR written with the same settings, else None."""
-    path = Path(workdir) / ROBUSTNESS_JSON
-    if not path.is_file():
-        return None
-    found = json.loads(path.read_text(encoding="utf-8"))
-    return found if found.get("settings") == settings(cfg) else None
+def load_if_current(cfg: mlc.ConfigDict, workdir: str | Path) -> tuple[dict, str] | None:
+    """(result, stem) of the robustness[-N].json in WORKDIR written with the same settings
+    (`robustness` first), else None."""
+    found = sorted(Path(workdir).glob(f"{ROBUSTNESS}*.json"),
+                   key=lambda p: (p.stem != ROBUSTNESS, len(p.stem), p.stem))
+    for path in found:
+        if not re.fullmatch(rf"{ROBUSTNESS}(-\d+)?", path.stem) or path.stat().st_size == 0:
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if result.get("settings") == settings(cfg):
+            return result, path.stem
+    return None
 
 
 def demo_section(family: str, rows: Mapping[str, tuple[mlc.ConfigDict, Path]],
                  levels: Sequence[int] = ()) -> str:
     """The demo's robustness section: every row (name → (its config, its trained workdir))
     evaluated on one held-out `family` at `levels` (empty: all); per-type means and the overall
-    mean, frame and video in separate tables. A row whose robustness.json has the same settings
-    is not rerun."""
+    mean, frame and video in separate tables. A row whose robustness[-N].json has the same
+    settings is not rerun; the section names each row's files."""
     results: dict[str, dict] = {}
+    files: list[str] = []
     seconds = 0.0
     for name, (cfg, workdir) in rows.items():
         cfg = copy.deepcopy(cfg)
         cfg.robustness.datasets = (family,)
         cfg.robustness.levels = tuple(levels)
-        res = load_if_current(cfg, workdir)
-        if res is None:
+        found = load_if_current(cfg, workdir)
+        if found is None:
             log.info("=== robustness of %s on %s", name, family)
-            res = robustness(cfg, workdir)
-            seconds += res["timing"]["seconds"]
-        results[name] = res
+            seconds += robustness(cfg, workdir)["timing"]["seconds"]
+            found = load_if_current(cfg, workdir)
+        results[name], stem = found
+        files.append(f"{report._md_escape(name)} `{Path(workdir).name}/{stem}.md`, "
+                     f"`{Path(workdir).name}/{stem}.png`")
     first = next(iter(results.values()))
     types = list(first["types"])
     levels = first["settings"]["levels"]
     md = ["## Robustness to unseen perturbations", "",
           f"{first['title']}, levels {', '.join(map(str, levels))}, on the held-out family "
-          f"**{family}**; each cell is a type's mean over those levels (per-level tables: "
-          f"`<row>/{ROBUSTNESS_MD}`, chart `<row>/{ROBUSTNESS_PNG}`). "
+          f"**{family}**; each cell is a type's mean over those levels (per-level tables and "
+          f"charts: {'; '.join(files)}). "
           + " ".join(f"{src}: {text}." for src, text in first["where_applied"].items()), ""]
     flagged = [f"{k} L{lv}" for k, t in first["types"].items()
                for lv, f in t["levels"].items() if f["seen_in_training"]]

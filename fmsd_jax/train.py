@@ -34,7 +34,7 @@ from fmsd_jax import (
     sharding,
 )
 from fmsd_jax.data import pipeline
-from fmsd_jax.errors import BadInput, TrainingDiverged
+from fmsd_jax.errors import AlreadyExists, BadInput, TrainingDiverged
 from fmsd_jax.method.objective import make_loss_fn
 from fmsd_jax.method.optimizer import make_optimizer
 from fmsd_jax.model.vit import on_mesh
@@ -265,6 +265,10 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     if not (cfg.method.regime == "fmsd" and cfg.method.mask.enabled):
         raise BadInput(f"config.method.regime={cfg.method.regime!r} with mask.enabled="
                          f"{cfg.method.mask.enabled} uses no layer mask; nothing to estimate")
+    if checkpointing.latest_saved_step(workdir) is not None:
+        raise AlreadyExists(
+            f"{workdir} holds checkpoints trained under its {checkpointing.MASK_JSON}; --mode "
+            "mask would replace the mask they need. Estimate it in a new --workdir")
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
     preflight.check_config(cfg)

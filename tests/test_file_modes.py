@@ -50,3 +50,35 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_claims_never_share_a_name_and_the_record_says_new_or_replaced(tmp_path):
+    import threading
+
+    atomic.forget_written()
+    names, start = [], threading.Barrier(8)
+
+    def claim():
+        start.wait()  # all eight race for predictions.json at once
+        names.append(atomic.claim_free_name(tmp_path / "predictions.json").name)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(names) == sorted(["predictions.json"] + [f"predictions-{n}.json"
+                                                           for n in range(2, 9)])
+    (tmp_path / "old.json").write_text("{}")
+    checkpointing.write_json_atomic(tmp_path / "old.json", {"x": 1})
+    checkpointing.write_json_atomic(tmp_path / "predictions-2.json", {"x": 2})  # fills a claim
+    record = atomic.written()
+    assert record[tmp_path / "old.json"] is True
+    assert record[tmp_path / "predictions-2.json"] is False
+    lines = atomic.describe_written(tmp_path)
+    assert lines[0] == f"wrote 9 output(s), 8 new and 1 replacing an earlier file, in {tmp_path}:"
+    assert "  replaced old.json" in lines and "  new      predictions-2.json" in lines
+    (tmp_path / "predictions-8.json").unlink()
+    assert "  new      predictions-8.json (removed since)" in atomic.describe_written(tmp_path)
+    atomic.forget_written()
+    assert atomic.describe_written(tmp_path) == [f"wrote no file (in {tmp_path} or elsewhere)"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmsd_jax import errors, report
 from fmsd_jax.metrics import compute_metrics, roc
 from fmsd_jax.report import (
     DemoRow,
@@ -341,5 +342,30 @@ def test_layering_no_model_code_no_pyplot_no_jax():
         "or m == 'matplotlib.pyplot'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ("['fmsd_jax', 'fmsd_jax.atomic', 'fmsd_jax.metrics', "
-                                  "'fmsd_jax.report']")
+    assert out.stdout.strip() == ("['fmsd_jax', 'fmsd_jax.atomic', 'fmsd_jax.errors', "
+                                  "'fmsd_jax.metrics', 'fmsd_jax.report']")
+
+
+def test_a_report_pointing_at_a_file_protects_it(tmp_path):
+    row = tmp_path / "fmsd"
+    row.mkdir()
+    for name in ("roc.png", "results.json", "results.md", "roc.png.bak"):
+        (row / name).write_text("x")
+    (tmp_path / "report.md").write_text("ROC: [fmsd/roc.png](fmsd/roc.png); numbers "
+                                        "`fmsd/results.json`\n")
+    (row / "results.md").write_text("Chart: roc.png\n")
+    assert report.reports_pointing_at(row / "roc.png") == [row / "results.md",
+                                                           tmp_path / "report.md"]
+    assert report.reports_pointing_at(row / "roc.png", own=[row / "results.md"]) == [
+        tmp_path / "report.md"]
+    (tmp_path / "old.md").write_text("see fmsd/roc.png.bak and xfmsd/results.md\n")
+    assert report.reports_pointing_at(row / "results.md") == []  # a name inside another is not
+    with pytest.raises(errors.AlreadyExists, match=r"report.md points at .*fmsd/results.json; "
+                                                  r"--mode evaluate would replace it.*--overwrite"):
+        report.refuse_replacing_reported([row / "results.json", row / "results.md"],
+                                         own=[row / "results.md"], what="--mode evaluate",
+                                         allow="--overwrite")
+    (tmp_path / "report.md").unlink()
+    report.refuse_replacing_reported([row / "results.json", row / "roc.png"],
+                                     own=[row / "results.md"], what="--mode evaluate",
+                                     allow="--overwrite")  # nothing else points at them

@@ -158,3 +158,11 @@ def test_end_to_end_on_the_tiny_fixture(cfg, tmp_path):
     assert gend["types"]["GB"]["levels"]["1"]["mean_abs_prob_change"] == 0.0
     assert gend["types"]["GB"]["levels"]["1"]["frame_auc"] == gend["clean"]["frame_auc"]
     assert gend["types"]["GB"]["levels"]["6"]["mean_abs_prob_change"] > 0
+    # Another grid goes beside the first, which stays as it was (issue 20: a demo row's
+    # robustness files, linked from the demo's report.md, were replaced by a later grid).
+    assert json.loads((tmp_path / "robustness.json").read_text()) == stored
+    assert json.loads((tmp_path / "robustness-2.json").read_text())["settings"]["protocol"] \
+        == "gend"
+    assert {p.name for p in tmp_path.glob("robustness-2.*")} == {
+        "robustness-2.json", "robustness-2.md", "robustness-2.png"}
+    assert robustness.load_if_current(cfg, tmp_path)[1] == "robustness-2"

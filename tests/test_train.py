@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fmsd_jax import (
+    atomic,
     build,
     checkpointing,
     config_base,
@@ -426,6 +427,33 @@ def trained_copy(trained, tmp_path):
     return cfg, copy, results
 
 
+def test_modes_that_read_a_run_replace_nothing_it_needs(trained_copy, tmp_path,
+                                                       tiny_clip_checkpoint):
+    cfg, workdir, _ = trained_copy
+    spec = workdir / checkpointing.SPEC_JSON
+    before = spec.stat().st_mtime_ns
+    atomic.forget_written()
+    out = export.export(cfg, workdir, tmp_path / "export")
+    assert spec.stat().st_mtime_ns == before  # only training writes the decomposition
+    names = {"model.safetensors", "config.json", "head.safetensors", "detector.json"}
+    assert atomic.written() == {out / n: False for n in names}
+    atomic.forget_written()
+    export.export(cfg, workdir, out)  # an earlier export of this same workdir is replaced
+    assert atomic.written() == {out / n: True for n in names}
+    pretrained = tiny_clip_checkpoint.parent
+    weights = (pretrained / "model.safetensors").read_bytes()
+    with pytest.raises(errors.AlreadyExists, match=r"holds files that are not an export of .*"
+                                                   r"\(no detector.json\)"):
+        export.export(cfg, workdir, pretrained)  # a CLIP checkpoint's folder, by mistake
+    assert (pretrained / "model.safetensors").read_bytes() == weights
+    mask = (workdir / checkpointing.MASK_JSON).read_bytes()
+    with pytest.raises(errors.AlreadyExists, match="checkpoints trained under its "
+                                                   "layer_mask.json"):
+        train.mask_only(cfg, workdir)
+    assert (workdir / checkpointing.MASK_JSON).read_bytes() == mask
+    atomic.forget_written()
+
+
 def test_run_manifest_pins_command_code_devices_and_data(trained):
     cfg, workdir, _ = trained
     run = json.loads((workdir / "run.json").read_text())["train"]
@@ -488,6 +516,16 @@ def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tin
     assert r["label"] == ("fake" if r["prob_fake"] > 0.5 else "real")
     assert f"{r['prob_fake']:.4f}" in out
     assert result["threshold"] == 0.5
+    assert result["model"] == {"workdir": str(workdir.absolute()), "checkpoint": "best",
+                               "step": result["model"]["step"], "regime": "fmsd",
+                               "train_dataset": ["SynBlend"]}
+    assert (f"# model: {workdir.absolute()}, best checkpoint (step {result['model']['step']}), "
+            "FMSD trained on SynBlend") in out
+    assert f"# input: {result['processing']}" in out
+    assert result["processing"] == (
+        "an image is taken whole as a face crop, as DeepfakeBench stores frames (no face "
+        "detection); a folder is one video of its images (score: their mean); every frame "
+        f"resized to {cfg.data.image_size}x{cfg.data.image_size} px")
     predict.predict(cfg, workdir, [str(folder)])
     assert (workdir / "predictions.json").is_file() and (workdir / "predictions-2.json").is_file()
     assert json.loads((workdir / "predictions.json").read_text()) == result
