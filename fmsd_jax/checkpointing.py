@@ -8,8 +8,10 @@ written; a SIGKILL at any moment leaves the previous one intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmsd_jax import atomic
-from fmsd_jax.errors import AlreadyExists, InputNotFound
+from fmsd_jax.errors import AlreadyExists, BadInput, InputNotFound
 
 CONFIG_JSON = "config.json"
 MASK_JSON = "layer_mask.json"
@@ -32,8 +34,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """One of the run's own JSON files; a damaged one (truncated by a copy, edited by hand) is
+    named in one line rather than as a JSONDecodeError traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path} is not valid JSON ({e}); it is damaged (truncated, or edited): "
+                       "restore it from a copy of the workdir, or use another --workdir") from e
 
 
 def _jsonable(obj: Any) -> Any:
@@ -111,6 +119,19 @@ def latest_saved_step(workdir: str | os.PathLike) -> int | None:
     return max(steps, default=None)
 
 
+@contextlib.contextmanager
+def _damaged_is_named(step_dir: Any) -> Iterator[None]:
+    """A finalized checkpoint whose files are gone or altered (partly deleted, copied without
+    some files) fails inside orbax with a KeyError or ValueError about items and arrays; say
+    which folder and what to do instead."""
+    try:
+        yield
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise BadInput(f"checkpoint {step_dir} cannot be restored ({type(e).__name__}: "
+                       f"{str(e)[:200]}); it is damaged or incomplete: restore it from a copy, "
+                       "or delete that step folder to fall back to an earlier one") from e
+
+
 class RunCheckpoints:
     """The latest-step manager (resume) and the best-on-validation manager (evaluation)."""
 
@@ -150,7 +171,8 @@ class RunCheckpoints:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        with _damaged_is_named(self.latest.directory / str(step)):
+            restored = self.latest.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
     def restore_for_eval(self, abstract_state: Any) -> tuple[int, Any, str]:
@@ -158,8 +180,9 @@ class RunCheckpoints:
         for name, mngr in (("best", self.best), ("latest", self.latest)):
             step = mngr.best_step() if name == "best" else mngr.latest_step()
             if step is not None:
-                restored = mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                with _damaged_is_named(mngr.directory / str(step)):
+                    restored = mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state)))
                 return step, restored["state"], name
         raise InputNotFound(
             "no checkpoint found under WORKDIR/best or WORKDIR/checkpoints; train first "

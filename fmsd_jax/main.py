@@ -88,6 +88,7 @@ def main(argv: list[str]) -> None:
         config_base.apply_regime(cfg)
     preflight.check_config(cfg)
     mode, workdir = _MODE.value, _WORKDIR.value
+    preflight.check_workdir(workdir)
     if mode != "predict" and len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (only --mode predict takes files)")
     if cfg.get("demo") is not None and mode != "train":

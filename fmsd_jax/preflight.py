@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 
@@ -33,6 +34,33 @@ MASK_SELECTIONS = ("top_k", "threshold")
 DTYPES = ("float32", "bfloat16")
 
 
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """--workdir is a folder this user can write (or can create): every mode writes there."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadInput(f"--workdir {workdir} is a file, not a folder; give a folder (it is "
+                       "created if missing)")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise BadInput(f"--workdir {workdir}: {existing} is a file, so the folder cannot be "
+                       "created; give another --workdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"--workdir {workdir}: {existing} is not writable by this user; give a "
+                       "folder you can write")
+
+
+def _positive(cfg: mlc.ConfigDict, field: str, allow_zero: bool = False) -> None:
+    value = cfg
+    for key in field.split("."):
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero
+                                                                         else 1):
+        raise BadInput(f"config.{field}={value!r} must be an integer "
+                       f"{'>= 0' if allow_zero else '>= 1'}; set --config.{field}=<that>")
+
+
 def _one_of(field: str, value, allowed) -> None:
     if value not in allowed:
         raise BadInput(f"config.{field}={value!r} is not one of {tuple(allowed)}; "
@@ -51,6 +79,18 @@ def check_config(cfg: mlc.ConfigDict) -> None:
     _one_of("model.remat", cfg.model.remat, REMAT_POLICIES)
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     _one_of("data.source", cfg.data.source, sources.SOURCES)
+    for field in ("train.batch_size", "eval.batch_size", "predict.batch_size",
+                  "predict.video_frames", "train.log_every", "train.checkpoint_every"):
+        _positive(cfg, field)
+    for field in ("train.total_steps", "train.num_epochs", "train.eval_every"):
+        _positive(cfg, field, allow_zero=True)
+    if not cfg.train.total_steps and not cfg.train.num_epochs:
+        raise BadInput("config.train.total_steps and config.train.num_epochs are both 0; set "
+                       "one of them (--config.train.total_steps=N)")
+    lr = cfg.optim.lr
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise BadInput(f"config.optim.lr={lr!r} must be a finite number above 0; set "
+                       "--config.optim.lr=2e-4 (Effort's) or another")
     try:  # the method layer's own validators, so a new allowed value needs no edit here
         objective_config(cfg)
         optim_config(cfg.optim)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,40 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
                        match=r"different config.*'method.regime'.*'optim.lr'"):
         checkpointing.check_resumable(tmp_path, other)
     assert checkpointing.config_differences(tmp_path / "none", cfg) is None
+
+
+def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):
+    from fmsd_jax import checkpointing, config_base, preflight
+
+    cfg = config_base.base_config()
+    for field, value, said in [("train.batch_size", 0, "config.train.batch_size=0 must be an "
+                                "integer >= 1"),
+                               ("train.total_steps", -5, "config.train.total_steps=-5 must be "
+                                "an integer >= 0"),
+                               ("optim.lr", float("nan"), "config.optim.lr=nan must be a "
+                                "finite number above 0")]:
+        bad = cfg.copy_and_resolve_references()
+        node = bad
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        with pytest.raises(errors.BadInput, match=re.escape(said)):
+            preflight.check_config(bad)
+    preflight.check_config(cfg)  # the defaults pass
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    with pytest.raises(errors.BadInput, match="is a file, not a folder"):
+        preflight.check_workdir(a_file)
+    with pytest.raises(errors.BadInput, match=r"afile is a file, so the folder cannot be "
+                                              r"created"):
+        preflight.check_workdir(a_file / "run")
+    preflight.check_workdir(tmp_path / "new" / "run")  # created later by the mode
+    assert not (tmp_path / "new").exists()
+
+    truncated = tmp_path / "config.json"
+    truncated.write_text('{"data": {"image_size": 2')
+    with pytest.raises(errors.BadInput, match=r"config.json is not valid JSON \(.*\); it is "
+                                              r"damaged"):
+        checkpointing.read_json(truncated)

@@ -303,8 +303,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"train.total_steps": "2"})
     train.train(cfg, tmp_path)
     good = trainable_at(tmp_path, 2)
-    bad = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"optim.lr": "inf",
-                                                            "optim.head_lr": "inf"})
+    bad = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"optim.lr": "1e30",
+                                                            "optim.head_lr": "1e30"})
     # The run diverging later under its own settings: its config.json is the diverging one
     # (resuming under a changed lr is refused; tests/test_cli_errors.py).
     checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
@@ -452,6 +452,11 @@ def test_modes_that_read_a_run_replace_nothing_it_needs(trained_copy, tmp_path,
         train.mask_only(cfg, workdir)
     assert (workdir / checkpointing.MASK_JSON).read_bytes() == mask
     atomic.forget_written()
+    best = next((workdir / "best").iterdir())
+    shutil.rmtree(best / "state")  # a copy that lost some files
+    with pytest.raises(errors.BadInput, match=rf"checkpoint {best} cannot be restored "
+                                              r"\(KeyError.*\); it is damaged"):
+        export.export(cfg, workdir, tmp_path / "export2")
 
 
 def test_run_manifest_pins_command_code_devices_and_data(trained):

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from fmsd_jax import atomic
+from fmsd_jax.errors import BadInput
 from fmsd_jax.model.torch_archive import TorchArchive, TorchArchiveError, is_torch_zip
 from fmsd_jax.model.vit import CLIPVisionTower, LinearFactory, ViTConfig, dense_factory
 
@@ -66,8 +67,9 @@ _EXPECTED = ("a CLIP ViT checkpoint: a Hugging Face model.safetensors / pytorch_
 _KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 
 
-class CheckpointError(ValueError):
-    """A file that is not, or does not match, a CLIP ViT vision checkpoint."""
+class CheckpointError(BadInput):
+    """A file that is not, or does not match, a CLIP ViT vision checkpoint (the user's file:
+    one line from the CLI; still a ValueError for library callers)."""
 
 
 class _Tensor(Protocol):
