@@ -31,7 +31,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from fmsd_jax import atomic  # stdlib only: safe before jax.distributed starts
+from fmsd_jax import atomic, platforms  # neither starts jax (jax.distributed comes first)
 from fmsd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,6 +79,7 @@ def main(argv: list[str]) -> None:
     ours.propagate = False
     cfg = _CONFIG.value
 
+    platforms.skip_absent_tpu()  # before anything starts jax's backends
     if cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1":
         init_distributed(cfg)
     # Imported only now: they import jax, which must not start before jax.distributed does.

@@ -29,7 +29,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fmsd_jax import assemble, build, evaluate, layer_mask, sharding, train
+from fmsd_jax import assemble, build, evaluate, layer_mask, platforms, sharding, train
 from fmsd_jax.errors import BadInput
 from fmsd_jax.method import masking
 
@@ -123,7 +123,15 @@ def topology_devices(name: str) -> tuple[str, list[Any]]:
 
     # Compile-only: no chip is opened, so several planners (or tests) may load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if not platforms.tpu_chips():
+        # libtpu, loaded as a compiler, still asks which TPU host it is on and prints a warning
+        # (and with no worker list an error trace) when there is none. The answers describe
+        # the attached host only: with and without TPU_ACCELERATOR_TYPE the slice's devices
+        # (v5e-1/4/256, v4-8/16, v5p-8/512) and compiled programs (a sharded step on v5e-256,
+        # v4-16, v5p-8) were identical, libtpu 0.0.42.1.
+        # On a TPU VM they would contradict the real host, so there libtpu finds its own.
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     kw: dict[str, Any] = {"chip_config_name": "megacore"} if CHIPS[gen].megacore else {}
     if CHIPS[gen].torus_dims == 2 and chips < 4:  # v5litepod-1: one chip, below a 2x2 host
         kw["chips_per_host_bounds"] = (*map(int, topo.split(":")[1].split("x")), 1)

@@ -1,11 +1,21 @@
-"""Session-wide fixtures: a tiny CLIP checkpoint in Hugging Face's format and a tiny synthetic
-benchmark in DeepfakeBench's layout, both made by the tests (nothing is downloaded)."""
+"""Session-wide setup (jax starts as the CLI starts it) and fixtures: a tiny CLIP checkpoint
+in Hugging Face's format and a tiny synthetic benchmark in DeepfakeBench's layout, both made
+by the tests (nothing is downloaded)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config) -> None:
+    """Tests start jax as the CLI does: without libtpu's runtime where no TPU chip is (its
+    warnings would fill every failure's captured output; `--mode plan`'s compiles still load
+    libtpu as a compiler)."""
+    from fmsd_jax import platforms
+
+    platforms.skip_absent_tpu()
 
 
 @pytest.fixture(scope="session")

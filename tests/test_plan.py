@@ -320,6 +320,7 @@ def test_cli_plan_writes_json_and_errors_in_one_line(tmp_path):
     proc = subprocess.run(base + ["--topology=v5e-4"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not re.search("tpu", proc.stderr, re.I), proc.stderr  # libtpu loads, unheard
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["slice"] == "v5e-4" and saved["mesh"] == {"data": 4, "fsdp": 1}
     assert "train_step: per chip" in proc.stdout
