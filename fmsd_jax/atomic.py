@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fmsd_jax.pathnames import shown
+
 # path -> True when it replaced a file that existed before this process first wrote it.
 _WRITTEN: dict[Path, bool] = {}
 
@@ -93,8 +95,13 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text, with a file name that is not valid UTF-8 (a surrogate-escaped str, which
+    strict UTF-8 cannot encode) written as `pathnames.shown` prints it (`caf\\xe9`), so a
+    report naming such a dataset is written rather than lost to UnicodeEncodeError. JSON is
+    unchanged: json.dumps escapes those characters itself (`\\udce9`, which json.loads
+    reverses)."""
     with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(shown(text), encoding="utf-8")
 
 
 def claim_free_name(path: str | os.PathLike) -> Path:

@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from fmsd_jax import atomic, platforms  # neither starts jax (jax.distributed comes first)
 from fmsd_jax.errors import UserError
+from fmsd_jax.pathnames import require_utf8, shown
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/clip_b16.py or configs/clip_b16.py:runlocal",
@@ -66,13 +67,29 @@ def init_distributed(cfg) -> None:
         jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU and Open MPI clusters
 
 
+# Modes that write or read orbax checkpoints under WORKDIR (tensorstore takes UTF-8 paths only).
+CHECKPOINT_MODES = ("train", "evaluate", "robustness", "export", "predict")
+
+
+class ShownFormatter(logging.Formatter):
+    """Log lines with file names as `pathnames.shown` writes them (`caf\\xe9.png`), so a name
+    that is not valid UTF-8 neither breaks the line on a strict stdout nor prints as raw bytes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record))
+
+
 def main(argv: list[str]) -> None:
     from absl import logging as absl_logging
 
+    # A print naming a file that is not valid UTF-8 must not end the run with
+    # UnicodeEncodeError (a strict stdout) or write raw bytes (the C locale's surrogateescape).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     # Our progress goes to stdout; library chatter (orbax, XLA) only from warnings up.
     absl_logging.set_verbosity(absl_logging.WARNING)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(ShownFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
     ours = logging.getLogger("fmsd_jax")
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
@@ -92,6 +109,8 @@ def main(argv: list[str]) -> None:
     preflight.check_workdir(workdir)
     if mode != "predict" and len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (only --mode predict takes files)")
+    if mode in CHECKPOINT_MODES:
+        require_utf8(workdir, "--workdir", "orbax checkpoints (tensorstore)")
     if cfg.get("demo") is not None and mode != "train":
         from fmsd_jax import demo  # configs/demo.py: other modes act on one trained row
 
@@ -162,8 +181,9 @@ def user_errors_in_one_line(argv: list[str]) -> None:
 
 
 def fail(message: str) -> None:
-    """A user's mistake: one line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
+    """A user's mistake: one line on stderr, exit status 2; a file name in it shows its
+    undecodable bytes as `\\xe9` (pathnames.shown)."""
+    print(f"error: {shown(message)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -11,6 +11,10 @@ the printed label is 'fake' when that score exceeds `config.predict.threshold`.
 Every input is checked (exists, is an image OpenCV can decode, a video with frames) before the
 model is loaded; an input that still cannot be scored makes the command exit non-zero, after
 the others are written. An earlier predictions file is never replaced.
+
+Inputs are keyed in the JSON by the path as given, whatever its bytes: a name that is not
+valid UTF-8 is written as JSON's `\\udcXX` escape, which `json.load` turns back into the same
+str and `os.fsencode` into the original bytes; the printed table shows it as `\\xXX`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
 from fmsd_jax.errors import AlreadyExists, BadInput
+from fmsd_jax.pathnames import shown
 
 log = logging.getLogger("fmsd_jax")
 
@@ -43,7 +48,8 @@ def frames_to_score(inputs: list[str], data_cfg: mlc.ConfigDict, video_frames: i
     out, problems = [], []
 
     def image(path: Path, video_id: str) -> None:
-        if cv2.haveImageReader(str(path)):
+        # bytes: OpenCV segfaults on a str name that is not valid UTF-8 (see pathnames)
+        if cv2.haveImageReader(os.fsencode(path)):
             out.append(rec.make_record(str(path), -1, "predict", "", video_id))
         else:
             problems.append(f"{path} (not an image OpenCV can decode)")
@@ -198,7 +204,8 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
         if key in result["inputs"]:
             r = result["inputs"][key]
             n = r["frames"]
-            print(f"{r['prob_fake']:.4f}   {r['label']:<4}  {key}  ({n} frame{'s' * (n > 1)})")
+            print(f"{r['prob_fake']:.4f}   {r['label']:<4}  {shown(key)}  "
+                  f"({n} frame{'s' * (n > 1)})")
         else:
-            print(f"  n/a    -     {key}  (unreadable)")
+            print(f"  n/a    -     {shown(key)}  (unreadable)")
     return result

@@ -562,3 +562,40 @@ def test_predict_exits_nonzero_when_an_input_could_not_be_scored(trained, tiny_b
         predict.predict(cfg, workdir, [str(good), str(truncated)], tmp_path / "p.json")
     written = json.loads((tmp_path / "p.json").read_text())
     assert list(written["inputs"]) == [str(good)] and written["unreadable"] == [str(truncated)]
+
+
+def test_predict_scores_byte_named_inputs_as_their_plain_copies(trained, tiny_benchmark,
+                                                                tmp_path, monkeypatch):
+    """An image, a frame folder and a video whose names are not valid UTF-8 (b'\\xe9') score
+    exactly as copies under plain names; the table prints them escaped on a strict UTF-8
+    stdout, and predictions.json gives back their bytes (OpenCV segfaulted on them)."""
+    import io
+
+    from test_byte_paths import byte_path, write_avi
+
+    cfg, workdir, _ = trained
+    folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
+    image = byte_path(tmp_path, b"caf\xe9.png")
+    frames = byte_path(tmp_path, b"fold\xe9r")
+    video = byte_path(tmp_path, b"vid\xe9o.avi")
+    shutil.copy(sorted(folder.glob("*.png"))[0], image)
+    shutil.copytree(folder, frames)
+    write_avi(video)
+    plain = [str(tmp_path / "plain.png"), str(tmp_path / "plain"), str(tmp_path / "plain.avi")]
+    shutil.copy(image, plain[0])
+    shutil.copytree(frames, plain[1])
+    shutil.copy(video, plain[2])
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    result = predict.predict(cfg, workdir, [image, frames, video, *plain], tmp_path / "p.json")
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("utf-8")
+    scored = result["inputs"]
+    for odd, same in zip([image, frames, video], plain, strict=True):
+        assert scored[odd]["frame_probs"] == scored[same]["frame_probs"]
+        assert os.fsencode(odd).decode("utf-8", "backslashreplace") in printed
+    assert "caf\\xe9.png" in printed and "fold\\xe9r  (" in printed
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert {os.fsencode(k) for k in written["inputs"]} == {
+        os.fsencode(p) for p in [image, frames, video, *plain]}  # keys are sorted
+    assert written["inputs"] == scored

@@ -4,6 +4,12 @@ Layout (`preprocessing/rearrange.py`):
 `{Dataset: {label_group: {split: {[c23|c40|raw:] {video: {"label", "frames", "masks"}}}}}}`.
 The compression level exists for the FF family only, so it is detected by the keys
 found under a split rather than by the dataset's name.
+
+A frame whose name is not valid UTF-8 (a Latin-1 `caf\\xe9.png`) reaches the JSON in one of
+two forms, and both name the file on disk: DeepfakeBench's `json.dump` (ensure_ascii) writes
+the surrogate-escaped str Python listed it as, `"caf\\udce9.png"`, which `json.load` gives
+back; a writer that keeps raw bytes leaves the byte itself in the file, which is read with
+`surrogateescape` into the same str. Either way `os.fsencode` of the path is the file's name.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ COMPRESSION_KEYS = frozenset({'raw', 'c23', 'c40'})
 @functools.lru_cache(maxsize=16)
 def _read_json(path: str, mtime: float) -> dict:
     del mtime  # part of the cache key so that a rewritten JSON is re-read
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8', errors='surrogateescape') as f:
         return json.load(f)
 
 

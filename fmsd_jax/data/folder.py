@@ -28,8 +28,11 @@ def _label_of(name: str, data_cfg, where: str) -> int:
 
 def hash_split(key: str, fractions: tuple[float, ...]) -> str:
     """Stable train/val/test assignment by video, so that frames of one video never sit on
-    both sides of a split and the assignment survives adding files."""
-    u = zlib.crc32(key.encode('utf-8')) / 2.0**32
+    both sides of a split and the assignment survives adding files. The key is hashed as the
+    name's bytes: UTF-8 for a valid name (the assignment every existing dataset has), and the
+    original bytes of a surrogate-escaped one (`caf\\udce9` hashes as b'caf\\xe9'), whatever
+    the locale."""
+    u = zlib.crc32(key.encode('utf-8', 'surrogateescape')) / 2.0**32
     total = float(sum(fractions))
     acc = 0.0
     for name, frac in zip(SPLITS, fractions, strict=True):

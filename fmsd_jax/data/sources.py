@@ -37,11 +37,13 @@ def has_split(data_cfg, dataset: str, split: str) -> bool:
 
 
 class TfdsToRecord(grain.transforms.Map):
-    """Turns a TFDS example (as tfds_builder writes it) into a record with decoded pixels."""
+    """Turns a TFDS example (as tfds_builder writes it) into a record with decoded pixels;
+    text is decoded with surrogateescape, so a name that is not valid UTF-8 comes back as the
+    str the file-backed source listed it as."""
 
     def map(self, ex: dict) -> dict:
         def s(x):
-            return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+            return x.decode('utf-8', 'surrogateescape') if isinstance(x, bytes) else str(x)
         out = rec.make_record(s(ex['path']), int(ex['label']), s(ex['dataset']),
                               s(ex['label_group']), s(ex['video_id']))
         out['image'] = ex['image']

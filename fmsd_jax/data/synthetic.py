@@ -158,7 +158,8 @@ def _write_png(path: str, image: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(path, image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+    # bytes: OpenCV segfaults on a str name that is not valid UTF-8 (see fmsd_jax.pathnames)
+    if not cv2.imwrite(os.fsencode(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
         raise OSError(f'could not write {path}')
 
 

@@ -30,9 +30,15 @@ from fmsd_jax.data import file_records
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms as tr
 from fmsd_jax.errors import InputNotFound, UnknownName
+from fmsd_jax.pathnames import require_utf8
 
 BUILDER_NAME = 'fmsd_frames'
 COUNTS_FILE = 'fmsd_counts.json'
+ARRAY_RECORD = 'TFDS ArrayRecord files (array_record)'
+# Stored as the names' bytes (UTF-8, with a surrogate-escaped byte of a name that is not valid
+# UTF-8 written back as that byte: tfds' Text feature would refuse the str) and read back with
+# surrogateescape (sources.TfdsToRecord), so a packed record names the same file.
+TEXT_KEYS = ('dataset', 'label_group', 'video_id', 'path')
 _log = logging.getLogger(__name__)
 
 
@@ -122,9 +128,8 @@ class FmsdFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             ok, png = cv2.imencode('.png', cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             if not ok:
                 raise RuntimeError(f'PNG encoding failed for {r["path"]}')
-            yield i, {'image': png.tobytes(), 'label': r['label'], 'dataset': r['dataset'],
-                      'label_group': r['label_group'], 'video_id': r['video_id'],
-                      'path': r['path']}
+            yield i, {'image': png.tobytes(), 'label': r['label'],
+                      **{k: r[k].encode('utf-8', 'surrogateescape') for k in TEXT_KEYS}}
         if bad:
             _log.warning('%d unreadable images skipped', bad)
 
@@ -151,6 +156,7 @@ def build_tfds(data_cfg, dataset: str, *, data_dir: str | None = None,
     data_dir = os.fspath(data_dir or data_cfg.tfds.data_dir)
     if not data_dir:
         raise ValueError('build_tfds needs data_dir (or config.data.tfds.data_dir).')
+    require_utf8(data_dir, 'the TFDS data_dir', ARRAY_RECORD)
     plain = _plain(data_cfg)
     plain['frame_num'] = dict(plain['frame_num'])
     config = FmsdFramesConfig(name=config_name(dataset), dataset=dataset,
@@ -169,6 +175,9 @@ def build_tfds(data_cfg, dataset: str, *, data_dir: str | None = None,
 
 
 def builder_dir(data_cfg, dataset: str) -> str:
+    """Where a packed dataset lives; refused up front (every TFDS run asks for it before its
+    first step) when array_record could not open it."""
+    require_utf8(data_cfg.tfds.data_dir, 'config.data.tfds.data_dir', ARRAY_RECORD)
     return os.path.join(os.fspath(data_cfg.tfds.data_dir), BUILDER_NAME,
                         config_name(dataset), data_cfg.tfds.version)
 

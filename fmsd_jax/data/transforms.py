@@ -31,10 +31,13 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 
 def read_rgb(path: str) -> np.ndarray | None:
     """RGB uint8 image or None; cv2.imread returns None rather than raising on a corrupt
-    or truncated file, which is what lets the pipeline skip and count it."""
+    or truncated file, which is what lets the pipeline skip and count it. The bytes are read
+    by numpy (Python's file layer, which takes any file name) and decoded in memory, because
+    cv2.imread segfaults on a name that is not valid UTF-8; a str no file can be named
+    (UnicodeEncodeError, a ValueError) is unreadable like a missing file."""
     try:
         data = np.fromfile(path, np.uint8)
-    except OSError:
+    except (OSError, ValueError):
         return None
     if data.size == 0:
         return None

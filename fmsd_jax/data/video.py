@@ -37,10 +37,22 @@ def _detector():
     return _DETECTOR
 
 
+def _capture(path: str) -> cv2.VideoCapture:
+    """OpenCV's reader given the name as bytes: a str name that is not valid UTF-8 (a
+    surrogate-escaped Latin-1 byte, see fmsd_jax.pathnames) segfaults cv2.VideoCapture, while
+    its bytes open the same file the same way (FFmpeg sees the same path). A str no file name
+    can have (a surrogate outside the escapes, e.g. from a JSON's "\\ud800") gives a capture
+    that is not opened, which callers already treat as an undecodable video."""
+    try:
+        return cv2.VideoCapture(os.fsencode(path))
+    except UnicodeEncodeError:
+        return cv2.VideoCapture()
+
+
 def frame_count(path: str) -> int:
     """Number of decodable frames; container metadata is trusted when present because
     counting by decoding a whole video at start-up is too slow for thousands of files."""
-    cap = cv2.VideoCapture(path)
+    cap = _capture(path)
     try:
         if not cap.isOpened():
             return 0
@@ -57,7 +69,7 @@ def frame_count(path: str) -> int:
 
 def read_frame(path: str, index: int) -> np.ndarray | None:
     """RGB uint8 frame `index` of a video, or None when it cannot be decoded."""
-    cap = cv2.VideoCapture(path)
+    cap = _capture(path)
     try:
         if not cap.isOpened():
             return None
