@@ -153,7 +153,8 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None)
     if jax.process_index() == 0:
         diag = workdir / report.DIAGNOSTICS_JSON
         report.write_results(workdir, results, notes=[manifest.citation(workdir, mode)],
-                             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None)
+                             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None,
+                             train_families=list(cfg.data.train_dataset))
         if curves:
             report.plot_roc(curves, workdir / "roc.png", video_curves=video_curves or None,
                             title=f"ROC: {report.method_name(cfg.method.regime)} "

@@ -37,6 +37,7 @@ __all__ = [
     "Verdict",
     "compare_to_baselines",
     "demo_table",
+    "held_out_mean",
     "method_name",
     "plot_adaptation",
     "plot_layer_scores",
@@ -115,6 +116,25 @@ def method_name(regime: str) -> str:
     return METHOD_NAMES.get(regime, regime)
 
 
+def held_out_mean(
+    results: Mapping[str, Mapping[str, Any]],
+    key: str,
+    train_families: Sequence[str],
+    families: Sequence[str] | None = None,
+) -> tuple[float, int, int]:
+    """Mean of ``key`` over the held-out families: (mean, how many were defined, how many are
+    held out).
+
+    Held out are the ``families`` (default: those in ``results``) not in ``train_families``;
+    a family missing from ``results`` or undefined there (NaN) is left out of the mean, so a
+    caller can mark a partial mean. results.md and the demo report both use this, so their
+    held-out means cannot disagree."""
+    held = [f for f in (results if families is None else families) if f not in train_families]
+    values = [_to_float(results[f].get(key)) if f in results else math.nan for f in held]
+    mean, n = _nanmean(values)
+    return mean, n, len(held)
+
+
 # --------------------------------------------------------------------------------------
 # results.json / results.md
 
@@ -138,9 +158,19 @@ def _normalise_results(
     return out
 
 
-def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """The Markdown table of ``results.md``: one row per dataset plus an average row."""
+def results_table(
+    results: Mapping[str, Mapping[str, Any]], *, train_families: Sequence[str] | None = None
+) -> str:
+    """The Markdown table of ``results.md``: one row per dataset, then the means.
+
+    With ``train_families`` (the run's ``data.train_dataset``) a test set of a training family
+    is marked, and the first mean is the **held-out mean**, over the other test sets only: a
+    test set of the family the detector was trained on says nothing about generalisation, and
+    averaging it in flatters the number the reader looks for. The mean over all test sets
+    follows, labelled as such, when it differs; with no held-out test set the table says so.
+    Without ``train_families`` (not known) only the all-sets mean is given."""
     norm = _normalise_results(results)
+    train = None if train_families is None else [str(f) for f in train_families]
     header = ["dataset", "frames", "videos"] + [h for _, h in _RESULT_COLUMNS]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -148,27 +178,49 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     ]
     for dataset, m in norm.items():
         cells = [
-            _md_escape(dataset),
+            _md_escape(dataset) + (" (training family)" if train and dataset in train else ""),
             str(m.get("num_frames", "")),
             str(m.get("num_videos", "")) if m.get("num_videos") else "",
         ]
         cells += [_fmt(float(m[k])) for k, _ in _RESULT_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    footnote = ""
-    if len(norm) > 1:
-        cells = ["**average**", "", ""]
-        partial = False
+    held = [d for d in norm if train is None or d not in train]
+    # (label, the families left out of the mean): the held-out mean leaves out the training
+    # families; the all-sets mean leaves out none.
+    means: list[tuple[str, Sequence[str]]] = []
+    if train is not None and held and len(norm) > 1:
+        what = "all " if len(held) == len(norm) else ""
+        means.append((f"**held-out mean** ({what}{_sets(len(held))})", train))
+    if len(norm) > 1 and len(held) < len(norm):
+        tail = "training family included" if held else "all training families"
+        means.append((f"all-sets mean ({_sets(len(norm))}, {tail})", ()))
+    elif train is None and len(norm) > 1:
+        means.append((f"**all-sets mean** ({_sets(len(norm))})", ()))
+    partial = False
+    for label, excluded in means:
+        cells = [label, "", ""]
         for k, _ in _RESULT_COLUMNS:
-            mean, n = _nanmean([float(m[k]) for m in norm.values()])
-            partial |= 0 < n < len(norm)
-            cells.append(_fmt(mean) + ("†" if 0 < n < len(norm) else ""))
+            mean, n, of = held_out_mean(norm, k, excluded)
+            partial |= 0 < n < of
+            cells.append(_fmt(mean) + ("†" if 0 < n < of else ""))
         lines.append("| " + " | ".join(cells) + " |")
-        if partial:
-            footnote = (
-                "\n† averaged over the datasets where the metric is defined "
-                "(n/a: a single-class set, or no video ids).\n"
-            )
-    return "\n".join(lines) + "\n" + footnote
+    notes = []
+    if train is not None:
+        if held and len(held) < len(norm):
+            notes.append(f"Held-out mean: over the test sets not in the training families "
+                         f"({_md_escape(', '.join(train))}): {_md_escape(', '.join(held))}.")
+        elif not held:
+            notes.append(f"No held-out test set: every test set is a training family "
+                         f"({_md_escape(', '.join(train))}), so nothing here measures "
+                         "generalisation to unseen forgeries.")
+    if partial:
+        notes.append("† averaged over the datasets where the metric is defined "
+                     "(n/a: a single-class set, or no video ids).")
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
+
+
+def _sets(n: int) -> str:
+    return f"{n} test set" + ("" if n == 1 else "s")
 
 
 def write_results(
@@ -178,6 +230,7 @@ def write_results(
     title: str = "Evaluation results",
     notes: Sequence[str] = (),
     diagnostics: Mapping[str, Any] | None = None,
+    train_families: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``workdir/results.json`` and ``workdir/results.md``, replacing earlier ones.
 
@@ -185,7 +238,9 @@ def write_results(
     (atomically) rather than merged. JSON holds ``dataset -> metric -> value`` with the five
     DFB metric keys as floats (``null`` where undefined) and the frame/video counts as ints.
     ``diagnostics`` (the run's diagnostics.json) adds the backbone's contribution and how far
-    the adapted layers moved below the table.
+    the adapted layers moved below the table. ``train_families`` marks the training family's
+    row and gives the held-out mean (`results_table`); results.json stays numbers only (the
+    training family is in config.json), so its readers see the same schema as before.
     """
     norm = _normalise_results(results)
     wd = Path(workdir)
@@ -203,7 +258,7 @@ def write_results(
         "",
     ]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
-    md.append(results_table(norm))
+    md.append(results_table(norm, train_families=train_families))
     if diagnostics is not None:
         md += ["", adaptation_section(diagnostics)]
     _atomic_write_text(md_path, "\n".join(md))
@@ -680,7 +735,6 @@ def demo_table(
     """Method × test-family Markdown table, frame AUC and video AUC as separate sub-columns."""
     all_rows = _rows(rows)
     fams = _families(all_rows, train_families)
-    held = [f for f in fams if f not in train_families]
     header = ["method"]
     for f in fams:
         tag = " (train)" if f in train_families else ""
@@ -696,9 +750,8 @@ def demo_table(
         for f in fams:
             cells += [_fmt(_metric(r, f, "frame_auc")), _fmt(_metric(r, f, "video_auc"))]
         for key in ("frame_auc", "video_auc"):
-            vals = [_metric(r, f, key) for f in held]
-            mean, n = _nanmean(vals)
-            cells.append(_fmt(mean) + ("" if n == len(held) else "†") if n else "n/a")
+            mean, n, of = held_out_mean(r.results, key, train_families, fams)
+            cells.append(_fmt(mean) + ("" if n == of else "†") if n else "n/a")
         c, ci = r.contribution, r.contribution_ci
         cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}" + (
             f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))

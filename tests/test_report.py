@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmsd_jax import report
 from fmsd_jax.metrics import compute_metrics, roc
 from fmsd_jax.report import (
     DemoRow,
     compare_to_baselines,
     demo_table,
+    held_out_mean,
     plot_layer_scores,
     plot_roc,
     read_results,
@@ -92,7 +94,7 @@ def test_results_markdown_parses_back(tmp_path, results):
         assert _num(r[col["ACC@0.5 (frame)"]]) == pytest.approx(m["acc"], abs=5e-5)
         assert _num(r[col["EER (frame)"]]) == pytest.approx(m["eer"], abs=5e-5)
         assert int(r[col["frames"]]) == 160
-    avg = by_name["**average**"]
+    avg = by_name["**all-sets mean** (3 test sets)"]  # no training family given
     expect = np.mean([m["video_auc"] for m in results.values()])
     assert _num(avg[col["AUC (video)"]]) == pytest.approx(expect, abs=5e-5)
 
@@ -108,7 +110,7 @@ def test_nan_is_null_and_na_and_average_is_marked(tmp_path, results):
     header, rows = _parse_md_table(text)
     by_name = {r[0]: r for r in rows}
     assert by_name["fakes-only"][header.index("AUC (frame)")] == "n/a"
-    avg = by_name["**average**"][header.index("AUC (frame)")]
+    avg = by_name["**all-sets mean** (4 test sets)"][header.index("AUC (frame)")]
     assert avg.endswith("†")
     defined = [m["frame_auc"] for d, m in results.items() if d != "fakes-only"]
     assert _num(avg) == pytest.approx(np.mean(defined), abs=5e-5)
@@ -129,6 +131,55 @@ def test_rewrite_replaces_and_missing_key_is_named(tmp_path, results):
 def test_single_dataset_table_has_no_average(results):
     _, rows = _parse_md_table(results_table({"DFDC": results["DFDC"]}))
     assert [r[0] for r in rows] == ["DFDC"]
+    _, rows = _parse_md_table(results_table({"DFDC": results["DFDC"]}, train_families=["FF"]))
+    assert [r[0] for r in rows] == ["DFDC"]
+
+
+def test_results_md_marks_the_training_family_and_gives_the_held_out_mean(tmp_path, results):
+    _, md = write_results(tmp_path, results, train_families=["CDF-v1"])
+    text = md.read_text()
+    header, rows = _parse_md_table(text)
+    by_name = {r[0]: r for r in rows}
+    assert list(by_name) == ["CDF-v1 (training family)", "CDF-v2", "DFDC",
+                             "**held-out mean** (2 test sets)",
+                             "all-sets mean (3 test sets, training family included)"]
+    for i, (key, _) in enumerate(report._RESULT_COLUMNS):
+        held = _num(by_name["**held-out mean** (2 test sets)"][3 + i])
+        every = _num(by_name["all-sets mean (3 test sets, training family included)"][3 + i])
+        assert held == pytest.approx(np.mean([results[d][key] for d in ("CDF-v2", "DFDC")]),
+                                     abs=5e-5)
+        assert every == pytest.approx(np.mean([m[key] for m in results.values()]), abs=5e-5)
+    assert "Held-out mean: over the test sets not in the training families (CDF-v1): " \
+           "CDF-v2, DFDC." in text
+    # results.json keeps its schema: dataset -> numbers, nothing about the roles.
+    assert read_results(tmp_path) == results
+
+    # Every test set a training family: no held-out row, and the table says why.
+    _, rows = _parse_md_table(text := results_table(results, train_families=list(results)))
+    assert [r[0] for r in rows][-1] == "all-sets mean (3 test sets, all training families)"
+    assert not any("held-out" in r[0] for r in rows)
+    assert "No held-out test set: every test set is a training family" in text
+    # No training family among the test sets: the held-out mean is over all of them.
+    _, rows = _parse_md_table(results_table(results, train_families=["FF++"]))
+    assert [r[0] for r in rows][-1] == "**held-out mean** (all 3 test sets)"
+
+
+def test_held_out_mean_is_the_demo_reports_and_results_mds(results):
+    train = ["CDF-v1"]
+    assert held_out_mean(results, "frame_auc", train) == (
+        pytest.approx(np.mean([results[d]["frame_auc"] for d in ("CDF-v2", "DFDC")])), 2, 2)
+    # A family missing or undefined is left out of the mean and counted as missing.
+    partial = {**results, "DFDC": {**results["DFDC"], "video_auc": math.nan}}
+    mean, n, of = held_out_mean(partial, "video_auc", train, families=[*results, "DFD"])
+    assert (mean, n, of) == (pytest.approx(results["CDF-v2"]["video_auc"]), 1, 3)
+    # The demo table's held-out cells and results.md's held-out row are the same numbers.
+    header, rows = _parse_md_table(demo_table([DemoRow("FMSD", results, "cmd")],
+                                              train_families=train))
+    demo = dict(zip(header, rows[0], strict=True))
+    _, md_rows = _parse_md_table(results_table(results, train_families=train))
+    md = {r[0]: r for r in md_rows}["**held-out mean** (2 test sets)"]
+    assert demo["held-out mean · frame AUC"] == md[3]
+    assert demo["held-out mean · video AUC"] == md[7]
 
 
 def test_plot_roc_png(tmp_path):
