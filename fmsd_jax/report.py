@@ -45,6 +45,7 @@ __all__ = [
     "read_results",
     "roc_figure",
     "results_table",
+    "run_title",
     "sweep_table",
     "write_demo_report",
     "write_results",
@@ -114,6 +115,16 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
 def method_name(regime: str) -> str:
     return METHOD_NAMES.get(regime, regime)
+
+
+def run_title(regime: str | None, workdir: str | os.PathLike[str] | None = None) -> str:
+    """The method and the run a chart belongs to, e.g. ``FMSD (w1)``: every chart's title
+    carries it, since charts of several runs are compared side by side once they leave their
+    workdir. The workdir is left out when its name is just the regime (the demo's row
+    directories ``fmsd``, ``effort``, ...), where it would only repeat the method."""
+    name = method_name(regime) if regime else "unknown method"
+    run = Path(workdir).name if workdir is not None else ""
+    return f"{name} ({run})" if run and run != regime else name
 
 
 def held_out_mean(
@@ -327,13 +338,16 @@ def plot_roc(
     *,
     title: str = "ROC (frame level)",
     video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
+    train_families: Sequence[str] = (),
 ) -> Path:
     """ROC chart with a curve per dataset (``name -> (fpr, tpr, auc)``), AUC in the legend.
 
     With ``video_curves`` (the same, from per-video mean probabilities) the chart has two
     panels, frame level and video level, under ``title`` (name the method in it: a reader
-    comparing several runs' charts must know which is which)."""
-    return _save(roc_figure(curves, title=title, video_curves=video_curves), path)
+    comparing several runs' charts must know which is which). A curve of one of the
+    ``train_families`` says so in the legend: its AUC measures fit, not generalisation."""
+    return _save(roc_figure(curves, title=title, video_curves=video_curves,
+                            train_families=train_families), path)
 
 
 def roc_figure(
@@ -341,6 +355,7 @@ def roc_figure(
     *,
     title: str = "ROC (frame level)",
     video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
+    train_families: Sequence[str] = (),
 ) -> Figure:
     """The figure `plot_roc` saves."""
     if not curves:
@@ -349,14 +364,16 @@ def roc_figure(
     fig = Figure(figsize=(5.5 * len(panels), 5.0), layout="constrained")
     for i, (level, level_curves) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        _roc_panel(ax, level_curves)
+        _roc_panel(ax, level_curves, train_families)
         ax.set_title(level if len(panels) > 1 else title, fontsize=10 if len(panels) > 1 else None)
     if len(panels) > 1:
         fig.suptitle(title)
     return fig
 
 
-def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
+def _roc_panel(
+    ax: Any, curves: Mapping[str, tuple[Any, Any, float]], train_families: Sequence[str]
+) -> None:
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for name, (fpr, tpr, auc) in curves.items():
         fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
@@ -364,7 +381,8 @@ def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
             raise ValueError(f"ROC of {name!r}: fpr {fpr.shape} and tpr {tpr.shape} differ")
         if fpr.size == 0:
             continue  # undefined ROC (single-class set): listed nowhere rather than faked
-        ax.plot(fpr, tpr, linewidth=1.6, label=f"{name} (AUC {_fmt(_to_float(auc), 3)})")
+        mark = " (training family)" if name in train_families else ""
+        ax.plot(fpr, tpr, linewidth=1.6, label=f"{name}{mark}: AUC {_fmt(_to_float(auc), 3)}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false positive rate (real flagged as fake)")

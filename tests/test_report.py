@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chart_checks import too_small  # tests/ is on sys.path
 
 from fmsd_jax import report
 from fmsd_jax.metrics import compute_metrics, roc
@@ -201,6 +202,26 @@ def test_plot_roc_png(tmp_path):
     assert len(fig.axes[1].get_lines()) == 2  # chance + DFDC
     _assert_png(plot_roc(curves, tmp_path / "v.png", title="ROC: FMSD",
                          video_curves={"DFDC": curves["DFDC"]}))
+
+
+def test_roc_legend_marks_the_training_family():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    curve = roc(np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, 200), 0, 1), y)
+    fig = roc_figure({"SynBlend": curve, "SynUpsample": curve}, title="ROC: FMSD (w1)",
+                     video_curves={"SynBlend": curve, "SynUpsample": curve},
+                     train_families=["SynBlend"])
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels[1].startswith("SynBlend (training family): AUC ")
+        assert labels[2].startswith("SynUpsample: AUC ")
+    assert not too_small(fig)
+
+
+def test_run_title_names_the_method_and_the_run():
+    assert report.run_title("fmsd", "/runs/w1") == "FMSD (w1)"
+    assert report.run_title("effort", "runs/demo/effort") == "Effort (K=1, d=1, no mask)"
+    assert report.run_title("linear_probe") == "Linear probe"
 
 
 def _layer_scores(rng, n_layers=12, n_targets=4):
