@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from fmsd_jax import atomic
 from fmsd_jax.metrics import METRIC_KEYS
@@ -38,6 +39,7 @@ __all__ = [
     "compare_to_baselines",
     "demo_table",
     "held_out_mean",
+    "layer_scores_figure",
     "method_name",
     "plot_adaptation",
     "plot_layer_scores",
@@ -72,6 +74,9 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("video_auc", "AUC (video)"),
 )
 _COUNT_KEYS = ("num_frames", "num_videos")
+# The smallest text on a chart (cell numbers, legends, dense tick labels), in points at the
+# saved size: 8 pt at the 120 dpi `_save` writes is 13 px, readable without zooming in.
+SMALL_FONT = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -392,6 +397,65 @@ def _roc_panel(
     ax.legend(loc="lower right", fontsize=8)
 
 
+# Labelled ticks per decade, coarse to fine (`_log_ticks`); the largest gap in the finest is
+# 1 -> 2, 0.3 decades.
+_LOG_SUBS = ((1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0))
+
+
+# Colour cycle without red, which marks the selected layers.
+_NOT_RED = tuple(f"C{i}" for i in range(10) if i != 3)
+
+
+def _log_tick_values(lo: float, hi: float) -> list[float]:
+    """Where a log axis from ``lo`` to ``hi`` gets labelled ticks: the coarsest of decades,
+    1-3, 1-2-5 or 1-2-3-5-7 per decade that puts at least three in range.
+
+    Matplotlib labels minor ticks itself when an axis spans about a decade or less, and its
+    2×10⁻³, 3×10⁻³, 4×10⁻³ … run into each other on a 5-inch panel; these tiers keep
+    neighbours at least ~0.15 decades apart wherever they give three labels. Fewer than two
+    in range (a sliver of a decade): the ends and the geometric middle."""
+    lo, hi = sorted((float(lo), float(hi)))
+    if not (lo > 0 and math.isfinite(hi)) or hi / lo < 1 + 1e-9:
+        return [lo] if lo > 0 else []
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    stride = max(1, math.ceil((e1 - e0) / 8))  # at most ~8 decade labels
+
+    def within(subs: Sequence[float], step: int = 1) -> list[float]:
+        vals = [m * 10.0**e for e in range(e0, e1 + 1) if e % step == 0 for m in subs]
+        return [v for v in vals if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+
+    tiers = [within((1.0,), stride)] + [within(subs) for subs in _LOG_SUBS]
+    values = next((t for t in tiers if len(t) >= 3), tiers[-1])
+    return values if len(values) >= 2 else [float(v) for v in np.geomspace(lo, hi, 3)]
+
+
+def _sci(value: float, _pos: Any = None) -> str:
+    """``2×10⁻³`` / ``10⁻³`` as mathtext, two significant digits."""
+    if value <= 0 or not math.isfinite(value):
+        return ""
+    e = math.floor(math.log10(value) + 1e-9)
+    m = float(f"{value / 10.0**e:.2g}")
+    if m >= 10:
+        m, e = m / 10, e + 1
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
+
+
+def _log_ticks(axis: Any, lo: float, hi: float) -> None:
+    """Give a log-scaled axis (or a log colorbar's long axis) `_log_tick_values`' labels and
+    leave its other ticks unlabelled."""
+    axis.set_major_locator(FixedLocator(_log_tick_values(lo, hi)))
+    axis.set_major_formatter(FuncFormatter(_sci))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _log_limits(values: Any) -> tuple[float, float]:
+    """Data range of positive ``values`` with 5 % of its log span as margin, so no point sits
+    on the frame."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    pad = max(math.log10(hi / lo), 0.1) * 0.05
+    return lo / 10**pad, hi * 10**pad
+
+
 def plot_layer_scores(
     scores: Mapping[str, Any],
     target_names: Sequence[str],
@@ -402,7 +466,24 @@ def plot_layer_scores(
     score_label: str | None = None,
     title: str = "Forgery-aware layer scores",
 ) -> Path:
+    """Save `layer_scores_figure` (the same arguments) as a PNG at ``path``."""
+    return _save(layer_scores_figure(scores, target_names, mask, layer_names=layer_names,
+                                     score_label=score_label, title=title), path)
+
+
+def layer_scores_figure(
+    scores: Mapping[str, Any],
+    target_names: Sequence[str],
+    mask: Any,
+    *,
+    layer_names: Sequence[str] | None = None,
+    score_label: str | None = None,
+    title: str = "Forgery-aware layer scores",
+) -> Figure:
     """Chart of the layer-masking statistics, to see *why* layers were selected.
+
+    ``title`` should name the method and run (``"Layer scores: " + run_title(...)``); how the
+    head was prepared is appended from the record.
 
     Left: ``score`` per block (rows) × candidate projection (columns), log colour scale when
     all scores are positive (GSNR-like scores span orders of magnitude), selected cells boxed.
@@ -463,22 +544,25 @@ def plot_layer_scores(
         for i in range(n_layers):
             for j in range(n_targets):
                 ax.text(
-                    j, i, f"{score[i, j]:.2g}", ha="center", va="center", fontsize=6,
+                    j, i, f"{score[i, j]:.2g}", ha="center", va="center", fontsize=SMALL_FONT,
                     color="white" if norm(score[i, j]) < 0.5 else "black",
                 )  # fmt: skip
     ax.set_xticks(range(n_targets), [str(t) for t in target_names])
-    ax.set_yticks(range(n_layers), rows, fontsize=7)
+    ax.set_yticks(range(n_layers), rows, fontsize=SMALL_FONT)
     ax.set_xlabel("candidate projection")
     ax.set_ylabel("block")
     ax.set_title(f"score ({int(sel.sum())} of {sel.size} selected, boxed)", fontsize=9)
-    fig.colorbar(im, ax=ax, label=f"score = {score_label}" + (" (log)" if use_log else ""))
+    cbar = fig.colorbar(im, ax=ax, label=f"score = {score_label}" + (" (log)" if use_log else ""))
+    if use_log:
+        _log_ticks(cbar.ax.yaxis, norm.vmin, norm.vmax)
 
     if has_bv:
         ax2 = fig.add_subplot(1, n_panels, 2)
         pos = (bias > 0) & (var > 0)
         for j, name in enumerate(target_names):
             col = pos[:, j]
-            ax2.scatter(var[col, j], bias[col, j], s=18, label=str(name), alpha=0.8)
+            ax2.scatter(var[col, j], bias[col, j], s=18, label=str(name), alpha=0.8,
+                        color=_NOT_RED[j % len(_NOT_RED)])
         both = sel & pos
         ax2.scatter(
             var[both], bias[both], s=70, facecolors="none", edgecolors="red", linewidths=1.5,
@@ -487,6 +571,11 @@ def plot_layer_scores(
         if np.any(pos):
             ax2.set_xscale("log")
             ax2.set_yscale("log")
+            for axis, values, set_lim in ((ax2.xaxis, var[pos], ax2.set_xlim),
+                                          (ax2.yaxis, bias[pos], ax2.set_ylim)):
+                lo, hi = _log_limits(values)
+                set_lim(lo, hi)
+                _log_ticks(axis, lo, hi)
             ratio = bias / np.where(var > 0, var, 1.0)
             is_ratio = bool(np.allclose(score[pos], ratio[pos], rtol=1e-3))
             if np.any(both) and is_ratio:
@@ -498,16 +587,16 @@ def plot_layer_scores(
         ax2.set_ylabel("gradient bias  ‖ḡ‖²")
         ax2.set_title("bias vs variance per candidate layer", fontsize=9)
         ax2.grid(alpha=0.3, which="both")
-        ax2.legend(fontsize=7, loc="best")
+        ax2.legend(fontsize=SMALL_FONT, loc="best")
     if has_stab:
         _stability_panel(fig.add_subplot(1, n_panels, n_panels), stab)
     head = scores.get("head") or {}
     if head:
         how = (f"head warmed {head.get('warmup_steps')} steps on the frozen backbone"
                if head.get("kind") == "warmed" else "random head (no warm-up)")
-        title = f"{title} ({how})"
+        title = f"{title}; {how}"
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
@@ -528,7 +617,7 @@ def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
     ax.invert_xaxis()
     ax.invert_yaxis()
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=SMALL_FONT, loc="best")
 
 
 def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

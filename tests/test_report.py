@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chart_checks import too_small  # tests/ is on sys.path
+from chart_checks import draw, overlapping_tick_labels, too_small  # tests/ is on sys.path
 
 from fmsd_jax import report
 from fmsd_jax.metrics import compute_metrics, roc
@@ -20,6 +20,7 @@ from fmsd_jax.report import (
     compare_to_baselines,
     demo_table,
     held_out_mean,
+    layer_scores_figure,
     plot_layer_scores,
     plot_roc,
     read_results,
@@ -264,6 +265,69 @@ def test_plot_layer_scores_accepts_the_mask_record(tmp_path):
         "score_kind": "gsnr",
     }
     _assert_png(plot_layer_scores(record, record["targets"], mask, tmp_path / "g.png"))
+
+
+TARGETS_MLP = ["q", "k", "v", "out", "fc1", "fc2"]
+
+
+def _spanning(rng, shape, lo, hi):
+    """Values in [lo, hi], log-uniform, with both ends reached."""
+    v = lo * (hi / lo) ** rng.random(shape)
+    v.flat[0], v.flat[-1] = lo, hi
+    return v
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "targets", "variance_range", "bias_range"),
+    [
+        (12, TARGETS_MLP[:4], (2.5e-3, 5e-2), (2e-4, 3e-3)),  # B/16: 48 candidates
+        (12, TARGETS_MLP, (1e-3, 1.0), (1e-6, 1e-1)),  # B/16 with fc1/fc2
+        (24, TARGETS_MLP[:4], (1.5e-3, 1.5e-2), (1.1e-4, 4e-4)),  # L/14: 96
+        (24, TARGETS_MLP, (2.1e-3, 2.6e-3), (1e-8, 1e2)),  # L/14 with fc1/fc2; a sliver, 10 dec
+    ],
+)
+def test_layer_scores_chart_is_readable_at_saved_size(n_layers, targets, variance_range,
+                                                      bias_range):
+    """In the first and third cases' variance ranges matplotlib's own minor labels (3×10⁻³,
+    4×10⁻³) ran into each other and every cell number was 6 pt; the last case has no
+    1-2-3-5-7 tick inside its x range and ten decades on y."""
+    rng = np.random.default_rng(n_layers + len(targets))
+    shape = (n_layers, len(targets))
+    var, bias = _spanning(rng, shape, *variance_range), _spanning(rng, shape, *bias_range)
+    score = bias / var
+    mask = score >= np.sort(score.ravel())[-8]
+    stab = {"seeds": [0, 1], "scores": [score, score * rng.lognormal(0, 0.3, shape)],
+            "mean_spearman": 0.9, "min_spearman": 0.9, "mean_overlap": 0.8}
+    record = {"score": score, "bias": bias, "variance": var, "score_kind": "bias_variance",
+              "stability": stab, "head": {"kind": "warmed", "warmup_steps": 50}}
+    fig = layer_scores_figure(record, targets, mask,
+                              title="Forgery-aware layer scores: FMSD (w1)")
+    assert not overlapping_tick_labels(fig)
+    assert not too_small(fig)
+    assert fig.get_suptitle().startswith("Forgery-aware layer scores: FMSD (w1); head warmed")
+    # Every cell number fits inside its cell.
+    heat = fig.axes[0]
+    renderer = draw(fig)
+    box = heat.get_window_extent(renderer)
+    cell_w, cell_h = box.width / len(targets), box.height / n_layers
+    assert len(heat.texts) == score.size
+    for t in heat.texts:
+        ext = t.get_window_extent(renderer)
+        assert ext.width < cell_w and ext.height < cell_h, t.get_text()
+
+
+def test_log_ticks_are_spaced_for_any_range():
+    """At least two labels, and with three or more no two closer than 0.14 decades (the
+    finest tier's 5 -> 7), whatever the range."""
+    for lo in np.geomspace(1e-9, 1e3, 37):
+        for decades in (0.02, 0.1, 0.3, 0.5, 0.8, 1.0, 1.4, 2.0, 3.0, 5.0, 9.0, 20.0):
+            ticks = report._log_tick_values(lo, lo * 10**decades)
+            assert len(ticks) >= 2, (lo, decades)
+            assert all(lo * (1 - 1e-9) <= t <= lo * 10**decades * (1 + 1e-9) for t in ticks)
+            if len(ticks) >= 3 and decades >= 0.3:
+                assert np.min(np.diff(np.log10(ticks))) > 0.14, (lo, decades, ticks)
+            assert len(ticks) <= 12, (lo, decades, ticks)
+    assert report._sci(2e-3) == "$2\\times10^{-3}$" and report._sci(1e-4) == "$10^{-4}$"
 
 
 def test_plot_layer_scores_checks_shapes(tmp_path):
