@@ -36,6 +36,7 @@ from fmsd_jax.metrics import METRIC_KEYS
 __all__ = [
     "DemoRow",
     "Verdict",
+    "adaptation_figure",
     "compare_to_baselines",
     "demo_table",
     "held_out_mean",
@@ -620,9 +621,25 @@ def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
     ax.legend(fontsize=SMALL_FONT, loc="best")
 
 
-def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+# On a log axis two spectra closer than this (relative) are one line to the eye.
+_COINCIDE = 0.01
+
+
+def plot_adaptation(
+    diag: Mapping[str, Any], path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """Save `adaptation_figure` as a PNG at ``path``."""
+    return _save(adaptation_figure(diag, title=title), path)
+
+
+def adaptation_figure(diag: Mapping[str, Any], *, title: str | None = None) -> Figure:
     """How far the backbone moved: relative change per (block, projection), spectra of the
-    most-moved layers before/after, and the change of each singular value (diagnostics.json)."""
+    most-moved layers before/after, and the change of each singular value (diagnostics.json).
+
+    The pretrained spectrum is drawn as open circles *over* the trained line, so it is seen
+    even where the two coincide (a short run at Effort's lr moves σ by ~1e-4 relative), and the
+    panel says in words how far apart they are. ``title`` names the method and run (default:
+    the record's regime); the contribution verdict follows it."""
     wc = diag["weight_change"]
     rel = np.asarray(wc["relative"], float)
     mask = np.asarray(wc["mask"], bool)
@@ -636,32 +653,61 @@ def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     for i, j in zip(*np.nonzero(mask), strict=True):
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
     ax.set_xticks(range(len(targets)), targets)
-    ax.set_yticks(range(rel.shape[0]), [str(i) for i in range(rel.shape[0])], fontsize=7)
+    ax.set_yticks(range(rel.shape[0]), [str(i) for i in range(rel.shape[0])],
+                  fontsize=SMALL_FONT)
     ax.set_xlabel("candidate projection")
     ax.set_ylabel("block")
     ax.set_title("‖W − W₀‖ / ‖W₀‖ (adapted cells boxed)", fontsize=9)
     fig.colorbar(im, ax=ax)
     if spectra:
-        ax2, ax3 = fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
-        for k, sp in enumerate(spectra):
-            before, after = np.asarray(sp["before"], float), np.asarray(sp["after"], float)
-            label = f"block {sp['layer']} {sp['target']}"
-            color = f"C{k % 10}"
-            ax2.semilogy(before, "--", color=color, linewidth=1)
-            ax2.semilogy(after, "-", color=color, linewidth=1, label=label)
-            ax3.plot(after - before, color=color, linewidth=1, label=label)
-        ax2.set_xlabel("singular value index")
-        ax2.set_title("spectrum: pretrained (dashed) vs trained", fontsize=9)
-        ax2.legend(fontsize=7)
-        ax3.axhline(0.0, color="0.6", linewidth=0.8)
-        ax3.set_xlabel("singular value index")
-        ax3.set_title("σ_trained − σ_pretrained", fontsize=9)
-        for a in (ax2, ax3):
-            a.grid(alpha=0.3)
+        _spectra_panels(fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3), spectra)
     c = diag.get("contribution")
     sub = (c["verdict"] if c else diag.get("contribution_note") or "contribution not measured")
-    fig.suptitle(f"Backbone adaptation ({diag.get('regime', '')}): {sub}", fontsize=9)
-    return _save(fig, path)
+    head = title or f"Backbone adaptation: {run_title(diag.get('regime'))}"
+    fig.suptitle(f"{head} — {sub}", fontsize=9)
+    return fig
+
+
+def _marked(change: np.ndarray, evenly: int = 25, moved: int = 40) -> list[int]:
+    """Indices of a spectrum that get a pretrained marker: ``evenly`` spread over it (first
+    and last included) and the ``moved`` most-changed ones that changed visibly, so the
+    pretrained value shows exactly where the trained line leaves it (the artifact subspaces
+    sit on the smallest singular values, at the tail)."""
+    n = change.size
+    even = np.unique(np.linspace(0, n - 1, min(n, evenly)).round().astype(int))
+    top = np.argsort(-change, kind="stable")[:moved]
+    return sorted({*even.tolist(), *(int(i) for i in top if change[i] >= _COINCIDE)})
+
+
+def _spectra_panels(ax2: Any, ax3: Any, spectra: Sequence[Mapping[str, Any]]) -> None:
+    """Spectra before (circles, on top) and after (line), and after − before."""
+    gap = 0.0  # largest |σ − σ₀| / σ₀ over the plotted spectra
+    for k, sp in enumerate(spectra):
+        before, after = np.asarray(sp["before"], float), np.asarray(sp["after"], float)
+        label = f"block {sp['layer']} {sp['target']}"
+        color = f"C{k % 10}"
+        ax2.semilogy(after, "-", color=color, linewidth=1.2, label=label, zorder=2)
+        change = np.abs(after - before) / np.where(before > 0, before, np.inf)
+        ax2.semilogy(before, linestyle="none", marker="o", markersize=5, markerfacecolor="none",
+                     markeredgecolor=color, markeredgewidth=1.0, zorder=3,
+                     markevery=_marked(change))
+        ax3.plot(after - before, color=color, linewidth=1, label=label)
+        gap = max(gap, float(np.max(change, initial=0.0)))
+    # Style key: which mark is which, independent of the layer colours.
+    ax2.plot([], [], "-", color="0.3", label="trained (line)")
+    ax2.plot([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="0.3",
+             label="pretrained (○)")
+    words = ("they coincide at this scale" if gap < _COINCIDE
+             else "they differ")
+    ax2.set_title(f"spectrum: pretrained (○) vs trained (line)\n{words}: largest "
+                  f"|σ − σ₀| / σ₀ = {gap:.1e}", fontsize=9)
+    ax2.set_xlabel("singular value index")
+    ax2.legend(fontsize=SMALL_FONT)
+    ax3.axhline(0.0, color="0.6", linewidth=0.8)
+    ax3.set_xlabel("singular value index")
+    ax3.set_title("σ_trained − σ_pretrained", fontsize=9)
+    for a in (ax2, ax3):
+        a.grid(alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from fmsd_jax import report
 from fmsd_jax.metrics import compute_metrics, roc
 from fmsd_jax.report import (
     DemoRow,
+    adaptation_figure,
     compare_to_baselines,
     demo_table,
     held_out_mean,
@@ -328,6 +329,37 @@ def test_log_ticks_are_spaced_for_any_range():
                 assert np.min(np.diff(np.log10(ticks))) > 0.14, (lo, decades, ticks)
             assert len(ticks) <= 12, (lo, decades, ticks)
     assert report._sci(2e-3) == "$2\\times10^{-3}$" and report._sci(1e-4) == "$10^{-4}$"
+
+
+def _diag(before, after):
+    return {"regime": "fmsd", "contribution": None, "contribution_note": "not measured",
+            "weight_change": {"targets": ["q", "k"], "relative": [[0.0, 1e-4], [2e-4, 0.0]],
+                              "mask": [[False, True], [True, False]], "note": ""},
+            "spectra": [{"layer": 0, "target": "k", "relative_change": 1e-4,
+                         "before": before, "after": after}]}
+
+
+def test_adaptation_chart_shows_the_pretrained_spectrum_where_it_coincides():
+    before = list(np.geomspace(5.0, 0.05, 64))
+    fig = adaptation_figure(_diag(before, before), title="Backbone adaptation: FMSD (w1)")
+    spectrum = fig.axes[2]  # heatmap, its colorbar, then the spectra
+    trained, pretrained = spectrum.get_lines()[:2]
+    np.testing.assert_array_equal(trained.get_ydata(), pretrained.get_ydata())
+    # The pretrained spectrum is drawn over the trained one, as markers the line cannot hide.
+    assert pretrained.get_zorder() > trained.get_zorder()
+    assert pretrained.get_marker() == "o" and pretrained.get_markerfacecolor() == "none"
+    marked = pretrained.get_markevery()
+    assert marked[0] == 0 and marked[-1] == 63 and len(marked) >= 20
+    assert "they coincide at this scale" in spectrum.get_title()
+    assert fig.get_suptitle().startswith("Backbone adaptation: FMSD (w1) — not measured")
+    assert not too_small(fig)
+    # Where the trained spectrum leaves the pretrained one, the pretrained values are marked.
+    after = list(before[:-8]) + [v * 1.5 for v in before[-8:]]
+    fig = adaptation_figure(_diag(before, after))
+    pretrained = fig.axes[2].get_lines()[1]
+    assert set(range(56, 64)) <= set(pretrained.get_markevery())
+    assert "they differ: largest |σ − σ₀| / σ₀ = 5.0e-01" in fig.axes[2].get_title()
+    assert fig.get_suptitle().startswith("Backbone adaptation: FMSD — ")
 
 
 def test_plot_layer_scores_checks_shapes(tmp_path):
