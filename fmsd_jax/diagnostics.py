@@ -345,7 +345,9 @@ def run_diagnostics(cfg: mlc.ConfigDict, workdir: Path, run: build.Run, trainabl
     _log(record)
     if jax.process_index() == 0:
         checkpointing.write_json_atomic(workdir / DIAGNOSTICS_JSON, record)
-        report.plot_adaptation(record, workdir / ADAPTATION_PNG)
+        report.plot_adaptation(record, workdir / ADAPTATION_PNG,
+                               title="Backbone adaptation: "
+                                     + report.run_title(regime, workdir))
     return record
 
 

@@ -159,10 +159,12 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None,
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if jax.process_index() == 0:
         diag = workdir / report.DIAGNOSTICS_JSON
+        train_families = list(cfg.data.train_dataset)
         report.write_results(workdir, results, notes=[manifest.citation(workdir, mode)],
-                             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None)
+                             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None,
+                             train_families=train_families)
         if curves:
             report.plot_roc(curves, workdir / report.ROC_PNG, video_curves=video_curves or None,
-                            title=f"ROC: {report.method_name(cfg.method.regime)} "
-                                  f"({workdir.name})")
+                            title=f"ROC: {report.run_title(cfg.method.regime, workdir)}",
+                            train_families=train_families)
     return results

@@ -222,5 +222,7 @@ def estimate_mask(cfg: mlc.ConfigDict, detector: nnx.Module, workdir: Path, mesh
             "noise_floor": floor}
         checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
         report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
-                                 workdir / "layer_scores.png")
+                                 workdir / "layer_scores.png",
+                                 title="Forgery-aware layer scores: "
+                                       + report.run_title(cfg.method.regime, workdir))
     return mask

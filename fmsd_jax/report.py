@@ -29,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from fmsd_jax import atomic
 from fmsd_jax.errors import AlreadyExists
@@ -37,8 +38,11 @@ from fmsd_jax.metrics import METRIC_KEYS
 __all__ = [
     "DemoRow",
     "Verdict",
+    "adaptation_figure",
     "compare_to_baselines",
     "demo_table",
+    "held_out_mean",
+    "layer_scores_figure",
     "method_name",
     "plot_adaptation",
     "plot_layer_scores",
@@ -46,6 +50,7 @@ __all__ = [
     "read_results",
     "roc_figure",
     "results_table",
+    "run_title",
     "sweep_table",
     "write_demo_report",
     "write_results",
@@ -73,6 +78,9 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("video_auc", "AUC (video)"),
 )
 _COUNT_KEYS = ("num_frames", "num_videos")
+# The smallest text on a chart (cell numbers, legends, dense tick labels), in points at the
+# saved size: 8 pt at the 120 dpi `_save` writes is 13 px, readable without zooming in.
+SMALL_FONT = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -156,6 +164,35 @@ def method_name(regime: str) -> str:
     return METHOD_NAMES.get(regime, regime)
 
 
+def run_title(regime: str | None, workdir: str | os.PathLike[str] | None = None) -> str:
+    """The method and the run a chart belongs to, e.g. ``FMSD (w1)``: every chart's title
+    carries it, since charts of several runs are compared side by side once they leave their
+    workdir. The workdir is left out when its name is just the regime (the demo's row
+    directories ``fmsd``, ``effort``, ...), where it would only repeat the method."""
+    name = method_name(regime) if regime else "unknown method"
+    run = Path(workdir).name if workdir is not None else ""
+    return f"{name} ({run})" if run and run != regime else name
+
+
+def held_out_mean(
+    results: Mapping[str, Mapping[str, Any]],
+    key: str,
+    train_families: Sequence[str],
+    families: Sequence[str] | None = None,
+) -> tuple[float, int, int]:
+    """Mean of ``key`` over the held-out families: (mean, how many were defined, how many are
+    held out).
+
+    Held out are the ``families`` (default: those in ``results``) not in ``train_families``;
+    a family missing from ``results`` or undefined there (NaN) is left out of the mean, so a
+    caller can mark a partial mean. results.md and the demo report both use this, so their
+    held-out means cannot disagree."""
+    held = [f for f in (results if families is None else families) if f not in train_families]
+    values = [_to_float(results[f].get(key)) if f in results else math.nan for f in held]
+    mean, n = _nanmean(values)
+    return mean, n, len(held)
+
+
 # --------------------------------------------------------------------------------------
 # results.json / results.md
 
@@ -179,9 +216,19 @@ def _normalise_results(
     return out
 
 
-def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """The Markdown table of ``results.md``: one row per dataset plus an average row."""
+def results_table(
+    results: Mapping[str, Mapping[str, Any]], *, train_families: Sequence[str] | None = None
+) -> str:
+    """The Markdown table of ``results.md``: one row per dataset, then the means.
+
+    With ``train_families`` (the run's ``data.train_dataset``) a test set of a training family
+    is marked, and the first mean is the **held-out mean**, over the other test sets only: a
+    test set of the family the detector was trained on says nothing about generalisation, and
+    averaging it in flatters the number the reader looks for. The mean over all test sets
+    follows, labelled as such, when it differs; with no held-out test set the table says so.
+    Without ``train_families`` (not known) only the all-sets mean is given."""
     norm = _normalise_results(results)
+    train = None if train_families is None else [str(f) for f in train_families]
     header = ["dataset", "frames", "videos"] + [h for _, h in _RESULT_COLUMNS]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -189,27 +236,49 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     ]
     for dataset, m in norm.items():
         cells = [
-            _md_escape(dataset),
+            _md_escape(dataset) + (" (training family)" if train and dataset in train else ""),
             str(m.get("num_frames", "")),
             str(m.get("num_videos", "")) if m.get("num_videos") else "",
         ]
         cells += [_fmt(float(m[k])) for k, _ in _RESULT_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    footnote = ""
-    if len(norm) > 1:
-        cells = ["**average**", "", ""]
-        partial = False
+    held = [d for d in norm if train is None or d not in train]
+    # (label, the families left out of the mean): the held-out mean leaves out the training
+    # families; the all-sets mean leaves out none.
+    means: list[tuple[str, Sequence[str]]] = []
+    if train is not None and held and len(norm) > 1:
+        what = "all " if len(held) == len(norm) else ""
+        means.append((f"**held-out mean** ({what}{_sets(len(held))})", train))
+    if len(norm) > 1 and len(held) < len(norm):
+        tail = "training family included" if held else "all training families"
+        means.append((f"all-sets mean ({_sets(len(norm))}, {tail})", ()))
+    elif train is None and len(norm) > 1:
+        means.append((f"**all-sets mean** ({_sets(len(norm))})", ()))
+    partial = False
+    for label, excluded in means:
+        cells = [label, "", ""]
         for k, _ in _RESULT_COLUMNS:
-            mean, n = _nanmean([float(m[k]) for m in norm.values()])
-            partial |= 0 < n < len(norm)
-            cells.append(_fmt(mean) + ("†" if 0 < n < len(norm) else ""))
+            mean, n, of = held_out_mean(norm, k, excluded)
+            partial |= 0 < n < of
+            cells.append(_fmt(mean) + ("†" if 0 < n < of else ""))
         lines.append("| " + " | ".join(cells) + " |")
-        if partial:
-            footnote = (
-                "\n† averaged over the datasets where the metric is defined "
-                "(n/a: a single-class set, or no video ids).\n"
-            )
-    return "\n".join(lines) + "\n" + footnote
+    notes = []
+    if train is not None:
+        if held and len(held) < len(norm):
+            notes.append(f"Held-out mean: over the test sets not in the training families "
+                         f"({_md_escape(', '.join(train))}): {_md_escape(', '.join(held))}.")
+        elif not held:
+            notes.append(f"No held-out test set: every test set is a training family "
+                         f"({_md_escape(', '.join(train))}), so nothing here measures "
+                         "generalisation to unseen forgeries.")
+    if partial:
+        notes.append("† averaged over the datasets where the metric is defined "
+                     "(n/a: a single-class set, or no video ids).")
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
+
+
+def _sets(n: int) -> str:
+    return f"{n} test set" + ("" if n == 1 else "s")
 
 
 def write_results(
@@ -219,6 +288,7 @@ def write_results(
     title: str = "Evaluation results",
     notes: Sequence[str] = (),
     diagnostics: Mapping[str, Any] | None = None,
+    train_families: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``workdir/results.json`` and ``workdir/results.md``, replacing earlier ones.
 
@@ -226,7 +296,9 @@ def write_results(
     (atomically) rather than merged. JSON holds ``dataset -> metric -> value`` with the five
     DFB metric keys as floats (``null`` where undefined) and the frame/video counts as ints.
     ``diagnostics`` (the run's diagnostics.json) adds the backbone's contribution and how far
-    the adapted layers moved below the table.
+    the adapted layers moved below the table. ``train_families`` marks the training family's
+    row and gives the held-out mean (`results_table`); results.json stays numbers only (the
+    training family is in config.json), so its readers see the same schema as before.
     """
     norm = _normalise_results(results)
     wd = Path(workdir)
@@ -244,7 +316,7 @@ def write_results(
         "",
     ]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
-    md.append(results_table(norm))
+    md.append(results_table(norm, train_families=train_families))
     if diagnostics is not None:
         md += ["", adaptation_section(diagnostics)]
     _atomic_write_text(md_path, "\n".join(md))
@@ -313,13 +385,16 @@ def plot_roc(
     *,
     title: str = "ROC (frame level)",
     video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
+    train_families: Sequence[str] = (),
 ) -> Path:
     """ROC chart with a curve per dataset (``name -> (fpr, tpr, auc)``), AUC in the legend.
 
     With ``video_curves`` (the same, from per-video mean probabilities) the chart has two
     panels, frame level and video level, under ``title`` (name the method in it: a reader
-    comparing several runs' charts must know which is which)."""
-    return _save(roc_figure(curves, title=title, video_curves=video_curves), path)
+    comparing several runs' charts must know which is which). A curve of one of the
+    ``train_families`` says so in the legend: its AUC measures fit, not generalisation."""
+    return _save(roc_figure(curves, title=title, video_curves=video_curves,
+                            train_families=train_families), path)
 
 
 def roc_figure(
@@ -327,6 +402,7 @@ def roc_figure(
     *,
     title: str = "ROC (frame level)",
     video_curves: Mapping[str, tuple[Any, Any, float]] | None = None,
+    train_families: Sequence[str] = (),
 ) -> Figure:
     """The figure `plot_roc` saves."""
     if not curves:
@@ -335,14 +411,16 @@ def roc_figure(
     fig = Figure(figsize=(5.5 * len(panels), 5.0), layout="constrained")
     for i, (level, level_curves) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        _roc_panel(ax, level_curves)
+        _roc_panel(ax, level_curves, train_families)
         ax.set_title(level if len(panels) > 1 else title, fontsize=10 if len(panels) > 1 else None)
     if len(panels) > 1:
         fig.suptitle(title)
     return fig
 
 
-def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
+def _roc_panel(
+    ax: Any, curves: Mapping[str, tuple[Any, Any, float]], train_families: Sequence[str]
+) -> None:
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for name, (fpr, tpr, auc) in curves.items():
         fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
@@ -350,7 +428,8 @@ def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
             raise ValueError(f"ROC of {name!r}: fpr {fpr.shape} and tpr {tpr.shape} differ")
         if fpr.size == 0:
             continue  # undefined ROC (single-class set): listed nowhere rather than faked
-        ax.plot(fpr, tpr, linewidth=1.6, label=f"{name} (AUC {_fmt(_to_float(auc), 3)})")
+        mark = " (training family)" if name in train_families else ""
+        ax.plot(fpr, tpr, linewidth=1.6, label=f"{name}{mark}: AUC {_fmt(_to_float(auc), 3)}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false positive rate (real flagged as fake)")
@@ -358,6 +437,65 @@ def _roc_panel(ax: Any, curves: Mapping[str, tuple[Any, Any, float]]) -> None:
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+
+
+# Labelled ticks per decade, coarse to fine (`_log_ticks`); the largest gap in the finest is
+# 1 -> 2, 0.3 decades.
+_LOG_SUBS = ((1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0))
+
+
+# Colour cycle without red, which marks the selected layers.
+_NOT_RED = tuple(f"C{i}" for i in range(10) if i != 3)
+
+
+def _log_tick_values(lo: float, hi: float) -> list[float]:
+    """Where a log axis from ``lo`` to ``hi`` gets labelled ticks: the coarsest of decades,
+    1-3, 1-2-5 or 1-2-3-5-7 per decade that puts at least three in range.
+
+    Matplotlib labels minor ticks itself when an axis spans about a decade or less, and its
+    2×10⁻³, 3×10⁻³, 4×10⁻³ … run into each other on a 5-inch panel; these tiers keep
+    neighbours at least ~0.15 decades apart wherever they give three labels. Fewer than two
+    in range (a sliver of a decade): the ends and the geometric middle."""
+    lo, hi = sorted((float(lo), float(hi)))
+    if not (lo > 0 and math.isfinite(hi)) or hi / lo < 1 + 1e-9:
+        return [lo] if lo > 0 else []
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    stride = max(1, math.ceil((e1 - e0) / 8))  # at most ~8 decade labels
+
+    def within(subs: Sequence[float], step: int = 1) -> list[float]:
+        vals = [m * 10.0**e for e in range(e0, e1 + 1) if e % step == 0 for m in subs]
+        return [v for v in vals if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+
+    tiers = [within((1.0,), stride)] + [within(subs) for subs in _LOG_SUBS]
+    values = next((t for t in tiers if len(t) >= 3), tiers[-1])
+    return values if len(values) >= 2 else [float(v) for v in np.geomspace(lo, hi, 3)]
+
+
+def _sci(value: float, _pos: Any = None) -> str:
+    """``2×10⁻³`` / ``10⁻³`` as mathtext, two significant digits."""
+    if value <= 0 or not math.isfinite(value):
+        return ""
+    e = math.floor(math.log10(value) + 1e-9)
+    m = float(f"{value / 10.0**e:.2g}")
+    if m >= 10:
+        m, e = m / 10, e + 1
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
+
+
+def _log_ticks(axis: Any, lo: float, hi: float) -> None:
+    """Give a log-scaled axis (or a log colorbar's long axis) `_log_tick_values`' labels and
+    leave its other ticks unlabelled."""
+    axis.set_major_locator(FixedLocator(_log_tick_values(lo, hi)))
+    axis.set_major_formatter(FuncFormatter(_sci))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _log_limits(values: Any) -> tuple[float, float]:
+    """Data range of positive ``values`` with 5 % of its log span as margin, so no point sits
+    on the frame."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    pad = max(math.log10(hi / lo), 0.1) * 0.05
+    return lo / 10**pad, hi * 10**pad
 
 
 def plot_layer_scores(
@@ -370,7 +508,24 @@ def plot_layer_scores(
     score_label: str | None = None,
     title: str = "Forgery-aware layer scores",
 ) -> Path:
+    """Save `layer_scores_figure` (the same arguments) as a PNG at ``path``."""
+    return _save(layer_scores_figure(scores, target_names, mask, layer_names=layer_names,
+                                     score_label=score_label, title=title), path)
+
+
+def layer_scores_figure(
+    scores: Mapping[str, Any],
+    target_names: Sequence[str],
+    mask: Any,
+    *,
+    layer_names: Sequence[str] | None = None,
+    score_label: str | None = None,
+    title: str = "Forgery-aware layer scores",
+) -> Figure:
     """Chart of the layer-masking statistics, to see *why* layers were selected.
+
+    ``title`` should name the method and run (``"Layer scores: " + run_title(...)``); how the
+    head was prepared is appended from the record.
 
     Left: ``score`` per block (rows) × candidate projection (columns), log colour scale when
     all scores are positive (GSNR-like scores span orders of magnitude), selected cells boxed.
@@ -431,22 +586,25 @@ def plot_layer_scores(
         for i in range(n_layers):
             for j in range(n_targets):
                 ax.text(
-                    j, i, f"{score[i, j]:.2g}", ha="center", va="center", fontsize=6,
+                    j, i, f"{score[i, j]:.2g}", ha="center", va="center", fontsize=SMALL_FONT,
                     color="white" if norm(score[i, j]) < 0.5 else "black",
                 )  # fmt: skip
     ax.set_xticks(range(n_targets), [str(t) for t in target_names])
-    ax.set_yticks(range(n_layers), rows, fontsize=7)
+    ax.set_yticks(range(n_layers), rows, fontsize=SMALL_FONT)
     ax.set_xlabel("candidate projection")
     ax.set_ylabel("block")
     ax.set_title(f"score ({int(sel.sum())} of {sel.size} selected, boxed)", fontsize=9)
-    fig.colorbar(im, ax=ax, label=f"score = {score_label}" + (" (log)" if use_log else ""))
+    cbar = fig.colorbar(im, ax=ax, label=f"score = {score_label}" + (" (log)" if use_log else ""))
+    if use_log:
+        _log_ticks(cbar.ax.yaxis, norm.vmin, norm.vmax)
 
     if has_bv:
         ax2 = fig.add_subplot(1, n_panels, 2)
         pos = (bias > 0) & (var > 0)
         for j, name in enumerate(target_names):
             col = pos[:, j]
-            ax2.scatter(var[col, j], bias[col, j], s=18, label=str(name), alpha=0.8)
+            ax2.scatter(var[col, j], bias[col, j], s=18, label=str(name), alpha=0.8,
+                        color=_NOT_RED[j % len(_NOT_RED)])
         both = sel & pos
         ax2.scatter(
             var[both], bias[both], s=70, facecolors="none", edgecolors="red", linewidths=1.5,
@@ -455,6 +613,11 @@ def plot_layer_scores(
         if np.any(pos):
             ax2.set_xscale("log")
             ax2.set_yscale("log")
+            for axis, values, set_lim in ((ax2.xaxis, var[pos], ax2.set_xlim),
+                                          (ax2.yaxis, bias[pos], ax2.set_ylim)):
+                lo, hi = _log_limits(values)
+                set_lim(lo, hi)
+                _log_ticks(axis, lo, hi)
             ratio = bias / np.where(var > 0, var, 1.0)
             is_ratio = bool(np.allclose(score[pos], ratio[pos], rtol=1e-3))
             if np.any(both) and is_ratio:
@@ -466,16 +629,16 @@ def plot_layer_scores(
         ax2.set_ylabel("gradient bias  ‖ḡ‖²")
         ax2.set_title("bias vs variance per candidate layer", fontsize=9)
         ax2.grid(alpha=0.3, which="both")
-        ax2.legend(fontsize=7, loc="best")
+        ax2.legend(fontsize=SMALL_FONT, loc="best")
     if has_stab:
         _stability_panel(fig.add_subplot(1, n_panels, n_panels), stab)
     head = scores.get("head") or {}
     if head:
         how = (f"head warmed {head.get('warmup_steps')} steps on the frozen backbone"
                if head.get("kind") == "warmed" else "random head (no warm-up)")
-        title = f"{title} ({how})"
+        title = f"{title}; {how}"
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
@@ -496,12 +659,28 @@ def _stability_panel(ax: Any, stab: Mapping[str, Any]) -> None:
     ax.invert_xaxis()
     ax.invert_yaxis()
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=SMALL_FONT, loc="best")
 
 
-def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+# On a log axis two spectra closer than this (relative) are one line to the eye.
+_COINCIDE = 0.01
+
+
+def plot_adaptation(
+    diag: Mapping[str, Any], path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """Save `adaptation_figure` as a PNG at ``path``."""
+    return _save(adaptation_figure(diag, title=title), path)
+
+
+def adaptation_figure(diag: Mapping[str, Any], *, title: str | None = None) -> Figure:
     """How far the backbone moved: relative change per (block, projection), spectra of the
-    most-moved layers before/after, and the change of each singular value (diagnostics.json)."""
+    most-moved layers before/after, and the change of each singular value (diagnostics.json).
+
+    The pretrained spectrum is drawn as open circles *over* the trained line, so it is seen
+    even where the two coincide (a short run at Effort's lr moves σ by ~1e-4 relative), and the
+    panel says in words how far apart they are. ``title`` names the method and run (default:
+    the record's regime); the contribution verdict follows it."""
     wc = diag["weight_change"]
     rel = np.asarray(wc["relative"], float)
     mask = np.asarray(wc["mask"], bool)
@@ -515,32 +694,61 @@ def plot_adaptation(diag: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     for i, j in zip(*np.nonzero(mask), strict=True):
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
     ax.set_xticks(range(len(targets)), targets)
-    ax.set_yticks(range(rel.shape[0]), [str(i) for i in range(rel.shape[0])], fontsize=7)
+    ax.set_yticks(range(rel.shape[0]), [str(i) for i in range(rel.shape[0])],
+                  fontsize=SMALL_FONT)
     ax.set_xlabel("candidate projection")
     ax.set_ylabel("block")
     ax.set_title("‖W − W₀‖ / ‖W₀‖ (adapted cells boxed)", fontsize=9)
     fig.colorbar(im, ax=ax)
     if spectra:
-        ax2, ax3 = fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
-        for k, sp in enumerate(spectra):
-            before, after = np.asarray(sp["before"], float), np.asarray(sp["after"], float)
-            label = f"block {sp['layer']} {sp['target']}"
-            color = f"C{k % 10}"
-            ax2.semilogy(before, "--", color=color, linewidth=1)
-            ax2.semilogy(after, "-", color=color, linewidth=1, label=label)
-            ax3.plot(after - before, color=color, linewidth=1, label=label)
-        ax2.set_xlabel("singular value index")
-        ax2.set_title("spectrum: pretrained (dashed) vs trained", fontsize=9)
-        ax2.legend(fontsize=7)
-        ax3.axhline(0.0, color="0.6", linewidth=0.8)
-        ax3.set_xlabel("singular value index")
-        ax3.set_title("σ_trained − σ_pretrained", fontsize=9)
-        for a in (ax2, ax3):
-            a.grid(alpha=0.3)
+        _spectra_panels(fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3), spectra)
     c = diag.get("contribution")
     sub = (c["verdict"] if c else diag.get("contribution_note") or "contribution not measured")
-    fig.suptitle(f"Backbone adaptation ({diag.get('regime', '')}): {sub}", fontsize=9)
-    return _save(fig, path)
+    head = title or f"Backbone adaptation: {run_title(diag.get('regime'))}"
+    fig.suptitle(f"{head} — {sub}", fontsize=9)
+    return fig
+
+
+def _marked(change: np.ndarray, evenly: int = 25, moved: int = 40) -> list[int]:
+    """Indices of a spectrum that get a pretrained marker: ``evenly`` spread over it (first
+    and last included) and the ``moved`` most-changed ones that changed visibly, so the
+    pretrained value shows exactly where the trained line leaves it (the artifact subspaces
+    sit on the smallest singular values, at the tail)."""
+    n = change.size
+    even = np.unique(np.linspace(0, n - 1, min(n, evenly)).round().astype(int))
+    top = np.argsort(-change, kind="stable")[:moved]
+    return sorted({*even.tolist(), *(int(i) for i in top if change[i] >= _COINCIDE)})
+
+
+def _spectra_panels(ax2: Any, ax3: Any, spectra: Sequence[Mapping[str, Any]]) -> None:
+    """Spectra before (circles, on top) and after (line), and after − before."""
+    gap = 0.0  # largest |σ − σ₀| / σ₀ over the plotted spectra
+    for k, sp in enumerate(spectra):
+        before, after = np.asarray(sp["before"], float), np.asarray(sp["after"], float)
+        label = f"block {sp['layer']} {sp['target']}"
+        color = f"C{k % 10}"
+        ax2.semilogy(after, "-", color=color, linewidth=1.2, label=label, zorder=2)
+        change = np.abs(after - before) / np.where(before > 0, before, np.inf)
+        ax2.semilogy(before, linestyle="none", marker="o", markersize=5, markerfacecolor="none",
+                     markeredgecolor=color, markeredgewidth=1.0, zorder=3,
+                     markevery=_marked(change))
+        ax3.plot(after - before, color=color, linewidth=1, label=label)
+        gap = max(gap, float(np.max(change, initial=0.0)))
+    # Style key: which mark is which, independent of the layer colours.
+    ax2.plot([], [], "-", color="0.3", label="trained (line)")
+    ax2.plot([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="0.3",
+             label="pretrained (○)")
+    words = ("they coincide at this scale" if gap < _COINCIDE
+             else "they differ")
+    ax2.set_title(f"spectrum: pretrained (○) vs trained (line)\n{words}: largest "
+                  f"|σ − σ₀| / σ₀ = {gap:.1e}", fontsize=9)
+    ax2.set_xlabel("singular value index")
+    ax2.legend(fontsize=SMALL_FONT)
+    ax3.axhline(0.0, color="0.6", linewidth=0.8)
+    ax3.set_xlabel("singular value index")
+    ax3.set_title("σ_trained − σ_pretrained", fontsize=9)
+    for a in (ax2, ax3):
+        a.grid(alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------
@@ -721,7 +929,6 @@ def demo_table(
     """Method × test-family Markdown table, frame AUC and video AUC as separate sub-columns."""
     all_rows = _rows(rows)
     fams = _families(all_rows, train_families)
-    held = [f for f in fams if f not in train_families]
     header = ["method"]
     for f in fams:
         tag = " (train)" if f in train_families else ""
@@ -737,9 +944,8 @@ def demo_table(
         for f in fams:
             cells += [_fmt(_metric(r, f, "frame_auc")), _fmt(_metric(r, f, "video_auc"))]
         for key in ("frame_auc", "video_auc"):
-            vals = [_metric(r, f, key) for f in held]
-            mean, n = _nanmean(vals)
-            cells.append(_fmt(mean) + ("" if n == len(held) else "†") if n else "n/a")
+            mean, n, of = held_out_mean(r.results, key, train_families, fams)
+            cells.append(_fmt(mean) + ("" if n == of else "†") if n else "n/a")
         c, ci = r.contribution, r.contribution_ci
         cells.append("n/a" if c is None or not math.isfinite(c) else f"{c:+.4f}" + (
             f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))

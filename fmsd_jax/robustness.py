@@ -207,7 +207,8 @@ def summarise(cfg: mlc.ConfigDict, clean: Mapping[str, Mapping],
     Per-type means are over the evaluated levels that change the image (GenD's identity levels,
     e.g. blur (0, 0), repeat the clean score and are left out); the overall mean is the mean of
     the per-type means. Levels inside the training augmentation's range are flagged, not
-    dropped: the papers' per-type means include them."""
+    dropped: the papers' per-type means include them. ``regime`` and ``train_families`` are
+    for the chart's titles (the method, and which test set is a training family)."""
     proto = cfg.robustness.protocol
     items = plan(cfg)
     aug = cfg.data.get("augment")
@@ -235,7 +236,8 @@ def summarise(cfg: mlc.ConfigDict, clean: Mapping[str, Mapping],
         entry["mean"] = {k: _mean([v["mean"][k] for v in entry["types"].values()])
                          for k in _KEYS}
         out_sets[name] = entry
-    return {"protocol": proto, "title": TITLES[proto], "settings": settings(cfg),
+    return {"protocol": proto, "title": TITLES[proto], "regime": cfg.method.regime,
+            "train_families": list(cfg.data.train_dataset), "settings": settings(cfg),
             "where_applied": pt.WHERE_APPLIED[proto], "types": types,
             "augmentation": _augmentation_text(aug), "datasets": out_sets}
 
@@ -260,7 +262,7 @@ def write_outputs(workdir: str | Path, result: Mapping[str, Any],
     workdir = Path(workdir)
     js = workdir / f"{stem}.json"
     report._atomic_write_text(js, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    png = plot(result, workdir / f"{stem}.png")
+    png = plot(result, workdir / f"{stem}.png", workdir=workdir)
     md = workdir / f"{stem}.md"
     report._atomic_write_text(md, markdown(result, chart=png.name))
     return js, md, png
@@ -361,10 +363,23 @@ def markdown(result: Mapping[str, Any], chart: str | None = ROBUSTNESS_PNG) -> s
     return "\n".join(md)
 
 
-def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Rows: datasets; columns: frame AUC, video AUC; x: severity level; one line per type."""
+def plot(result: Mapping[str, Any], path: str | os.PathLike[str], *,
+         workdir: str | os.PathLike[str] | None = None) -> Path:
+    """Save `figure` as robustness.png (or ``path``)."""
+    return report._save(figure(result, workdir=workdir), path)
+
+
+def figure(result: Mapping[str, Any], *, workdir: str | os.PathLike[str] | None = None
+           ) -> Figure:
+    """Rows: datasets; columns: frame AUC, video AUC; x: severity level; one line per type.
+
+    The title names the method (the result's ``regime``) and the run (``workdir``), since the
+    charts of several rows are compared side by side; the clean AUC is in each panel's title
+    (a label on the line sat on the level-1 markers); the key under the panels spells out each
+    type's abbreviation and the parameter its levels step through."""
     names = list(result["datasets"])
-    fig = Figure(figsize=(10.0, 3.6 * len(names) + 0.4))
+    train = result.get("train_families") or ()
+    fig = Figure(figsize=(10.0, 3.3 * len(names) + 1.4), layout="constrained")
     levels = [int(lv) for lv in _level_ids(result)]
     for row, name in enumerate(names):
         entry = result["datasets"][name]
@@ -372,26 +387,38 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
             ax = fig.add_subplot(len(names), 2, 2 * row + col + 1)
             clean = entry["clean"][key]
             if clean is not None:
-                ax.axhline(clean, color="k", linestyle="--", linewidth=1.2, label="clean")
-                ax.annotate(f"clean {clean:.3f}", (0.01, clean), xycoords=("axes fraction", "data"),
-                            textcoords="offset points", xytext=(0, 3), fontsize=8)
+                ax.axhline(clean, color="k", linestyle="--", linewidth=1.2,
+                           label="clean (no perturbation)")
+            ax.axhline(0.5, color="0.7", linewidth=0.8, label="chance (0.5)")
             for tkey, got in entry["types"].items():
                 lv = sorted(got["levels"], key=int)
                 ys = [np.nan if got["levels"][v][key] is None else got["levels"][v][key]
                       for v in lv]
-                ax.plot([int(v) for v in lv], ys, marker="o", linewidth=1.4, label=tkey)
+                ax.plot([int(v) for v in lv], ys, marker="o", linewidth=1.4,
+                        label=_type_key(tkey, result["types"][tkey]))
             ax.set_xticks(levels)
             ax.set_xlabel("severity level")
             ax.set_ylabel(_LEVEL_NAME[key])
             ax.set_ylim(0, 1.02)
-            ax.axhline(0.5, color="0.7", linewidth=0.8)
-            ax.set_title(f"{name}: {_LOWER[key]}")
+            clean_text = "n/a" if clean is None else f"{clean:.3f}"
+            mark = " (training family)" if name in train else ""
+            ax.set_title(f"{name}{mark}: {_LOWER[key]} (clean {clean_text})", fontsize=10)
             ax.grid(alpha=0.3)
-            if row == 0 and col == 1:
-                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(result["title"])
-    fig.tight_layout()
-    return report._save(fig, path)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2,
+               fontsize=report.SMALL_FONT, frameon=False)
+    regime = result.get("regime")
+    head = f"Robustness: {report.run_title(regime, workdir)} — " if regime else ""
+    fig.suptitle(head + result["title"])
+    return fig
+
+
+def _type_key(key: str, t: Mapping[str, Any]) -> str:
+    """``GB: Gaussian blur, kernel (σ = k/6) 7 → 21``: what the abbreviation stands for and
+    what its levels 1..n set, so the chart reads without robustness.md."""
+    params = [lv["param"] for _, lv in sorted(t["levels"].items(), key=lambda kv: int(kv[0]))]
+    span = f"{params[0]} → {params[-1]}" if len(params) > 1 else params[0]
+    return f"{key}: {t['name']}, {t['param_name']} {span}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chart_checks import draw, overlapping_tick_labels, too_small  # tests/ is on sys.path
 
 from fmsd_jax import errors, report
 from fmsd_jax.metrics import compute_metrics, roc
 from fmsd_jax.report import (
     DemoRow,
+    adaptation_figure,
     compare_to_baselines,
     demo_table,
+    held_out_mean,
+    layer_scores_figure,
     plot_layer_scores,
     plot_roc,
     read_results,
@@ -93,7 +97,7 @@ def test_results_markdown_parses_back(tmp_path, results):
         assert _num(r[col["ACC@0.5 (frame)"]]) == pytest.approx(m["acc"], abs=5e-5)
         assert _num(r[col["EER (frame)"]]) == pytest.approx(m["eer"], abs=5e-5)
         assert int(r[col["frames"]]) == 160
-    avg = by_name["**average**"]
+    avg = by_name["**all-sets mean** (3 test sets)"]  # no training family given
     expect = np.mean([m["video_auc"] for m in results.values()])
     assert _num(avg[col["AUC (video)"]]) == pytest.approx(expect, abs=5e-5)
 
@@ -109,7 +113,7 @@ def test_nan_is_null_and_na_and_average_is_marked(tmp_path, results):
     header, rows = _parse_md_table(text)
     by_name = {r[0]: r for r in rows}
     assert by_name["fakes-only"][header.index("AUC (frame)")] == "n/a"
-    avg = by_name["**average**"][header.index("AUC (frame)")]
+    avg = by_name["**all-sets mean** (4 test sets)"][header.index("AUC (frame)")]
     assert avg.endswith("†")
     defined = [m["frame_auc"] for d, m in results.items() if d != "fakes-only"]
     assert _num(avg) == pytest.approx(np.mean(defined), abs=5e-5)
@@ -130,6 +134,55 @@ def test_rewrite_replaces_and_missing_key_is_named(tmp_path, results):
 def test_single_dataset_table_has_no_average(results):
     _, rows = _parse_md_table(results_table({"DFDC": results["DFDC"]}))
     assert [r[0] for r in rows] == ["DFDC"]
+    _, rows = _parse_md_table(results_table({"DFDC": results["DFDC"]}, train_families=["FF"]))
+    assert [r[0] for r in rows] == ["DFDC"]
+
+
+def test_results_md_marks_the_training_family_and_gives_the_held_out_mean(tmp_path, results):
+    _, md = write_results(tmp_path, results, train_families=["CDF-v1"])
+    text = md.read_text()
+    header, rows = _parse_md_table(text)
+    by_name = {r[0]: r for r in rows}
+    assert list(by_name) == ["CDF-v1 (training family)", "CDF-v2", "DFDC",
+                             "**held-out mean** (2 test sets)",
+                             "all-sets mean (3 test sets, training family included)"]
+    for i, (key, _) in enumerate(report._RESULT_COLUMNS):
+        held = _num(by_name["**held-out mean** (2 test sets)"][3 + i])
+        every = _num(by_name["all-sets mean (3 test sets, training family included)"][3 + i])
+        assert held == pytest.approx(np.mean([results[d][key] for d in ("CDF-v2", "DFDC")]),
+                                     abs=5e-5)
+        assert every == pytest.approx(np.mean([m[key] for m in results.values()]), abs=5e-5)
+    assert "Held-out mean: over the test sets not in the training families (CDF-v1): " \
+           "CDF-v2, DFDC." in text
+    # results.json keeps its schema: dataset -> numbers, nothing about the roles.
+    assert read_results(tmp_path) == results
+
+    # Every test set a training family: no held-out row, and the table says why.
+    _, rows = _parse_md_table(text := results_table(results, train_families=list(results)))
+    assert [r[0] for r in rows][-1] == "all-sets mean (3 test sets, all training families)"
+    assert not any("held-out" in r[0] for r in rows)
+    assert "No held-out test set: every test set is a training family" in text
+    # No training family among the test sets: the held-out mean is over all of them.
+    _, rows = _parse_md_table(results_table(results, train_families=["FF++"]))
+    assert [r[0] for r in rows][-1] == "**held-out mean** (all 3 test sets)"
+
+
+def test_held_out_mean_is_the_demo_reports_and_results_mds(results):
+    train = ["CDF-v1"]
+    assert held_out_mean(results, "frame_auc", train) == (
+        pytest.approx(np.mean([results[d]["frame_auc"] for d in ("CDF-v2", "DFDC")])), 2, 2)
+    # A family missing or undefined is left out of the mean and counted as missing.
+    partial = {**results, "DFDC": {**results["DFDC"], "video_auc": math.nan}}
+    mean, n, of = held_out_mean(partial, "video_auc", train, families=[*results, "DFD"])
+    assert (mean, n, of) == (pytest.approx(results["CDF-v2"]["video_auc"]), 1, 3)
+    # The demo table's held-out cells and results.md's held-out row are the same numbers.
+    header, rows = _parse_md_table(demo_table([DemoRow("FMSD", results, "cmd")],
+                                              train_families=train))
+    demo = dict(zip(header, rows[0], strict=True))
+    _, md_rows = _parse_md_table(results_table(results, train_families=train))
+    md = {r[0]: r for r in md_rows}["**held-out mean** (2 test sets)"]
+    assert demo["held-out mean · frame AUC"] == md[3]
+    assert demo["held-out mean · video AUC"] == md[7]
 
 
 def test_plot_roc_png(tmp_path):
@@ -151,6 +204,26 @@ def test_plot_roc_png(tmp_path):
     assert len(fig.axes[1].get_lines()) == 2  # chance + DFDC
     _assert_png(plot_roc(curves, tmp_path / "v.png", title="ROC: FMSD",
                          video_curves={"DFDC": curves["DFDC"]}))
+
+
+def test_roc_legend_marks_the_training_family():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    curve = roc(np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, 200), 0, 1), y)
+    fig = roc_figure({"SynBlend": curve, "SynUpsample": curve}, title="ROC: FMSD (w1)",
+                     video_curves={"SynBlend": curve, "SynUpsample": curve},
+                     train_families=["SynBlend"])
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels[1].startswith("SynBlend (training family): AUC ")
+        assert labels[2].startswith("SynUpsample: AUC ")
+    assert not too_small(fig)
+
+
+def test_run_title_names_the_method_and_the_run():
+    assert report.run_title("fmsd", "/runs/w1") == "FMSD (w1)"
+    assert report.run_title("effort", "runs/demo/effort") == "Effort (K=1, d=1, no mask)"
+    assert report.run_title("linear_probe") == "Linear probe"
 
 
 def _layer_scores(rng, n_layers=12, n_targets=4):
@@ -193,6 +266,100 @@ def test_plot_layer_scores_accepts_the_mask_record(tmp_path):
         "score_kind": "gsnr",
     }
     _assert_png(plot_layer_scores(record, record["targets"], mask, tmp_path / "g.png"))
+
+
+TARGETS_MLP = ["q", "k", "v", "out", "fc1", "fc2"]
+
+
+def _spanning(rng, shape, lo, hi):
+    """Values in [lo, hi], log-uniform, with both ends reached."""
+    v = lo * (hi / lo) ** rng.random(shape)
+    v.flat[0], v.flat[-1] = lo, hi
+    return v
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "targets", "variance_range", "bias_range"),
+    [
+        (12, TARGETS_MLP[:4], (2.5e-3, 5e-2), (2e-4, 3e-3)),  # B/16: 48 candidates
+        (12, TARGETS_MLP, (1e-3, 1.0), (1e-6, 1e-1)),  # B/16 with fc1/fc2
+        (24, TARGETS_MLP[:4], (1.5e-3, 1.5e-2), (1.1e-4, 4e-4)),  # L/14: 96
+        (24, TARGETS_MLP, (2.1e-3, 2.6e-3), (1e-8, 1e2)),  # L/14 with fc1/fc2; a sliver, 10 dec
+    ],
+)
+def test_layer_scores_chart_is_readable_at_saved_size(n_layers, targets, variance_range,
+                                                      bias_range):
+    """In the first and third cases' variance ranges matplotlib's own minor labels (3×10⁻³,
+    4×10⁻³) ran into each other and every cell number was 6 pt; the last case has no
+    1-2-3-5-7 tick inside its x range and ten decades on y."""
+    rng = np.random.default_rng(n_layers + len(targets))
+    shape = (n_layers, len(targets))
+    var, bias = _spanning(rng, shape, *variance_range), _spanning(rng, shape, *bias_range)
+    score = bias / var
+    mask = score >= np.sort(score.ravel())[-8]
+    stab = {"seeds": [0, 1], "scores": [score, score * rng.lognormal(0, 0.3, shape)],
+            "mean_spearman": 0.9, "min_spearman": 0.9, "mean_overlap": 0.8}
+    record = {"score": score, "bias": bias, "variance": var, "score_kind": "bias_variance",
+              "stability": stab, "head": {"kind": "warmed", "warmup_steps": 50}}
+    fig = layer_scores_figure(record, targets, mask,
+                              title="Forgery-aware layer scores: FMSD (w1)")
+    assert not overlapping_tick_labels(fig)
+    assert not too_small(fig)
+    assert fig.get_suptitle().startswith("Forgery-aware layer scores: FMSD (w1); head warmed")
+    # Every cell number fits inside its cell.
+    heat = fig.axes[0]
+    renderer = draw(fig)
+    box = heat.get_window_extent(renderer)
+    cell_w, cell_h = box.width / len(targets), box.height / n_layers
+    assert len(heat.texts) == score.size
+    for t in heat.texts:
+        ext = t.get_window_extent(renderer)
+        assert ext.width < cell_w and ext.height < cell_h, t.get_text()
+
+
+def test_log_ticks_are_spaced_for_any_range():
+    """At least two labels, and with three or more no two closer than 0.14 decades (the
+    finest tier's 5 -> 7), whatever the range."""
+    for lo in np.geomspace(1e-9, 1e3, 37):
+        for decades in (0.02, 0.1, 0.3, 0.5, 0.8, 1.0, 1.4, 2.0, 3.0, 5.0, 9.0, 20.0):
+            ticks = report._log_tick_values(lo, lo * 10**decades)
+            assert len(ticks) >= 2, (lo, decades)
+            assert all(lo * (1 - 1e-9) <= t <= lo * 10**decades * (1 + 1e-9) for t in ticks)
+            if len(ticks) >= 3 and decades >= 0.3:
+                assert np.min(np.diff(np.log10(ticks))) > 0.14, (lo, decades, ticks)
+            assert len(ticks) <= 12, (lo, decades, ticks)
+    assert report._sci(2e-3) == "$2\\times10^{-3}$" and report._sci(1e-4) == "$10^{-4}$"
+
+
+def _diag(before, after):
+    return {"regime": "fmsd", "contribution": None, "contribution_note": "not measured",
+            "weight_change": {"targets": ["q", "k"], "relative": [[0.0, 1e-4], [2e-4, 0.0]],
+                              "mask": [[False, True], [True, False]], "note": ""},
+            "spectra": [{"layer": 0, "target": "k", "relative_change": 1e-4,
+                         "before": before, "after": after}]}
+
+
+def test_adaptation_chart_shows_the_pretrained_spectrum_where_it_coincides():
+    before = list(np.geomspace(5.0, 0.05, 64))
+    fig = adaptation_figure(_diag(before, before), title="Backbone adaptation: FMSD (w1)")
+    spectrum = fig.axes[2]  # heatmap, its colorbar, then the spectra
+    trained, pretrained = spectrum.get_lines()[:2]
+    np.testing.assert_array_equal(trained.get_ydata(), pretrained.get_ydata())
+    # The pretrained spectrum is drawn over the trained one, as markers the line cannot hide.
+    assert pretrained.get_zorder() > trained.get_zorder()
+    assert pretrained.get_marker() == "o" and pretrained.get_markerfacecolor() == "none"
+    marked = pretrained.get_markevery()
+    assert marked[0] == 0 and marked[-1] == 63 and len(marked) >= 20
+    assert "they coincide at this scale" in spectrum.get_title()
+    assert fig.get_suptitle().startswith("Backbone adaptation: FMSD (w1) — not measured")
+    assert not too_small(fig)
+    # Where the trained spectrum leaves the pretrained one, the pretrained values are marked.
+    after = list(before[:-8]) + [v * 1.5 for v in before[-8:]]
+    fig = adaptation_figure(_diag(before, after))
+    pretrained = fig.axes[2].get_lines()[1]
+    assert set(range(56, 64)) <= set(pretrained.get_markevery())
+    assert "they differ: largest |σ − σ₀| / σ₀ = 5.0e-01" in fig.axes[2].get_title()
+    assert fig.get_suptitle().startswith("Backbone adaptation: FMSD — ")
 
 
 def test_plot_layer_scores_checks_shapes(tmp_path):

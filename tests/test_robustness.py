@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from chart_checks import draw, too_small
 from test_train import make_cfg  # tests/ is on sys.path (pytest rootdir-relative import)
 
 from fmsd_jax import robustness, train
@@ -98,6 +99,39 @@ def test_schema_means_and_flags_from_known_numbers(cfg, tmp_path):
     assert "| GB (Gaussian blur) | 0.9000 | 0.6900 * | 0.6500 |" in frame
     assert "before* the face crop" in text and "stored face crops" in text
     assert png.stat().st_size > 10_000
+
+
+def test_chart_names_the_method_and_the_types_and_nothing_collides(cfg):
+    cfg.robustness.types = ()  # all seven DeeperForensics types
+    cfg.robustness.levels = ()
+    clean, scores = fake_scores(cfg, datasets=("SynBlend",))
+    result = robustness.summarise(cfg, clean, scores)
+    assert result["regime"] == "effort" and result["train_families"] == ["SynBlend"]
+    fig = robustness.figure(result, workdir="/runs/e1")
+    assert fig.get_suptitle() == ("Robustness: Effort (K=1, d=1, no mask) (e1) — "
+                                  "DeeperForensics-1.0 perturbations")
+    # The key spells out every abbreviation and the parameter its levels step through.
+    key = [t.get_text() for t in fig.legends[0].get_texts()]
+    for k, t in pt.PROTOCOLS["deeperforensics"].items():
+        assert f"{k}: {t.name}, {t.param_name} {t.label(1)} → {t.label(5)}" in key
+    assert "clean (no perturbation)" in key
+    # The clean AUC is in the panel titles, not on a label among the markers.
+    frame, video = fig.axes
+    assert frame.get_title() == "SynBlend (training family): frame AUC (clean 0.900)"
+    assert video.get_title() == "SynBlend (training family): video AUC (clean 0.950)"
+    assert not frame.texts and not video.texts
+    assert not too_small(fig)
+    # The suptitle, the panel titles and the key do not overlap one another or the panels.
+    renderer = draw(fig)
+    sup = fig._suptitle.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        title, panel = ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert not sup.overlaps(title) and not sup.overlaps(panel)
+        assert not title.overlaps(panel) and not legend.overlaps(panel)
+    # A robustness.json written before the method was recorded still draws, unnamed.
+    old = {k: v for k, v in result.items() if k not in ("regime", "train_families")}
+    assert robustness.figure(old).get_suptitle() == "DeeperForensics-1.0 perturbations"
 
 
 def test_gend_identity_levels_are_left_out_of_the_means(cfg):
