@@ -59,13 +59,15 @@ def frames_to_score(inputs: list[str], data_cfg: mlc.ConfigDict, video_frames: i
         ext = path.suffix.lower()
         if path.is_dir():
             frames = rec.sort_frames(str(p) for p in path.iterdir()
-                                     if p.suffix.lower() in image_ext)
+                                     if p.suffix.lower() in image_ext and p.is_file())
             if not frames:
                 problems.append(f"{path} (a folder with no images {image_ext})")
             for f in frames:
                 image(Path(f), f if per_image else str(path))
         elif not path.exists():
             problems.append(f"{path} (no such file or folder)")
+        elif not path.is_file():  # a FIFO or a device would block or never end
+            problems.append(f"{path} (not a regular file)")
         elif ext in video_ext:
             n = vid.frame_count(str(path))
             if n == 0:

@@ -62,11 +62,16 @@ def test_config_file_and_argument_mistakes_are_one_line(tmp_path):
 def test_predict_checks_every_input_before_loading_a_model(tmp_path):
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
+    (tmp_path / "notes.mp4").write_text("not a video")  # FFmpeg's own complaint stays quiet
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would block for ever
     line = one_line_error(run_cli("--config", "configs/clip_b16.py:runlocal",
                                   f"--workdir={tmp_path}/never_trained", "--mode", "predict",
-                                  "/no/such.png", str(notes)))
+                                  "/no/such.png", str(notes), str(tmp_path / "notes.mp4"),
+                                  str(tmp_path / "pipe.png")))
     assert "/no/such.png (no such file or folder)" in line
     assert "notes.png (not an image OpenCV can decode)" in line
+    assert "notes.mp4 (no decodable video frames)" in line
+    assert "pipe.png (not a regular file)" in line
     assert not (tmp_path / "never_trained").exists()
 
 

@@ -123,6 +123,41 @@ def test_deepfakebench_errors_name_json_split_and_missing_frames(tmp_path):
         deepfakebench_records(cfg, 'FaceForensics++', 'train')
 
 
+def test_a_damaged_or_foreign_deepfakebench_json_is_named(tmp_path):
+    from fmsd_jax.errors import BadInput
+
+    cfg = _cfg(tmp_path, tmp_path)
+    for i, (text, said) in enumerate([
+            ('{"D": {', r'D.json is not valid JSON \(Expecting'),
+            ('{"D": [1, 2]}', r'D.json: D is a JSON list, expected an object of label groups'),
+            ('{"D": {"real": {"test": {"c23": []}}}}', r'D/real/test/c23 is a JSON list'),
+            ('{"D": {"real": {"test": {"v1": "x.png"}}}}',
+             r'D/real/test/v1 is a JSON str, expected an object with a "frames" list'),
+            ('{"D": {"real": {"test": {"v1": {"frames": "x.png"}}}}}', r'D/real/test/v1 is a JSON '
+             'dict')]):
+        (tmp_path / 'D.json').write_text(text)
+        os.utime(tmp_path / 'D.json', (i, i))  # a new mtime: the reader caches by it
+        with pytest.raises(BadInput, match=said):
+            deepfakebench_records(cfg, 'D', 'test')
+
+
+def test_an_image_claiming_more_pixels_than_opencv_allocates_is_unreadable(tmp_path):
+    import struct
+    import zlib
+
+    from fmsd_jax.data.transforms import read_rgb
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack('>I', len(data)) + kind + data
+                + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+
+    bomb = tmp_path / 'bomb.png'  # 60000 x 60000 RGB in its header: 10.8 GB if decoded
+    bomb.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 60000, 60000,
+                                                                       8, 2, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'\0' * 1000)) + chunk(b'IEND', b''))
+    assert read_rgb(str(bomb)) is None  # counted unreadable, not a cv2.error
+
+
 def test_folder_source_classes_videos_and_hash_split(tmp_path):
     root = tmp_path / 'MyData'
     for i in range(30):

@@ -29,7 +29,11 @@ COMPRESSION_KEYS = frozenset({'raw', 'c23', 'c40'})
 def _read_json(path: str, mtime: float) -> dict:
     del mtime  # part of the cache key so that a rewritten JSON is re-read
     with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise BadInput(f'{path} is not valid JSON ({e}); regenerate it with '
+                           "DeepfakeBench's preprocessing/rearrange.py") from None
 
 
 def json_path(json_folder: str, dataset: str) -> str:
@@ -47,10 +51,41 @@ def load_dataset_json(json_folder: str, dataset: str) -> dict:
             f'Datasets in {json_folder!r}: {have or "none (is dataset_json_folder right?)"}. '
             'Set --config.data.dataset_json_folder=PATH or fix the dataset name.')
     data = _read_json(path, os.path.getmtime(path))
-    if dataset not in data:
-        raise UnknownName(f'{path} has no top-level key {dataset!r} (keys: {sorted(data)}); '
-                       'DeepfakeBench JSONs are keyed by the dataset name.')
+    if not isinstance(data, dict) or dataset not in data:
+        keys = sorted(data) if isinstance(data, dict) else f'a JSON {type(data).__name__}'
+        raise UnknownName(f'{path} has no top-level key {dataset!r} (keys: {keys}); '
+                          'DeepfakeBench JSONs are keyed by the dataset name.')
+    _check_layout(data[dataset], path, dataset)
     return data[dataset]
+
+
+def _check_layout(groups, path: str, dataset: str) -> None:
+    """{label_group: {split: {[compression:] {video: {'frames': [...]}}}}}, or one line that
+    names the first place where the JSON holds something else (a hand-edited or foreign JSON
+    would otherwise fail deep inside with an AttributeError)."""
+    def bad(where: str, what: str, value) -> BadInput:
+        return BadInput(f'{path}: {where} is a JSON {type(value).__name__}, expected {what} '
+                        "(DeepfakeBench's layout: {dataset: {label_group: {split: {video: "
+                        '{"frames": [...]}}}}})')
+
+    if not isinstance(groups, dict):
+        raise bad(dataset, 'an object of label groups', groups)
+    for group, splits in groups.items():
+        if not isinstance(splits, dict):
+            raise bad(f'{dataset}/{group}', 'an object of splits', splits)
+        for split, videos in splits.items():
+            where = f'{dataset}/{group}/{split}'
+            if not isinstance(videos, dict):
+                raise bad(where, 'an object of videos', videos)
+            by_level = videos and set(videos) <= COMPRESSION_KEYS  # the FF family's c23/c40
+            for level, vids in (videos.items() if by_level else [('', videos)]):
+                if not isinstance(vids, dict):
+                    raise bad(f'{where}/{level}', 'an object of videos', vids)
+                for video, entry in vids.items():
+                    if not isinstance(entry, dict) or not isinstance(entry.get('frames', []),
+                                                                     list):
+                        raise bad(f'{where}/{level + "/" if level else ""}{video}',
+                                  'an object with a "frames" list', entry)
 
 
 def _videos_of(split_dict: Mapping, compression: str, where: str) -> Mapping:

@@ -34,14 +34,18 @@ def read_rgb(path: str) -> np.ndarray | None:
     or truncated file, which is what lets the pipeline skip and count it. The bytes are read
     by numpy (Python's file layer, which takes any file name) and decoded in memory, because
     cv2.imread segfaults on a name that is not valid UTF-8; a str no file can be named
-    (UnicodeEncodeError, a ValueError) is unreadable like a missing file."""
+    (UnicodeEncodeError, a ValueError) is unreadable like a missing file, and so is an image
+    whose header claims more pixels than OpenCV will allocate (it raises cv2.error)."""
     try:
         data = np.fromfile(path, np.uint8)
     except (OSError, ValueError):
         return None
     if data.size == 0:
         return None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:  # a header claiming more than CV_IO_MAX_IMAGE_PIXELS (a "PNG bomb")
+        return None
     if image is None:
         return None
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

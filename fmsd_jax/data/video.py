@@ -13,6 +13,11 @@ import os
 import cv2
 import numpy as np
 
+# A video that does not decode is reported by the caller in one line ("no decodable video
+# frames"); FFmpeg's own lines on stderr ("moov atom not found") would only break that line.
+# Read by OpenCV when its first capture opens; set it yourself to see FFmpeg's messages.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
 _DETECTOR = None
 
 
