@@ -36,3 +36,8 @@ class UnknownName(UserError, KeyError):
 
 class AlreadyExists(UserError, FileExistsError):
     """An output the run would replace or mix with, which the user has to move or name."""
+
+
+class WorkdirInUse(UserError, BlockingIOError):
+    """Another process holds the workdir's lock (fmsd_jax/workdir_lock.py): two runs writing one
+    workdir would mix their checkpoints and results."""

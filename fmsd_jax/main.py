@@ -15,8 +15,13 @@ overridden with `--config.a.b=value`, e.g. `--config.train.batch_size=64
 --config.data.test_dataset="('Celeb-DF-v2','DFDC')"`; every field and its default is in
 fmsd_jax/config_base.py, and an unknown field is an error.
 
-Exit status: 0 done; 2 a mistake in the input (path, config, argument, data), printed on one
-line with the fix; 1 an internal error, printed with its traceback.
+One run per workdir: train, mask, evaluate and robustness lock WORKDIR (fmsd_jax/workdir_lock.py
+says why these) before reading any data, and a second such command on it exits 2 at once,
+naming the first's pid, host, mode and start time; predict, export and plan only read the run
+and may run beside it. The lock dies with its process, so a killed run leaves none behind.
+
+Exit status: 0 done; 2 a mistake in the input (path, config, argument, data) or a workdir in
+use, printed on one line with the fix; 1 an internal error, printed with its traceback.
 """
 
 from __future__ import annotations
@@ -76,10 +81,11 @@ def main(argv: list[str]) -> None:
     ours.propagate = False
     cfg = _CONFIG.value
 
-    if cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1":
+    multihost = cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1"
+    if multihost:
         init_distributed(cfg)
     # Imported only now: they import jax, which must not start before jax.distributed does.
-    from fmsd_jax import config_base, preflight
+    from fmsd_jax import config_base, preflight, workdir_lock
 
     with cfg.unlocked():
         config_base.apply_regime(cfg)
@@ -91,6 +97,18 @@ def main(argv: list[str]) -> None:
         from fmsd_jax import demo  # configs/demo.py: other modes act on one trained row
 
         cfg = demo.row_config(cfg, workdir)
+    if mode not in workdir_lock.LOCKING_MODES:
+        return run_mode(cfg, mode, workdir, argv)
+    import jax
+
+    # Before any data is read or anything compiled, so a second run is refused at once.
+    with workdir_lock.exclusive(workdir, mode, create=mode in ("train", "mask"),
+                                process_index=jax.process_index() if multihost else 0):
+        run_mode(cfg, mode, workdir, argv)
+
+
+def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:
+    """Dispatch to the mode's module."""
     if mode == "train":
         from fmsd_jax import train
 

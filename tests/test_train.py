@@ -10,9 +10,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -32,6 +34,7 @@ from fmsd_jax import (
     predict,
     sharding,
     train,
+    workdir_lock,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +70,16 @@ def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra):
     return cfg
 
 
-def cli(workdir: Path, ckpt: Path, bench: Path, *flags: str, env: dict | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def cli_args(workdir: Path, ckpt: Path, bench: Path, *flags: str) -> list[str]:
+    """The command line of a tiny training run, as a user types it."""
     args = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py:runlocal",
             f"--workdir={workdir}"]
-    args += [f"--config.{k}={v}" for k, v in overrides(ckpt, bench).items()] + list(flags)
+    return args + [f"--config.{k}={v}" for k, v in overrides(ckpt, bench).items()] + list(flags)
+
+
+def cli(workdir: Path, ckpt: Path, bench: Path, *flags: str, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    args = cli_args(workdir, ckpt, bench, *flags)
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
@@ -269,14 +277,51 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     assert json.loads((tmp_path / "pred.json").read_text())["inputs"].keys() == scored.keys()
 
 
+def wait_for_lock_holder(path: Path, proc: subprocess.Popen, timeout: float = 240) -> dict:
+    """The holder record `proc` writes into its workdir lock once it holds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        holder = workdir_lock.read_holder(path)
+        if holder and holder["pid"] == proc.pid:
+            return holder
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"{proc.args} never locked {path}")
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(trained, tmp_path,
                                                          tiny_clip_checkpoint, tiny_benchmark):
-    """Killed after step 3 (checkpoint at 2), resumed: same data order, same final state."""
+    """Killed after step 3 (checkpoint at 2), resumed: same data order, same final state.
+
+    While the first run holds the workdir, a second command on it is refused at once, in one
+    line naming the first's pid (the first is stopped meanwhile, so the two cannot race); after
+    the kill -9 the resumed run is not refused: the lock died with its process."""
     _, reference, _ = trained
-    killed = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
-                 "--config.train.fault_after_step=3", check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    args = cli_args(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
+                    "--config.train.fault_after_step=3")
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        wait_for_lock_holder(tmp_path / ".lock", first)
+        os.kill(first.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        second = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark, check=False,
+                     env={"JAX_PLATFORMS": "cpu"})
+        refused_in = time.monotonic() - t0
+        os.kill(first.pid, signal.SIGCONT)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"error: {tmp_path} is in use by pid {first.pid} on "
+                                        f"{socket.gethostname()} (mode train, started ")
+        assert "wait for it or use another --workdir" in second.stderr
+        assert "data checked" not in second.stdout  # refused before reading anything
+        print(f"second run refused in {refused_in:.1f}s")
+        out = first.communicate(timeout=300)[0]
+        assert first.returncode == -9, out[-2000:]
+    finally:
+        first.kill()
+        first.communicate()
     assert latest_step(tmp_path) == 2
     cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark)
     want, got = trainable_at(reference), trainable_at(tmp_path)
@@ -394,19 +439,19 @@ def _free_port() -> int:
 def test_two_processes_on_localhost_train_and_checkpoint(tmp_path, tiny_clip_checkpoint,
                                                           tiny_benchmark):
     port = _free_port()
-    base = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py:runlocal",
-            f"--workdir={tmp_path}"]
-    base += [f"--config.{k}={v}" for k, v in overrides(tiny_clip_checkpoint,
-                                                       tiny_benchmark).items()]
-    base += ["--config.multihost=True", f"--config.distributed.coordinator_address="
-             f"127.0.0.1:{port}", "--config.distributed.num_processes=2",
-             "--config.train.total_steps=4"]
+    base = cli_args(tmp_path, tiny_clip_checkpoint, tiny_benchmark, "--config.multihost=True",
+                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    "--config.distributed.num_processes=2", "--config.train.total_steps=4")
     procs = [subprocess.Popen(base + [f"--config.distributed.process_id={i}"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    # One run's processes do not refuse one another: each locked a file of its own.
+    for i, p in enumerate(procs):
+        holder = workdir_lock.read_holder(workdir_lock.lock_path(tmp_path, i))
+        assert (holder["pid"], holder["process"]) == (p.pid, i)
     assert latest_step(tmp_path) == 4
     results = json.loads((tmp_path / "results.json").read_text())
     # Metrics cover every test frame, gathered from both processes (2 videos x 2 groups x 2).
