@@ -332,6 +332,19 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(trained, tmp_path,
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+def test_a_resumed_run_scores_the_step_whose_best_save_was_lost(trained_copy, monkeypatch):
+    """Stopped after step 6's latest save but before its best save finished (killed, disk
+    full): the rerun validates step 6 again, or it would choose among the earlier steps only."""
+    cfg, workdir, _ = trained_copy
+    shutil.rmtree(workdir / "best")
+    scored = []
+    validate = evaluate.validate
+    monkeypatch.setattr(evaluate, "validate", lambda *a: scored.append(1) or validate(*a))
+    train.train(cfg, workdir)
+    assert scored == [1]
+    assert list(ocp.step.checkpoint_steps(workdir / "best")) == [6]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
     proc = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
