@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fmsd_jax.errors import writing
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where Linux reports it (threads may be
@@ -39,7 +41,8 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
+        with writing(path):  # a full disk is reported as writing `path`, not the temporary
+            yield Path(tmp)
         # After the writer: some (safetensors) replace the file rather than write into it.
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)

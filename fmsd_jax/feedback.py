@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
+from fmsd_jax.errors import writing
+
 
 class Progress:
     """Step rate, images/s and ETA measured over the interval since the last report."""
@@ -37,12 +39,15 @@ class TensorBoard:
     """Scalars into WORKDIR/tb (tensorboardX: event files without TensorFlow)."""
 
     def __init__(self, logdir: str | Path):
+        self._logdir = Path(logdir)
         self._writer = SummaryWriter(str(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self._writer.add_scalar(key, float(value), step)
-        self._writer.flush()
+        with writing(self._logdir):
+            for key, value in values.items():
+                self._writer.add_scalar(key, float(value), step)
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with writing(self._logdir):
+            self._writer.close()

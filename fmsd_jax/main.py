@@ -20,8 +20,11 @@ says why these) before reading any data, and a second such command on it exits 2
 naming the first's pid, host, mode and start time; predict, export and plan only read the run
 and may run beside it. The lock dies with its process, so a killed run leaves none behind.
 
-Exit status: 0 done; 2 a mistake in the input (path, config, argument, data) or a workdir in
-use, printed on one line with the fix; 1 an internal error, printed with its traceback.
+Exit status: 0 done; 2 a mistake in the input (path, config, argument, data), a workdir in use,
+or a full disk or quota (the line names the file being written and the space left; free space,
+or copy the workdir elsewhere, and rerun the same command: training resumes from its last
+finalized checkpoint), printed on one line with the fix; 1 an internal error, printed with its
+traceback.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import logging
 import os
 import re
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from fmsd_jax import errors
 from fmsd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -150,11 +156,80 @@ def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:
 
 
 def user_errors_in_one_line(argv: list[str]) -> None:
-    """main, with a user's mistake printed as one line (exit 2) and a bug with its traceback."""
+    """main, with a user's mistake printed as one line (exit 2) and a bug with its traceback.
+
+    A full disk or quota counts as the user's, wherever it struck (a JSON, a plot, TensorBoard,
+    an orbax write in its own thread): the error, or the first one a library thread reported,
+    becomes one line naming the file and the space left."""
+    quiet = _DiskFullQuiet()
+
+    def workdir() -> str | None:
+        return _WORKDIR.value if flags.FLAGS.is_parsed() else None
+
     try:
         main(argv)
+        if quiet.seen is not None:  # a library thread's write failed, yet nothing raised
+            fail(str(errors.disk_full(quiet.seen, workdir())))
     except UserError as e:
         fail(str(e))
+    except Exception as e:
+        cause = e if errors.disk_full_code(e) is not None else quiet.seen
+        if cause is None:
+            raise
+        quiet.seen = cause
+        fail(str(errors.disk_full(cause, workdir())))
+    finally:
+        quiet.release()
+
+
+class _DiskFullQuiet(logging.Filter):
+    """Keeps off the console what libraries print when the disk fills, so that the run ends in
+    the one line main prints: orbax logs each failed write with its traceback from its own
+    thread, asyncio its unretrieved tasks, tensorboardX's thread dies with one, and tensorstore
+    reports the writes that complete after orbax closed their event loop as "unraisable"
+    RuntimeErrors, before any of the others. The first disk-full error is kept for main's line;
+    unraisable errors are held back and printed when the run ends, unless the disk filled."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: BaseException | None = None
+        self._held: list[str] = []
+        self._handlers = list(logging.getLogger().handlers)  # absl's: library loggers reach it
+        self._hooks = threading.excepthook, sys.unraisablehook
+        for handler in self._handlers:
+            handler.addFilter(self)
+        threading.excepthook = lambda args: self._swallowed(args.exc_value) or \
+            self._hooks[0](args)
+        sys.unraisablehook = self._hold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not self._swallowed(exc, record.getMessage())
+
+    def _swallowed(self, exc: BaseException | None, text: str = "") -> bool:
+        if (exc is None or errors.disk_full_code(exc) is None) and \
+                errors.disk_full_code(text) is None:
+            return False
+        if self.seen is None:
+            self.seen = exc if exc is not None else OSError(text)
+        return True
+
+    def _hold(self, args) -> None:
+        if not self._swallowed(args.exc_value):
+            self._held.append(f"{args.err_msg or 'Exception ignored in'}: {args.object!r}\n"
+                              + "".join(traceback.format_exception(
+                                  args.exc_type, args.exc_value, args.exc_traceback)))
+
+    def release(self) -> None:
+        """Print what was held back and put the hooks back, unless the disk filled (then stay
+        quiet until the process exits: its threads are still failing to write)."""
+        if self.seen is not None:
+            return
+        for handler in self._handlers:
+            handler.removeFilter(self)
+        threading.excepthook, sys.unraisablehook = self._hooks
+        for text in self._held:
+            sys.stderr.write(text)
 
 
 def fail(message: str) -> None:

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fmsd_jax import atomic
+from fmsd_jax.errors import writing
 from fmsd_jax.metrics import METRIC_KEYS
 
 __all__ = [
@@ -107,7 +108,8 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, format="png", dpi=120, bbox_inches="tight")
+    with writing(out):
+        fig.savefig(out, format="png", dpi=120, bbox_inches="tight")
     return out
 
 

@@ -341,5 +341,5 @@ def test_layering_no_model_code_no_pyplot_no_jax():
         "or m == 'matplotlib.pyplot'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ("['fmsd_jax', 'fmsd_jax.atomic', 'fmsd_jax.metrics', "
-                                  "'fmsd_jax.report']")
+    assert out.stdout.strip() == ("['fmsd_jax', 'fmsd_jax.atomic', 'fmsd_jax.errors', "
+                                  "'fmsd_jax.metrics', 'fmsd_jax.report']")

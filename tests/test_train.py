@@ -6,15 +6,18 @@ Runs that need a fresh process (SIGKILL, SIGTERM, 8 virtual devices, 2 processes
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import chex
@@ -394,6 +397,72 @@ def test_cli_rejects_unknown_config_fields(tmp_path, tiny_clip_checkpoint, tiny_
                check=False)
     assert proc.returncode != 0
     assert "--config.train.batch_sz" in proc.stderr and "batch_size" in proc.stderr
+
+
+# Holds the config, run.json, the layer mask and its plot (~90 KiB) and checkpoint 2 (~240 KiB),
+# not checkpoint 4 as well: the disk fills during step 4's saves (latest or best, whichever
+# orbax's threads write first).
+SMALL_DISK = "450k"
+
+
+@contextlib.contextmanager
+def small_disk(path: Path) -> Iterator[bool]:
+    """A tmpfs of SMALL_DISK at `path`; False where mounting is refused (not root)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK}", "tmpfs",
+                              str(path)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_checkpoint_is_one_line_and_the_moved_workdir_resumes(
+        trained, tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    """The workdir on a tmpfs too small for the run (else the write hook, where mounting is
+    refused): exit 2, one line naming the file and the space left; copied to the real disk,
+    the same command resumes to the uninterrupted run's weights and results."""
+    _, reference, _ = trained
+    disk, moved = tmp_path / "small", tmp_path / "moved"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # no accelerator probing on stderr
+    with small_disk(disk) as mounted:
+        workdir = disk / "run"
+        args = cli_args(workdir, tiny_clip_checkpoint, tiny_benchmark)
+        if not mounted:  # the same run, its Python writes into step 4's checkpoint failing
+            args[1:3] = [str(ROOT / "tests" / "enospc_hook.py")]
+            env["ENOSPC_AT"] = "4.orbax-checkpoint-tmp"
+        full = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+        assert full.stderr.count("\n") == 1, full.stderr
+        assert "Traceback" not in full.stdout + full.stderr
+        assert re.fullmatch(
+            rf"error: no space left on device writing {workdir}/(checkpoints|best)/4\S+ "
+            r"\(\S+ \S+ free on /\S*\): free space or move the workdir, then rerun the same "
+            r"command \(a training run resumes from its last finalized checkpoint\)\n",
+            full.stderr)
+        if mounted:
+            assert f" free on {disk})" in full.stderr
+        # Step 4's unfinished saves are orbax temporaries, not checkpoints; the last finalized
+        # one (2 on this disk; 4 only if its best save failed after its latest save finished)
+        # restores.
+        step = checkpointing.latest_saved_step(workdir)
+        assert step in (2, 4)
+        trainable_at(workdir, step)
+        shutil.copytree(workdir, moved)
+    cli(moved, tiny_clip_checkpoint, tiny_benchmark)  # the same command, on a larger disk
+    want, got = trainable_at(reference), trainable_at(moved)
+    assert want.keys() == got.keys()
+    for key in want:  # as in test_sigkill_then_resume_equals_the_uninterrupted_run
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    results = [json.loads((d / "results.json").read_text()) for d in (reference, moved)]
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        for metric, value in results[0][name].items():
+            np.testing.assert_allclose(results[1][name][metric], value, atol=1e-6,
+                                       err_msg=f"{name} {metric}")
 
 
 MULTI_DEVICE_SCRIPT = """
