@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fmsd_jax.errors import writing
 from fmsd_jax.pathnames import shown
 
 # path -> True when it replaced a file that existed before this process first wrote it.
@@ -83,7 +84,8 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
+        with writing(path):  # a full disk is reported as writing `path`, not the temporary
+            yield Path(tmp)
         # After the writer: some (safetensors) replace the file rather than write into it.
         os.chmod(tmp, 0o666 & ~current_umask())
         replaced = path.exists()

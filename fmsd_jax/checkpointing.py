@@ -166,6 +166,10 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def best_saved_step(self) -> int | None:
+        """The step of the kept best-on-validation checkpoint."""
+        return self.best.latest_step()
+
     def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> Any:
         step = self.latest.latest_step()
         items = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -43,7 +43,7 @@ from typing import Any
 
 import ml_collections as mlc
 
-from fmsd_jax import config_base, report, robustness
+from fmsd_jax import config_base, report, robustness, workdir_lock
 from fmsd_jax.errors import AlreadyExists, BadInput
 
 log = logging.getLogger("fmsd_jax")
@@ -294,12 +294,25 @@ def run(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
 
     With `demo.method='all'` the rows go to WORKDIR/<method> and WORKDIR/report.md is written;
     with a single method, WORKDIR is that row's run directory; with `demo.sweep.enabled`
-    (`configs/demo.py:sweep`) the learning-rate sweep runs instead (`run_sweep`)."""
+    (`configs/demo.py:sweep`) the learning-rate sweep runs instead (`run_sweep`). Each row's
+    workdir is locked for the whole demo (`workdir_lock`; main locks WORKDIR itself), because
+    a row can also be trained by its own command."""
     if cfg.demo.sweep.enabled:
         return run_sweep(cfg, workdir)
+    workdir = Path(workdir)
+    with contextlib.ExitStack() as rows:
+        if cfg.demo.method == "all":
+            import jax
+
+            for method in cfg.demo.methods:
+                rows.enter_context(workdir_lock.exclusive(
+                    workdir / method, "train", process_index=jax.process_index()))
+        return _run(cfg, workdir)
+
+
+def _run(cfg: mlc.ConfigDict, workdir: Path) -> dict[str, Any]:
     clock = _Clock()
     load_start = os.getloadavg()
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir, pretrained_dir = _paths(cfg, workdir)
     skipped: list[str] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 from tensorboardX import SummaryWriter
 
 from fmsd_jax import atomic
+from fmsd_jax.errors import writing
 
 
 class Progress:
@@ -40,12 +41,15 @@ class TensorBoard:
 
     def __init__(self, logdir: str | Path):
         atomic.note_written(logdir, Path(logdir).exists())
+        self._logdir = Path(logdir)
         self._writer = SummaryWriter(str(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self._writer.add_scalar(key, float(value), step)
-        self._writer.flush()
+        with writing(self._logdir):
+            for key, value in values.items():
+                self._writer.add_scalar(key, float(value), step)
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with writing(self._logdir):
+            self._writer.close()

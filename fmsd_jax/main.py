@@ -15,8 +15,16 @@ overridden with `--config.a.b=value`, e.g. `--config.train.batch_size=64
 --config.data.test_dataset="('Celeb-DF-v2','DFDC')"`; every field and its default is in
 fmsd_jax/config_base.py, and an unknown field is an error.
 
-Exit status: 0 done; 2 a mistake in the input (path, config, argument, data), printed on one
-line with the fix; 1 an internal error, printed with its traceback.
+One run per workdir: train, mask, evaluate and robustness lock WORKDIR (fmsd_jax/workdir_lock.py
+says why these) before reading any data, and a second such command on it exits 2 at once,
+naming the first's pid, host, mode and start time; predict, export and plan only read the run
+and may run beside it. The lock dies with its process, so a killed run leaves none behind.
+
+Exit status: 0 done; 2 a mistake in the input (path, config, argument, data), a workdir in use,
+or a full disk or quota (the line names the file being written and the space left; free space,
+or copy the workdir elsewhere, and rerun the same command: training resumes from its last
+finalized checkpoint), printed on one line with the fix; 1 an internal error, printed with its
+traceback.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ import logging
 import os
 import re
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from fmsd_jax import atomic, platforms  # neither starts jax (jax.distributed comes first)
+from fmsd_jax import atomic, errors, platforms  # none starts jax (jax.distributed comes first)
 from fmsd_jax.errors import UserError
 from fmsd_jax.pathnames import require_utf8, shown
 
@@ -97,10 +107,11 @@ def main(argv: list[str]) -> None:
     cfg = _CONFIG.value
 
     platforms.skip_absent_tpu()  # before anything starts jax's backends
-    if cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1":
+    multihost = cfg.multihost or os.environ.get("FMSD_MULTIHOST") == "1"
+    if multihost:
         init_distributed(cfg)
     # Imported only now: they import jax, which must not start before jax.distributed does.
-    from fmsd_jax import config_base, preflight
+    from fmsd_jax import config_base, preflight, workdir_lock
 
     with cfg.unlocked():
         config_base.apply_regime(cfg)
@@ -116,7 +127,15 @@ def main(argv: list[str]) -> None:
 
         cfg = demo.row_config(cfg, workdir)
     try:
-        run_mode(cfg, mode, workdir, argv)
+        if mode not in workdir_lock.LOCKING_MODES:
+            run_mode(cfg, mode, workdir, argv)
+        else:
+            import jax
+
+            # Before any data is read or anything compiled, so a second run is refused at once.
+            with workdir_lock.exclusive(workdir, mode, create=mode in ("train", "mask"),
+                                        process_index=jax.process_index() if multihost else 0):
+                run_mode(cfg, mode, workdir, argv)
     except BaseException:
         if atomic.written():  # what a failed mode had written by then (to resume or remove)
             _log_written(workdir)
@@ -173,11 +192,86 @@ def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:
 
 
 def user_errors_in_one_line(argv: list[str]) -> None:
-    """main, with a user's mistake printed as one line (exit 2) and a bug with its traceback."""
+    """main, with a user's mistake printed as one line (exit 2) and a bug with its traceback.
+
+    A full disk or quota counts as the user's, wherever it struck (a JSON, a plot, TensorBoard,
+    an orbax write in its own thread): the error, or the first one a library thread reported,
+    becomes one line naming the file and the space left."""
+    quiet = _DiskFullQuiet()
+
+    def workdir() -> str | None:
+        return _WORKDIR.value if flags.FLAGS.is_parsed() else None
+
     try:
         main(argv)
+        if quiet.seen is not None:  # a library thread's write failed, yet nothing raised
+            fail(str(errors.disk_full(quiet.seen, workdir())))
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a bug: no traceback. Orbax renames a checkpoint
+        # into place only when it is complete, so the last finalized one is intact.
+        print("interrupted (Ctrl-C); finished files are kept, and a training run resumes from "
+              "its last finalized checkpoint when the same command is rerun", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        cause = e if errors.disk_full_code(e) is not None else quiet.seen
+        if cause is None:
+            raise
+        quiet.seen = cause
+        fail(str(errors.disk_full(cause, workdir())))
+    finally:
+        quiet.release()
+
+
+class _DiskFullQuiet(logging.Filter):
+    """Keeps off the console what libraries print when the disk fills, so that the run ends in
+    the one line main prints: orbax logs each failed write with its traceback from its own
+    thread, asyncio its unretrieved tasks, tensorboardX's thread dies with one, and tensorstore
+    reports the writes that complete after orbax closed their event loop as "unraisable"
+    RuntimeErrors, before any of the others. The first disk-full error is kept for main's line;
+    unraisable errors are held back and printed when the run ends, unless the disk filled."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: BaseException | None = None
+        self._held: list[str] = []
+        self._handlers = list(logging.getLogger().handlers)  # absl's: library loggers reach it
+        self._hooks = threading.excepthook, sys.unraisablehook
+        for handler in self._handlers:
+            handler.addFilter(self)
+        threading.excepthook = lambda args: self._swallowed(args.exc_value) or \
+            self._hooks[0](args)
+        sys.unraisablehook = self._hold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not self._swallowed(exc, record.getMessage())
+
+    def _swallowed(self, exc: BaseException | None, text: str = "") -> bool:
+        if (exc is None or errors.disk_full_code(exc) is None) and \
+                errors.disk_full_code(text) is None:
+            return False
+        if self.seen is None:
+            self.seen = exc if exc is not None else OSError(text)
+        return True
+
+    def _hold(self, args) -> None:
+        if not self._swallowed(args.exc_value):
+            self._held.append(f"{args.err_msg or 'Exception ignored in'}: {args.object!r}\n"
+                              + "".join(traceback.format_exception(
+                                  args.exc_type, args.exc_value, args.exc_traceback)))
+
+    def release(self) -> None:
+        """Print what was held back and put the hooks back, unless the disk filled (then stay
+        quiet until the process exits: its threads are still failing to write)."""
+        if self.seen is not None:
+            return
+        for handler in self._handlers:
+            handler.removeFilter(self)
+        threading.excepthook, sys.unraisablehook = self._hooks
+        for text in self._held:
+            sys.stderr.write(text)
 
 
 def fail(message: str) -> None:

@@ -195,11 +195,24 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     schedule = getattr(tx, "learning_rate_fn", None)
     eval_every = cfg.train.eval_every or max(1, num_records // cfg.train.batch_size)
 
+    def validate(step: int, state: dict) -> None:
+        val = evaluate.validate(cfg, run, state["trainable"])
+        if val is not None:
+            ckpts.save_best(step, state, val)
+            if writer:
+                writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
+
     preempted = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     start = int(state["step"])
     progress = feedback.Progress(steps, start, cfg.train.batch_size)
     try:
+        if start and (start % eval_every == 0 or start == steps) \
+                and (ckpts.best_saved_step() or 0) < start:
+            # Stopped between this step's latest save and its best save (killed, disk full):
+            # score it now, or the resumed run could pick another best than the uninterrupted
+            # one. The same weights and data give the same score, and a worse one is not kept.
+            validate(start, state)
         for step in range(start + 1, steps + 1):
             batch = sharding.global_batch(mesh, next(data_iter), ("image", "label"))
             state, metric_sums = step_fn(state, run.frozen, batch, metric_sums)
@@ -220,11 +233,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
                 ckpts.wait()
                 raise Preempted(f"SIGTERM received: saved step {step} to {workdir}")
             if step % eval_every == 0 or last:
-                val = evaluate.validate(cfg, run, state["trainable"])
-                if val is not None:
-                    ckpts.save_best(step, state, val)
-                    if writer:
-                        writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
+                validate(step, state)
         ckpts.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -6,13 +6,18 @@ Runs that need a fresh process (SIGKILL, SIGTERM, 8 virtual devices, 2 processes
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import chex
@@ -33,6 +38,7 @@ from fmsd_jax import (
     predict,
     sharding,
     train,
+    workdir_lock,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +74,16 @@ def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra):
     return cfg
 
 
-def cli(workdir: Path, ckpt: Path, bench: Path, *flags: str, env: dict | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def cli_args(workdir: Path, ckpt: Path, bench: Path, *flags: str) -> list[str]:
+    """The command line of a tiny training run, as a user types it."""
     args = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py:runlocal",
             f"--workdir={workdir}"]
-    args += [f"--config.{k}={v}" for k, v in overrides(ckpt, bench).items()] + list(flags)
+    return args + [f"--config.{k}={v}" for k, v in overrides(ckpt, bench).items()] + list(flags)
+
+
+def cli(workdir: Path, ckpt: Path, bench: Path, *flags: str, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    args = cli_args(workdir, ckpt, bench, *flags)
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
@@ -270,14 +281,51 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     assert json.loads((tmp_path / "pred.json").read_text())["inputs"].keys() == scored.keys()
 
 
+def wait_for_lock_holder(path: Path, proc: subprocess.Popen, timeout: float = 240) -> dict:
+    """The holder record `proc` writes into its workdir lock once it holds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        holder = workdir_lock.read_holder(path)
+        if holder and holder["pid"] == proc.pid:
+            return holder
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"{proc.args} never locked {path}")
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(trained, tmp_path,
                                                          tiny_clip_checkpoint, tiny_benchmark):
-    """Killed after step 3 (checkpoint at 2), resumed: same data order, same final state."""
+    """Killed after step 3 (checkpoint at 2), resumed: same data order, same final state.
+
+    While the first run holds the workdir, a second command on it is refused at once, in one
+    line naming the first's pid (the first is stopped meanwhile, so the two cannot race); after
+    the kill -9 the resumed run is not refused: the lock died with its process."""
     _, reference, _ = trained
-    killed = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
-                 "--config.train.fault_after_step=3", check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    args = cli_args(tmp_path, tiny_clip_checkpoint, tiny_benchmark,
+                    "--config.train.fault_after_step=3")
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        wait_for_lock_holder(tmp_path / ".lock", first)
+        os.kill(first.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        second = cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark, check=False,
+                     env={"JAX_PLATFORMS": "cpu"})
+        refused_in = time.monotonic() - t0
+        os.kill(first.pid, signal.SIGCONT)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"error: {tmp_path} is in use by pid {first.pid} on "
+                                        f"{socket.gethostname()} (mode train, started ")
+        assert "wait for it or use another --workdir" in second.stderr
+        assert "data checked" not in second.stdout  # refused before reading anything
+        print(f"second run refused in {refused_in:.1f}s")
+        out = first.communicate(timeout=300)[0]
+        assert first.returncode == -9, out[-2000:]
+    finally:
+        first.kill()
+        first.communicate()
     assert latest_step(tmp_path) == 2
     cli(tmp_path, tiny_clip_checkpoint, tiny_benchmark)
     want, got = trainable_at(reference), trainable_at(tmp_path)
@@ -286,6 +334,19 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(trained, tmp_path,
         # Same data order and optimizer state: equal up to float rounding (the reference ran
         # in-process, the resumed run through the CLI; XLA may order a reduction differently).
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_a_resumed_run_scores_the_step_whose_best_save_was_lost(trained_copy, monkeypatch):
+    """Stopped after step 6's latest save but before its best save finished (killed, disk
+    full): the rerun validates step 6 again, or it would choose among the earlier steps only."""
+    cfg, workdir, _ = trained_copy
+    shutil.rmtree(workdir / "best")
+    scored = []
+    validate = evaluate.validate
+    monkeypatch.setattr(evaluate, "validate", lambda *a: scored.append(1) or validate(*a))
+    train.train(cfg, workdir)
+    assert scored == [1]
+    assert list(ocp.step.checkpoint_steps(workdir / "best")) == [6]
 
 
 @pytest.mark.slow
@@ -337,6 +398,72 @@ def test_cli_rejects_unknown_config_fields(tmp_path, tiny_clip_checkpoint, tiny_
                check=False)
     assert proc.returncode != 0
     assert "--config.train.batch_sz" in proc.stderr and "batch_size" in proc.stderr
+
+
+# Holds the config, run.json, the layer mask and its plot (~90 KiB) and checkpoint 2 (~240 KiB),
+# not checkpoint 4 as well: the disk fills during step 4's saves (latest or best, whichever
+# orbax's threads write first).
+SMALL_DISK = "450k"
+
+
+@contextlib.contextmanager
+def small_disk(path: Path) -> Iterator[bool]:
+    """A tmpfs of SMALL_DISK at `path`; False where mounting is refused (not root)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK}", "tmpfs",
+                              str(path)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_checkpoint_is_one_line_and_the_moved_workdir_resumes(
+        trained, tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    """The workdir on a tmpfs too small for the run (else the write hook, where mounting is
+    refused): exit 2, one line naming the file and the space left; copied to the real disk,
+    the same command resumes to the uninterrupted run's weights and results."""
+    _, reference, _ = trained
+    disk, moved = tmp_path / "small", tmp_path / "moved"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # no accelerator probing on stderr
+    with small_disk(disk) as mounted:
+        workdir = disk / "run"
+        args = cli_args(workdir, tiny_clip_checkpoint, tiny_benchmark)
+        if not mounted:  # the same run, its Python writes into step 4's checkpoint failing
+            args[1:3] = [str(ROOT / "tests" / "enospc_hook.py")]
+            env["ENOSPC_AT"] = "4.orbax-checkpoint-tmp"
+        full = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+        assert full.stderr.count("\n") == 1, full.stderr
+        assert "Traceback" not in full.stdout + full.stderr
+        assert re.fullmatch(
+            rf"error: no space left on device writing {workdir}/(checkpoints|best)/4\S+ "
+            r"\(\S+ \S+ free on /\S*\): free space or move the workdir, then rerun the same "
+            r"command \(a training run resumes from its last finalized checkpoint\)\n",
+            full.stderr)
+        if mounted:
+            assert f" free on {disk})" in full.stderr
+        # Step 4's unfinished saves are orbax temporaries, not checkpoints; the last finalized
+        # one (2 on this disk; 4 only if its best save failed after its latest save finished)
+        # restores.
+        step = checkpointing.latest_saved_step(workdir)
+        assert step in (2, 4)
+        trainable_at(workdir, step)
+        shutil.copytree(workdir, moved)
+    cli(moved, tiny_clip_checkpoint, tiny_benchmark)  # the same command, on a larger disk
+    want, got = trainable_at(reference), trainable_at(moved)
+    assert want.keys() == got.keys()
+    for key in want:  # as in test_sigkill_then_resume_equals_the_uninterrupted_run
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    results = [json.loads((d / "results.json").read_text()) for d in (reference, moved)]
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        for metric, value in results[0][name].items():
+            np.testing.assert_allclose(results[1][name][metric], value, atol=1e-6,
+                                       err_msg=f"{name} {metric}")
 
 
 MULTI_DEVICE_SCRIPT = """
@@ -395,19 +522,19 @@ def _free_port() -> int:
 def test_two_processes_on_localhost_train_and_checkpoint(tmp_path, tiny_clip_checkpoint,
                                                           tiny_benchmark):
     port = _free_port()
-    base = [sys.executable, "-m", "fmsd_jax.main", "--config", "configs/clip_b16.py:runlocal",
-            f"--workdir={tmp_path}"]
-    base += [f"--config.{k}={v}" for k, v in overrides(tiny_clip_checkpoint,
-                                                       tiny_benchmark).items()]
-    base += ["--config.multihost=True", f"--config.distributed.coordinator_address="
-             f"127.0.0.1:{port}", "--config.distributed.num_processes=2",
-             "--config.train.total_steps=4"]
+    base = cli_args(tmp_path, tiny_clip_checkpoint, tiny_benchmark, "--config.multihost=True",
+                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    "--config.distributed.num_processes=2", "--config.train.total_steps=4")
     procs = [subprocess.Popen(base + [f"--config.distributed.process_id={i}"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    # One run's processes do not refuse one another: each locked a file of its own.
+    for i, p in enumerate(procs):
+        holder = workdir_lock.read_holder(workdir_lock.lock_path(tmp_path, i))
+        assert (holder["pid"], holder["process"]) == (p.pid, i)
     assert latest_step(tmp_path) == 4
     results = json.loads((tmp_path / "results.json").read_text())
     # Metrics cover every test frame, gathered from both processes (2 videos x 2 groups x 2).
