@@ -39,7 +39,7 @@ def written() -> dict[Path, bool]:
 
 def describe_written(base: str | os.PathLike) -> list[str]:
     """Lines that list this process's outputs, new and replaced, relative to `base` where they
-    lie under it; an output removed since (an old checkpoint step past max_to_keep) says so."""
+    lie under it; outputs removed since (old checkpoint steps past max_to_keep) share a line."""
     base = Path(os.path.abspath(base))
     entries = written()
     if not entries:
@@ -47,11 +47,15 @@ def describe_written(base: str | os.PathLike) -> list[str]:
     replaced = sum(entries.values())
     lines = [f"wrote {len(entries)} output(s), {len(entries) - replaced} new and {replaced} "
              f"replacing an earlier file, in {base}:"]
+    gone = []
     for path, was in entries.items():
-        name = path.relative_to(base) if path.is_relative_to(base) else path
-        state = "replaced" if was else "new"
-        gone = "" if os.path.lexists(path) else " (removed since)"
-        lines.append(f"  {state:<8} {os.fspath(name)}{'/' if path.is_dir() else ''}{gone}")
+        name = os.fspath(path.relative_to(base) if path.is_relative_to(base) else path)
+        if not os.path.lexists(path):
+            gone.append(name)
+            continue
+        lines.append(f"  {'replaced' if was else 'new':<8} {name}{'/' if path.is_dir() else ''}")
+    if gone:
+        lines.append(f"  removed since: {', '.join(gone)}")
     return lines
 
 

@@ -79,6 +79,10 @@ def test_claims_never_share_a_name_and_the_record_says_new_or_replaced(tmp_path)
     assert lines[0] == f"wrote 9 output(s), 8 new and 1 replacing an earlier file, in {tmp_path}:"
     assert "  replaced old.json" in lines and "  new      predictions-2.json" in lines
     (tmp_path / "predictions-8.json").unlink()
-    assert "  new      predictions-8.json (removed since)" in atomic.describe_written(tmp_path)
+    (tmp_path / "predictions-7.json").unlink()
+    lines = atomic.describe_written(tmp_path)
+    gone = lines[-1].removeprefix("  removed since: ")  # in claim order, which threads race
+    assert sorted(gone.split(", ")) == ["predictions-7.json", "predictions-8.json"]
+    assert not any("predictions-8.json" in line for line in lines[:-1])
     atomic.forget_written()
     assert atomic.describe_written(tmp_path) == [f"wrote no file (in {tmp_path} or elsewhere)"]
