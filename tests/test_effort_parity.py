@@ -103,8 +103,12 @@ def loss_ours():
 def test_fmsd_losses_match_their_definitions_live(loss_ours, golden):
     theirs = P.fmsd_losses_torch(loss_ours)
     assert_loss_parity(loss_ours, theirs, "float64 definitions (live)")
-    for key in P.loss_keys():  # the golden file is current
-        assert P.rel(golden[f"losses_{key}"], theirs[key]) <= 1e-6, key
+    # The golden file is current: it agrees with the live definitions within the parity's own
+    # tolerances. Not tighter: the definitions are evaluated on our float32 factors, whose last
+    # bits differ between CPUs (an AVX-512 AMD host against the golden's: values 2.9e-7,
+    # gradients up to 8.8e-6 apart; a fixed 1e-6 failed there).
+    assert_loss_parity({k: golden[f"losses_{k}"] for k in P.loss_keys()}, theirs,
+                       "golden file against the live float64 definitions")
 
 
 def test_fmsd_losses_match_their_definitions_golden(loss_ours, golden):
