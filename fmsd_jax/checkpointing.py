@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ import orbax.checkpoint as ocp
 
 from fmsd_jax import atomic
 from fmsd_jax.errors import AlreadyExists, BadInput, InputNotFound
+
+log = logging.getLogger("fmsd_jax")
 
 CONFIG_JSON = "config.json"
 MASK_JSON = "layer_mask.json"
@@ -119,6 +122,9 @@ def latest_saved_step(workdir: str | os.PathLike) -> int | None:
     return max(steps, default=None)
 
 
+_READ_ATTEMPTS = 3  # a checkpoint replaced while it was read is read again, this many times
+
+
 @contextlib.contextmanager
 def _damaged_is_named(step_dir: Any) -> Iterator[None]:
     """A finalized checkpoint whose files are gone or altered (partly deleted, copied without
@@ -182,12 +188,29 @@ class RunCheckpoints:
     def restore_for_eval(self, abstract_state: Any) -> tuple[int, Any, str]:
         """The best-on-validation checkpoint if one exists, else the latest one."""
         for name, mngr in (("best", self.best), ("latest", self.latest)):
-            step = mngr.best_step() if name == "best" else mngr.latest_step()
-            if step is not None:
-                with _damaged_is_named(mngr.directory / str(step)):
-                    restored = mngr.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state)))
-                return step, restored["state"], name
+            def current(mngr=mngr, name=name) -> int | None:
+                return mngr.best_step() if name == "best" else mngr.latest_step()
+
+            step = current()
+            for attempt in range(_READ_ATTEMPTS):
+                if step is None:
+                    break
+                try:
+                    with _damaged_is_named(mngr.directory / str(step)):
+                        restored = mngr.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state)))
+                    return step, restored["state"], name
+                except BadInput:
+                    # A training run beside this one (predict and export take no lock) may
+                    # have saved a newer checkpoint and deleted this one as it was read.
+                    mngr.reload()
+                    newer = current()
+                    if newer == step or attempt == _READ_ATTEMPTS - 1:
+                        raise
+                    log.info("the %s checkpoint changed from step %d to %s while it was read "
+                             "(a run is training in this workdir); reading that one", name,
+                             step, newer)
+                    step = newer
         raise InputNotFound(
             "no checkpoint found under WORKDIR/best or WORKDIR/checkpoints; train first "
             "(python -m fmsd_jax.main --mode train ...)")

@@ -126,3 +126,36 @@ def test_the_demo_locks_every_row_before_any_work(tmp_path):
             pytest.raises(errors.WorkdirInUse, match=f"{root / 'effort'} is in use"):
         demo.run(cfg, root)
     assert not (root / "data").exists()  # refused before the benchmark was written
+
+
+def test_a_best_checkpoint_replaced_while_it_is_read_is_read_again(tmp_path):
+    """predict and export take no lock, so a run training beside them may save a new best and
+    delete the one they are reading; they then read the new one instead of failing."""
+    import numpy as np
+
+    from fmsd_jax import checkpointing
+
+    def state(v: float) -> dict:
+        return {"x": np.full((3,), v, np.float32)}
+
+    trainer = checkpointing.RunCheckpoints(tmp_path)
+    trainer.save_best(1, state(1.0), {"frame_auc": 0.5})
+    trainer.wait()
+    reader = checkpointing.RunCheckpoints(tmp_path)
+    real_restore = reader.best.restore
+    calls = []
+
+    def restore_as_training_replaces_it(step, args):
+        calls.append(step)
+        if len(calls) == 1:  # the trainer saves a better step and drops step 1 meanwhile
+            trainer.save_best(2, state(2.0), {"frame_auc": 0.9})
+            trainer.wait()
+            assert not (tmp_path / "best" / "1").exists()
+        return real_restore(step, args=args)
+
+    reader.best.restore = restore_as_training_replaces_it
+    step, got, which = reader.restore_for_eval(state(0.0))
+    assert (step, which, calls) == (2, "best", [1, 2])
+    np.testing.assert_array_equal(got["x"], np.full((3,), 2.0, np.float32))
+    trainer.close()
+    reader.close()
