@@ -7,6 +7,7 @@ the trained leaves are restored from the best-on-validation checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,8 +26,11 @@ from fmsd_jax.model.vit import on_mesh
 log = logging.getLogger("fmsd_jax")
 
 
+@functools.lru_cache(maxsize=8)
 def make_predict_fn(graphdef: Any, mesh) -> Any:
-    """jit(probability of 'fake') with the batch split over the mesh."""
+    """jit(probability of 'fake') with the batch split over the mesh; one jitted function per
+    (run's graphdef, mesh), so every validation of a run, its final evaluation and the
+    diagnostics reuse one compiled program (a new jit each call retraced and recompiled)."""
 
     def predict(trainable, frozen, images):
         model = nnx.merge(graphdef, trainable, frozen)

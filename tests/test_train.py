@@ -123,8 +123,37 @@ def trained(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark):
     """One uninterrupted 6-step FMSD run, shared by the tests that only read it."""
     workdir = tmp_path_factory.mktemp("trained")
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
-    results = train.train(cfg, workdir)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("validate", "evaluate"):  # how many XLA compiles each call made
+            patch.setattr(evaluate, name, _counting_compiles(getattr(evaluate, name), name))
+        results = train.train(cfg, workdir)
     return cfg, workdir, results
+
+
+_COMPILES: list[str] = []  # every XLA backend compile of this test process, in order
+COMPILES_IN: dict[str, list[int]] = {}  # function name -> compiles during each of its calls
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **_: _COMPILES.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def _counting_compiles(fn, name: str):
+    def counted(*args, **kwargs):
+        before = len(_COMPILES)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            COMPILES_IN.setdefault(name, []).append(len(_COMPILES) - before)
+    return counted
+
+
+def test_the_eval_step_compiles_once_per_run(trained):
+    """Every validation and the final evaluation reuse one compiled eval step (each built a
+    new jax.jit, so each validation retraced and recompiled)."""
+    assert len(COMPILES_IN["validate"]) == 2  # runlocal: steps 4 and 6
+    assert COMPILES_IN["validate"][0] >= 1  # the first one compiles the step
+    assert COMPILES_IN["validate"][1:] == [0]
+    assert COMPILES_IN["evaluate"] == [0]  # the test sets: the same program, the same shapes
 
 
 def test_train_writes_everything_a_user_reads(trained):
