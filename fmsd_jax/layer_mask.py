@@ -195,7 +195,10 @@ def estimate_mask(cfg: mlc.ConfigDict, detector: nnx.Module, workdir: Path, mesh
     seeds = [int(cfg.seed) + i for i in range(max(1, stability_seeds))]
     results = []
     for i, seed in enumerate(seeds):
-        det = detector if i == 0 else assemble.build_detector(cfg, seed=seed)
+        # Other seeds' detectors take replicate 0's graphdef (a separately built module's
+        # compares unequal), so the jitted warm-up and estimator steps are reused, not rebuilt.
+        det = detector if i == 0 else nnx.merge(
+            nnx.graphdef(detector), nnx.state(assemble.build_detector(cfg, seed=seed)))
         results.append(layer_scores(cfg, det, mesh, seed=seed))
     scores, head_record = results[0]
     masks = [select(cfg, r[0]["score"]) for r in results]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from compile_count import counting_compiles  # tests/ is on sys.path
 from flax import nnx
 from test_train import make_cfg
 
@@ -54,3 +55,18 @@ def test_stability_numbers():
     assert st["min_spearman"] == -1.0
     np.testing.assert_allclose(st["mean_spearman"], -1 / 3)
     np.testing.assert_allclose(st["mean_overlap"], 1 / 3)
+
+
+def test_the_estimator_compiles_once_for_every_stability_seed(tmp_path, tiny_clip_checkpoint,
+                                                              tiny_benchmark, monkeypatch):
+    """--mode mask repeats the estimate per head/data seed: the first replicate compiles the
+    warm-up and estimator steps, the others reuse them (each built new ones)."""
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"method.mask.warmup_steps": "2"})
+    mesh = sharding.make_mesh(cfg.mesh)
+    calls: list[int] = []
+    monkeypatch.setattr(layer_mask, "layer_scores",
+                        counting_compiles(layer_mask.layer_scores, calls))
+    layer_mask.estimate_mask(cfg, assemble.build_detector(cfg), tmp_path, mesh,
+                             stability_seeds=3)
+    assert len(calls) == 3 and calls[0] >= 2  # the warm-up and the estimator step at least
+    assert calls[1:] == [0, 0], calls

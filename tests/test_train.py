@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from compile_count import counting_compiles  # tests/ is on sys.path
 
 from fmsd_jax import (
     atomic,
@@ -125,26 +126,13 @@ def trained(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark):
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
     with pytest.MonkeyPatch.context() as patch:
         for name in ("validate", "evaluate"):  # how many XLA compiles each call made
-            patch.setattr(evaluate, name, _counting_compiles(getattr(evaluate, name), name))
+            patch.setattr(evaluate, name, counting_compiles(getattr(evaluate, name),
+                                                            COMPILES_IN.setdefault(name, [])))
         results = train.train(cfg, workdir)
     return cfg, workdir, results
 
 
-_COMPILES: list[str] = []  # every XLA backend compile of this test process, in order
 COMPILES_IN: dict[str, list[int]] = {}  # function name -> compiles during each of its calls
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, _secs, **_: _COMPILES.append(event)
-    if event == "/jax/core/compile/backend_compile_duration" else None)
-
-
-def _counting_compiles(fn, name: str):
-    def counted(*args, **kwargs):
-        before = len(_COMPILES)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            COMPILES_IN.setdefault(name, []).append(len(_COMPILES) - before)
-    return counted
 
 
 def test_the_eval_step_compiles_once_per_run(trained):

@@ -154,12 +154,21 @@ def jit_moment_update(
     compiles this same function for a TPU slice): moments donated; with a mesh, arguments
     placed by `placement` (the run's shardings; see `default_placement`) and the step traced
     on the mesh, so that fsdp-split weights are gathered per layer as in the train step."""
+    if mesh is not None and placement is None:  # the candidates' shapes are unknown here
+        raise TypeError("jit_moment_update: a mesh needs its placement "
+                        "(masking.default_placement or the run's)")
+    leaves, treedef = jax.tree.flatten(placement)  # shardings hash; their containers do not
+    return _jitted_moment_update(graphdef, loss_fn, mesh, treedef, tuple(leaves))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_moment_update(graphdef, loss_fn, mesh, placement_def, placement_leaves):
+    """One jitted step per (structure, loss, mesh, placement): a new jax.jit of a new on_mesh
+    closure per call retraced and recompiled it for every stability seed."""
     update = make_moment_update(graphdef, loss_fn)
     if mesh is None:
         return jax.jit(update, donate_argnums=0)
-    if placement is None:  # the candidates' shapes are not known here to build a default
-        raise TypeError("jit_moment_update: a mesh needs its placement "
-                        "(masking.default_placement or the run's)")
+    placement = jax.tree.unflatten(placement_def, placement_leaves)
     cand, rest, batch = placement
     acc = moment_shardings(mesh, placement)
     return jax.jit(on_mesh(update, mesh), in_shardings=(acc, cand, rest, batch),
@@ -222,23 +231,8 @@ def estimate_layer_scores(
     if t == 0:
         raise ValueError("estimate_layer_scores got no batches; give T >= 2 mini-batches")
 
-    @jax.jit
-    def reduce(acc):
-        count, mean, m2 = acc
-        bias = jnp.zeros((L, len(targets)), jnp.float32)
-        var = jnp.zeros_like(bias)
-        gsnr_sum = jnp.zeros_like(bias)
-        size = jnp.zeros_like(bias)
-        for col, mu, s2 in zip(cols, jax.tree.leaves(mean), jax.tree.leaves(m2), strict=True):
-            axes = tuple(range(1, mu.ndim))
-            v_el = s2 / count
-            bias = bias.at[:, col].add(jnp.sum(mu**2, axis=axes))
-            var = var.at[:, col].add(jnp.sum(v_el, axis=axes))
-            gsnr_sum = gsnr_sum.at[:, col].add(jnp.sum(mu**2 / (v_el + eps), axis=axes))
-            size = size.at[:, col].add(float(np.prod(mu.shape[1:])))
-        return bias, var, gsnr_sum / jnp.maximum(size, 1.0)
-
-    bias, var, gsnr = jax.device_get(reduce(acc))
+    bias, var, gsnr = jax.device_get(_reduce_moments(acc, tuple(cols), L,
+                                                      len(targets), float(eps)))
     bias, var, gsnr = (np.asarray(a, np.float64) for a in (bias, var, gsnr))
     bv = bias / (var + eps)
     return dict(
@@ -248,6 +242,25 @@ def estimate_layer_scores(
         score=bv if score == "bias_variance" else gsnr,
         num_batches=np.asarray(t),
     )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _reduce_moments(acc: Moments, cols: tuple, num_layers: int, num_targets: int, eps: float):
+    """Per-cell bias ‖ḡ‖², variance and mean per-element GSNR from the accumulated moments; a
+    module-level jit (static cell layout), so a second estimate does not compile it again."""
+    count, mean, m2 = acc
+    bias = jnp.zeros((num_layers, num_targets), jnp.float32)
+    var = jnp.zeros_like(bias)
+    gsnr_sum = jnp.zeros_like(bias)
+    size = jnp.zeros_like(bias)
+    for col, mu, s2 in zip(cols, jax.tree.leaves(mean), jax.tree.leaves(m2), strict=True):
+        axes = tuple(range(1, mu.ndim))
+        v_el = s2 / count
+        bias = bias.at[:, col].add(jnp.sum(mu**2, axis=axes))
+        var = var.at[:, col].add(jnp.sum(v_el, axis=axes))
+        gsnr_sum = gsnr_sum.at[:, col].add(jnp.sum(mu**2 / (v_el + eps), axis=axes))
+        size = size.at[:, col].add(float(np.prod(mu.shape[1:])))
+    return bias, var, gsnr_sum / jnp.maximum(size, 1.0)
 
 
 def select_layers(
