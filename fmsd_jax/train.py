@@ -36,7 +36,7 @@ from fmsd_jax import (
 from fmsd_jax.data import pipeline
 from fmsd_jax.errors import AlreadyExists, BadInput, TrainingDiverged
 from fmsd_jax.method.objective import make_loss_fn
-from fmsd_jax.method.optimizer import make_optimizer
+from fmsd_jax.method.optimizer import learning_rates, make_optimizer
 from fmsd_jax.model.vit import on_mesh
 
 log = logging.getLogger("fmsd_jax")
@@ -181,7 +181,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     steps = total_steps(cfg, num_records)
     head0 = diagnostics.head_snapshot(run.trainable)  # the step donates run.trainable
     parts = assemble_step(cfg, run, steps)
-    tx, state, step_fn = parts["tx"], parts["state"], parts["step_fn"]
+    state, step_fn = parts["state"], parts["step_fn"]
     metric_sums = parts["metric_sums"]
 
     data_iter = iter(loader)
@@ -192,7 +192,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
         log.info("resumed from step %d", int(state["step"]))
 
     writer = feedback.TensorBoard(workdir / "tb") if jax.process_index() == 0 else None
-    schedule = getattr(tx, "learning_rate_fn", None)
+    schedules = learning_rates(cfg.optim, steps)  # logged beside the loss
     eval_every = cfg.train.eval_every or max(1, num_records // cfg.train.batch_size)
 
     def validate(step: int, state: dict) -> None:
@@ -219,21 +219,23 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
             last = step == steps
             if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 \
                     or last:
-                metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule, mesh)
+                metric_sums = _log_metrics(metric_sums, step, progress, writer, schedules, mesh)
             if step % cfg.train.checkpoint_every == 0 or last:
-                ckpts.save(step, state, data_iter, force=True)
+                with progress.paused():  # img/s counts training steps only
+                    ckpts.save(step, state, data_iter, force=True)
             if step == cfg.train.fault_after_step:
                 ckpts.wait()
                 os.kill(os.getpid(), getattr(signal, cfg.train.fault_signal))
                 time.sleep(0.5)  # let a SIGTERM handler run before the check below
             if preempted["flag"]:
                 if step % cfg.train.checkpoint_every and not last:
-                    metric_sums = _log_metrics(metric_sums, step, progress, writer, schedule, mesh)
+                    metric_sums = _log_metrics(metric_sums, step, progress, writer, schedules, mesh)
                     ckpts.save(step, state, data_iter, force=True)
                 ckpts.wait()
                 raise Preempted(f"SIGTERM received: saved step {step} to {workdir}")
             if step % eval_every == 0 or last:
-                validate(step, state)
+                with progress.paused():
+                    validate(step, state)
         ckpts.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -249,7 +251,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     return evaluate.evaluate(cfg, workdir, run=run, trainable=trainable)
 
 
-def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule, mesh) -> dict:
+def _log_metrics(metric_sums: dict, step: int, progress, writer, schedules, mesh) -> dict:
     host = jax.device_get(metric_sums)
     count = max(float(host.pop("count")), 1.0)
     means = {k: float(v) / count for k, v in host.items()}
@@ -257,8 +259,7 @@ def _log_metrics(metric_sums: dict, step: int, progress, writer, schedule, mesh)
         raise TrainingDiverged(
             f"loss became {means['loss']} by step {step}; training stopped and the last good "
             "checkpoint was kept. Lower config.optim.lr or enable config.optim.grad_clip")
-    if schedule is not None:
-        means["lr"] = float(schedule(step))
+    means |= {name: float(fn(step)) for name, fn in schedules.items()}
     line = progress.update(step, means)
     log.info(line)
     if writer:

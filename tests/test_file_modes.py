@@ -86,3 +86,16 @@ def test_claims_never_share_a_name_and_the_record_says_new_or_replaced(tmp_path)
     assert not any("predictions-8.json" in line for line in lines[:-1])
     atomic.forget_written()
     assert atomic.describe_written(tmp_path) == [f"wrote no file (in {tmp_path} or elsewhere)"]
+
+
+def test_throughput_counts_training_steps_only(monkeypatch):
+    from fmsd_jax import feedback
+
+    clock = iter([0.0, 1.0, 6.0, 7.0])  # start, pause 1..6 s (validation), report at 7 s
+    monkeypatch.setattr(feedback.time, "perf_counter", lambda: next(clock))
+    progress = feedback.Progress(total_steps=40, start_step=0, batch_size=4)
+    with progress.paused():
+        pass
+    line = progress.update(20, {"loss": 0.5})
+    assert progress.steps_per_s == 10.0 and progress.images_per_s == 40.0  # 20 steps in 2 s
+    assert line.startswith("step 20/40 | 10.00 steps/s 40.0 img/s | ETA 0:00:02")

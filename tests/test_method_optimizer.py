@@ -183,3 +183,17 @@ def test_full_and_linear_probe_regimes():
         step = make_train_step(graphdef, tx, loss_fn)
         trainable, opt_state, aux = step(trainable, opt_state, frozen, BATCH)
         chex.assert_tree_all_finite((trainable, aux))
+
+
+def test_the_logged_learning_rates_are_the_schedules_the_optimizer_uses():
+    from fmsd_jax.method.optimizer import learning_rates
+
+    lrs = learning_rates({"lr": 1e-2, "head_lr": 1e-3, "schedule": "cosine", "warmup_steps": 4},
+                         total_steps=20)
+    assert float(lrs["lr"](0)) == 0.0 and float(lrs["head_lr"](0)) == 0.0  # linear warm-up
+    np.testing.assert_allclose([float(lrs["lr"](2)), float(lrs["lr"](4))], [5e-3, 1e-2],
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(lrs["head_lr"](4)), 1e-3, rtol=1e-6)
+    assert float(lrs["lr"](20)) == 0.0  # cosine to zero at the last step
+    same = learning_rates({"lr": 3e-4}, total_steps=10)  # head_lr None: the backbone's
+    assert float(same["head_lr"](5)) == float(same["lr"](5)) == pytest.approx(3e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -124,15 +125,40 @@ def trained(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark):
     """One uninterrupted 6-step FMSD run, shared by the tests that only read it."""
     workdir = tmp_path_factory.mktemp("trained")
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("validate", "evaluate"):  # how many XLA compiles each call made
-            patch.setattr(evaluate, name, counting_compiles(getattr(evaluate, name),
-                                                            COMPILES_IN.setdefault(name, [])))
-        results = train.train(cfg, workdir)
+    lines = logging.getLogger("fmsd_jax")
+    keep, level = _Lines(), lines.level
+    lines.addHandler(keep)
+    lines.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("validate", "evaluate"):  # how many XLA compiles each call made
+                patch.setattr(evaluate, name, counting_compiles(getattr(evaluate, name),
+                                                                COMPILES_IN.setdefault(name, [])))
+            results = train.train(cfg, workdir)
+    finally:
+        lines.removeHandler(keep)
+        lines.setLevel(level)
     return cfg, workdir, results
 
 
+class _Lines(logging.Handler):
+    """The trained run's log lines, for the tests that read what it printed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        LOG_LINES.append(record.getMessage())
+
+
+LOG_LINES: list[str] = []
+
+
 COMPILES_IN: dict[str, list[int]] = {}  # function name -> compiles during each of its calls
+
+
+def test_the_log_shows_the_learning_rates_the_optimizer_uses(trained):
+    cfg, _, _ = trained
+    steps = [line for line in LOG_LINES if line.startswith("step ")]
+    assert steps and all(" lr 0.0002 " in line and " head_lr 0.0002" in line for line in steps)
+    assert (cfg.optim.lr, cfg.optim.head_lr) == (2e-4, 2e-4)
 
 
 def test_the_eval_step_compiles_once_per_run(trained):

@@ -89,6 +89,16 @@ def make_schedule(
     )
 
 
+def learning_rates(opt_cfg: Any, total_steps: int) -> dict[str, optax.Schedule]:
+    """{'lr': backbone schedule, 'head_lr': head schedule}, the ones make_optimizer uses (optax
+    transforms do not expose theirs), for the training log and TensorBoard."""
+    c = optim_config(opt_cfg)
+    head_lr = c["lr"] if c["head_lr"] is None else c["head_lr"]
+    return {name: make_schedule(value, schedule=c["schedule"],
+                                warmup_steps=int(c["warmup_steps"]), total_steps=total_steps)
+            for name, value in (("lr", c["lr"]), ("head_lr", head_lr))}
+
+
 def _adam(
     lr: float, wd: float, c: dict[str, Any], total_steps: int
 ) -> optax.GradientTransformation:
