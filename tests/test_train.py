@@ -161,6 +161,32 @@ def test_the_log_shows_the_learning_rates_the_optimizer_uses(trained):
     assert (cfg.optim.lr, cfg.optim.head_lr) == (2e-4, 2e-4)
 
 
+def test_the_steps_between_log_points_make_no_implicit_transfer(tmp_path, tiny_clip_checkpoint,
+                                                                tiny_benchmark, monkeypatch):
+    """The loop keeps the device busy: assembling a batch and the train step run under
+    jax.transfer_guard('disallow'), so a host sync or an implicit copy inside would raise."""
+    def guarded(fn):
+        def call(*args, **kwargs):
+            with jax.transfer_guard("disallow"):
+                return fn(*args, **kwargs)
+        return call
+
+    real = train.assemble_step
+
+    def assemble(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        parts["step_fn"] = guarded(parts["step_fn"])
+        return parts
+
+    monkeypatch.setattr(train, "assemble_step", assemble)
+    monkeypatch.setattr(sharding, "global_batch", guarded(sharding.global_batch))
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{
+        "train.total_steps": "4", "train.log_every": "4", "train.eval_every": "4",
+        "train.eval_after_training": "False"})
+    train.train(cfg, tmp_path)
+    assert checkpointing.latest_saved_step(tmp_path) == 4
+
+
 def test_the_eval_step_compiles_once_per_run(trained):
     """Every validation and the final evaluation reuse one compiled eval step (each built a
     new jax.jit, so each validation retraced and recompiled)."""
