@@ -110,18 +110,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(shown(text), encoding="utf-8")
 
 
-def claim_free_name(path: str | os.PathLike) -> Path:
-    """`path`, or the first free `stem-N.suffix` beside it (N = 2, 3, ...), created empty with
-    O_EXCL so that two processes can never claim the same name; the caller then writes it
-    through `replacing`, and the file is recorded as new."""
+def claim(path: str | os.PathLike) -> Path:
+    """Create `path` empty with O_EXCL (FileExistsError when it exists, so two processes can
+    never both claim it), recorded as new; the caller then writes it through `replacing`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    note_written(path, False)
+    return path
+
+
+def claim_free_name(path: str | os.PathLike) -> Path:
+    """`claim` of `path`, or of the first free `stem-N.suffix` beside it (N = 2, 3, ...)."""
+    path = Path(path)
     n = 1
     while True:
-        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
         try:
-            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            note_written(candidate, False)
-            return candidate
+            return claim(path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}"))
         except FileExistsError:
             n += 1
+
+
+def release_unfilled(path: str | os.PathLike) -> None:
+    """Remove a claim that was never written (the mode failed before its output)."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        path.unlink()

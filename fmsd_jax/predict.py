@@ -90,14 +90,11 @@ def claim_output(workdir: Path, out_path: str | Path | None) -> Path:
     predict commands on one workdir never write the same file: --out, which must not exist
     yet, or the first free WORKDIR/predictions[-N].json; an earlier file is never replaced."""
     if out_path:
-        out = Path(out_path)
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return atomic.claim(out_path)
         except FileExistsError:
-            raise AlreadyExists(f"--out {out} exists; choose another file or delete it") from None
-        atomic.note_written(out, False)
-        return out
+            raise AlreadyExists(f"--out {out_path} exists; choose another file or delete "
+                                "it") from None
     return atomic.claim_free_name(workdir / "predictions.json")
 
 
@@ -135,8 +132,8 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     try:
         result = _score(cfg, workdir, inputs, frames, mesh, per_image)
     except BaseException:
-        if out is not None and out.stat().st_size == 0:  # our empty claim, never filled
-            out.unlink()
+        if out is not None:
+            atomic.release_unfilled(out)
         raise
     if out is not None:
         checkpointing.write_json_atomic(out, result)

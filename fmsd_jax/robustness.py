@@ -97,9 +97,8 @@ def robustness(cfg: mlc.ConfigDict, workdir: str | Path, run=None) -> dict[str, 
     try:
         result = _measure(cfg, workdir, run, items, datasets)
     except BaseException:
-        claim = workdir / f"{stem}.json"
-        if stem != ROBUSTNESS and claim.is_file() and claim.stat().st_size == 0:
-            claim.unlink()  # our empty claim of a new name, never filled
+        if stem != ROBUSTNESS:  # our claim of a new name, never filled
+            atomic.release_unfilled(workdir / f"{stem}.json")
         raise
     if jax.process_index() == 0:
         js, _, _ = write_outputs(workdir, result, stem)
