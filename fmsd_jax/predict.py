@@ -128,9 +128,10 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     mesh = sharding.make_mesh(cfg.mesh)
     batch_size = cfg.predict.batch_size
     sharding.check_batch_fits(mesh, batch_size, "config.predict.batch_size")
+    keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
     out = claim_output(workdir, out_path) if jax.process_index() == 0 else None
     try:
-        result = _score(cfg, workdir, inputs, frames, mesh, per_image)
+        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image)
     except BaseException:
         if out is not None:
             atomic.release_unfilled(out)
@@ -138,7 +139,6 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     if out is not None:
         checkpointing.write_json_atomic(out, result)
         log.info("wrote %s", os.fspath(out))
-    keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
     failed = [k for k in keys if k not in result["inputs"]]
     if failed:
         raise BadInput(f"{len(failed)} of {len(keys)} input(s) could not be scored (their frames "
@@ -146,14 +146,16 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     return result
 
 
-def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[dict], mesh,
-           per_image: bool) -> dict:
-    """Scores the frames, prints the table and returns what predictions.json holds."""
+def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[dict],
+           keys: list[str], mesh, per_image: bool) -> dict:
+    """Scores the frames, prints the table (one row per input of `keys`, in input order) and
+    returns what predictions.json holds."""
     batch_size = cfg.predict.batch_size
     run = build.prepare(cfg, workdir, mesh, estimate=False)
     trainable, step, which = build.restore_evaluated(cfg, workdir, run, "scoring inputs with")
     kinds = {"video" if r["frame_index"] >= 0 else "image" for r in frames}
-    kinds |= {"folder"} if any(Path(i).is_dir() for i in inputs) else set()
+    if any(Path(i).is_dir() for i in inputs):
+        kinds.add("folder")
     processing = what_is_scored(cfg.data, cfg.predict.video_frames, per_image, kinds)
     log.info("scoring %d frame(s) of %d input(s)", len(frames), len(inputs))
     predict_fn = evaluate.make_predict_fn(run.graphdef, mesh)
@@ -193,7 +195,6 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
         prob = float(np.mean(v))
         result["inputs"][key] = {"prob_fake": prob, "label": "fake" if prob > threshold
                                  else "real", "frames": len(v), "frame_probs": v}
-    keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
     print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
           f"{report.method_name(cfg.method.regime)} trained on "
           f"{', '.join(model['train_dataset'])}")

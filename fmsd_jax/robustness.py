@@ -111,12 +111,12 @@ def output_stem(cfg: mlc.ConfigDict, workdir: Path) -> str:
     (settings equal) and no other report points at it; else the first free `robustness-N`,
     claimed now, so that an earlier grid (a demo row's, which the demo's report.md shows) is
     never replaced by another one."""
-    own = workdir / f"{ROBUSTNESS}.json"
+    own, own_md, own_png = (workdir / n for n in (ROBUSTNESS_JSON, ROBUSTNESS_MD, ROBUSTNESS_PNG))
     if not own.exists():
         return ROBUSTNESS
-    outputs = [workdir / f"{ROBUSTNESS}{ext}" for ext in (".json", ".md", ".png")]
-    if (load_if_current(cfg, workdir) or ("", ""))[1] == ROBUSTNESS and not any(
-            report.reports_pointing_at(p, own=[outputs[1]]) for p in outputs):
+    found = load_if_current(cfg, workdir)
+    if found is not None and found[1] == ROBUSTNESS and not any(
+            report.reports_pointing_at(p, own=[own_md]) for p in (own, own_md, own_png)):
         return ROBUSTNESS
     stem = atomic.claim_free_name(own).stem
     log.info("robustness: %s holds another grid (or a report points at it); writing %s.* "
@@ -257,7 +257,7 @@ def _augmentation_text(aug) -> str:
 
 
 def write_outputs(workdir: str | Path, result: Mapping[str, Any],
-                  stem: str = "robustness") -> tuple[Path, Path, Path]:
+                  stem: str = ROBUSTNESS) -> tuple[Path, Path, Path]:
     workdir = Path(workdir)
     js = workdir / f"{stem}.json"
     report._atomic_write_text(js, json.dumps(result, indent=2, allow_nan=False) + "\n")
@@ -364,7 +364,7 @@ def markdown(result: Mapping[str, Any], chart: str | None = ROBUSTNESS_PNG) -> s
 
 def plot(result: Mapping[str, Any], path: str | os.PathLike[str], *,
          workdir: str | os.PathLike[str] | None = None) -> Path:
-    """Save `figure` as robustness.png (or ``path``)."""
+    """`figure` saved at `path` (robustness.png, or robustness-N.png beside another grid)."""
     return report._save(figure(result, workdir=workdir), path)
 
 
