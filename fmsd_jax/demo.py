@@ -43,7 +43,7 @@ from typing import Any
 
 import ml_collections as mlc
 
-from fmsd_jax import config_base, report, robustness, workdir_lock
+from fmsd_jax import atomic, config_base, report, robustness, workdir_lock
 from fmsd_jax.errors import AlreadyExists, BadInput
 
 log = logging.getLogger("fmsd_jax")
@@ -373,7 +373,7 @@ def _run(cfg: mlc.ConfigDict, workdir: Path) -> dict[str, Any]:
         record["last_rerun"] = now
     else:
         record = now
-    timing_path.write_text(json.dumps(record, indent=2))
+    atomic.write_text(timing_path, json.dumps(record, indent=2))
     out["report"] = write_report(cfg, workdir, results, backbone, record)
     if section:
         robustness.append_to_report(out["report"], section)
@@ -607,8 +607,8 @@ def run_sweep(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]
               "steps": int(cfg.train.total_steps), "points": points, "chosen": chosen,
               "command": sweep_command(cfg, workdir)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SWEEP_JSON).write_text(json.dumps(record, indent=2))
-    (out_dir / "sweep.md").write_text(f"{record['command']}\n\n{table}")
+    atomic.write_text(out_dir / SWEEP_JSON, json.dumps(record, indent=2))
+    atomic.write_text(out_dir / "sweep.md", f"{record['command']}\n\n{table}")
     print(table, flush=True)
     log.info("sweep: chosen backbone lr %s (written to %s)",
              ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), out_dir / SWEEP_JSON)
