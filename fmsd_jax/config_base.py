@@ -83,9 +83,10 @@ def base_config() -> mlc.ConfigDict:
     c.train.max_to_keep = 2
     c.train.eval_after_training = True
     # Fault injection for the resume tests: the process sends itself this signal right after
-    # finishing step `fault_after_step` (0: never).
+    # finishing step `fault_after_step` (0: never); only process `fault_process` (-1: each).
     c.train.fault_after_step = 0
     c.train.fault_signal = "SIGKILL"
+    c.train.fault_process = -1
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -43,7 +44,63 @@ log = logging.getLogger("fmsd_jax")
 
 
 class Preempted(Exception):
-    """Raised after SIGTERM once the state is saved; main exits cleanly."""
+    """Raised after SIGTERM once every process has saved the same step; main exits cleanly."""
+
+
+class PreemptionWatch:
+    """`watch(step)` is True at the step at which every process of the run saves and stops.
+
+    Several processes (`jax.process_count() > 1`): orbax's `reached_preemption(step)`, which
+    asks JAX's preemption sync manager (`multihost_utils.reached_preemption_sync_point`),
+    started by `jax.distributed.initialize` (`jax/_src/distributed.py`,
+    `initialize_preemption_sync_manager`) with a SIGTERM notifier. A SIGTERM to any one
+    process reaches all of them through the coordination service; each reports the last step
+    it passed here and all take the largest plus one (XLA's `preemption_sync_manager.cc`,
+    `ComputeSyncCallCounter`; `ReachedSyncPoint` waits while that runs), so all of them save
+    the same step and meet in orbax's save barrier. A flag local to each process let the one
+    that got the signal save a step the others never save, and wait in that barrier forever.
+    So every process must call this at every step, with consecutive steps, `start` first. A
+    SIGTERM that comes before that first call of a resumed run is counted from step 0 and its
+    step never comes: the run goes on (a scheduler's kill then loses the steps since the last
+    checkpoint), as does one during the final evaluation, which JAX's handler only notes.
+    No Python handler is installed then: `signal.signal` replaces the notifier's C handler
+    (`std::signal` in `preemption_notifier.cc`), after which the sync manager never hears of
+    the signal (measured: the local flag set, `reached_preemption_sync_point` never True).
+
+    One process: orbax's call is always False there (no `jax.distributed` client, so no sync
+    manager), so a Python SIGTERM handler sets a flag, which is all one process needs to agree
+    with itself on the step. `close` puts the previous handler back."""
+
+    def __init__(self, reached_preemption: Callable[[int], bool]):
+        self.processes = jax.process_count()
+        self._flag = False
+        self._installed = False
+        if self.processes > 1:
+            self._reached = reached_preemption
+            if not jax.config.values.get("jax_enable_preemption_service", True):
+                log.warning("jax_enable_preemption_service is off: a SIGTERM ends these %d "
+                            "processes without a save; a rerun resumes from the last "
+                            "checkpoint", self.processes)
+        else:
+            self._reached = lambda _: self._flag
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+
+    def _on_sigterm(self, *_) -> None:
+        self._flag = True
+
+    def __call__(self, step: int) -> bool:
+        return bool(self._reached(step))
+
+    def message(self, saved: str) -> str:
+        by = f" by one of the {self.processes} processes" if self.processes > 1 else ""
+        return f"SIGTERM received{by}: {saved}"
+
+    def close(self) -> None:
+        if self._installed:  # None: a handler from outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM,
+                          signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +259,12 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
             if writer:
                 writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
 
-    preempted = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    preempted = PreemptionWatch(ckpts.latest.reached_preemption)
     start = int(state["step"])
     progress = feedback.Progress(steps, start, cfg.train.batch_size)
     try:
+        if start and preempted(start):  # SIGTERM before the first step of a resumed run
+            raise Preempted(preempted.message(f"step {start} is saved in {workdir}"))
         if start and (start % eval_every == 0 or start == steps) \
                 and (ckpts.best_saved_step() or 0) < start:
             # Stopped between this step's latest save and its best save (killed, disk full):
@@ -217,28 +275,36 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
             batch = sharding.global_batch(mesh, next(data_iter), ("image", "label"))
             state, metric_sums = step_fn(state, run.frozen, batch, metric_sums)
             last = step == steps
-            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 \
-                    or last:
+            saves = step % cfg.train.checkpoint_every == 0 or last
+            logs = saves or step % cfg.train.log_every == 0
+            if logs:
                 metric_sums = _log_metrics(metric_sums, step, progress, writer, schedules, mesh)
-            if step % cfg.train.checkpoint_every == 0 or last:
+            if saves:
                 with progress.paused():  # img/s counts training steps only
                     ckpts.save(step, state, data_iter, force=True)
-            if step == cfg.train.fault_after_step:
+            if step == cfg.train.fault_after_step \
+                    and cfg.train.fault_process in (-1, jax.process_index()):
                 ckpts.wait()
                 os.kill(os.getpid(), getattr(signal, cfg.train.fault_signal))
-                time.sleep(0.5)  # let a SIGTERM handler run before the check below
-            if preempted["flag"]:
-                if step % cfg.train.checkpoint_every and not last:
-                    metric_sums = _log_metrics(metric_sums, step, progress, writer, schedules, mesh)
+                # A Python handler runs at once; JAX's notifier looks at its flag once a second
+                # (kListenInterval, preemption_notifier.cc), then the processes agree on a step.
+                # Waiting here for both keeps the agreed step from depending on the machine's
+                # load (the other processes wait meanwhile in the next step's collectives).
+                time.sleep(0.5 if preempted.processes == 1 else 3.0)
+            if preempted(step):
+                if not saves:
+                    if not logs:
+                        metric_sums = _log_metrics(metric_sums, step, progress, writer,
+                                                   schedules, mesh)
                     ckpts.save(step, state, data_iter, force=True)
                 ckpts.wait()
-                raise Preempted(f"SIGTERM received: saved step {step} to {workdir}")
+                raise Preempted(preempted.message(f"saved step {step} to {workdir}"))
             if step % eval_every == 0 or last:
                 with progress.paused():
                     validate(step, state)
         ckpts.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        preempted.close()
         ckpts.close()
         if writer:
             writer.close()
