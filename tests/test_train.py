@@ -587,27 +587,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_on_localhost_train_and_checkpoint(tmp_path, tiny_clip_checkpoint,
-                                                          tiny_benchmark):
-    port = _free_port()
-    base = cli_args(tmp_path, tiny_clip_checkpoint, tiny_benchmark, "--config.multihost=True",
-                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                    "--config.distributed.num_processes=2", "--config.train.total_steps=4")
+def two_processes(workdir: Path, ckpt: Path, bench: Path, *flags: str,
+                  timeout: float = 240) -> tuple[list[subprocess.Popen], list[str]]:
+    """Both processes of one two-process run on localhost, and their outputs; each exited 0."""
+    base = cli_args(workdir, ckpt, bench, "--config.multihost=True",
+                    f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
+                    "--config.distributed.num_processes=2", *flags)
     procs = [subprocess.Popen(base + [f"--config.distributed.process_id={i}"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:  # a hang (e.g. processes waiting in different save barriers) fails, not stalls
+        for p in procs:
+            p.kill()
+            p.communicate()
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    return procs, outs
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_train_checkpoint_and_share_a_preemption(
+        tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+    """Two processes train and evaluate as one run. Then a second run whose process 1 alone
+    gets SIGTERM after step 1 (checkpoints only every 4 steps): both processes save the same
+    step, the one JAX's preemption sync manager picks, and exit; the same command again
+    resumes there and ends bit-identical to the uninterrupted run. With a flag local to each
+    process, process 1 would save step 1 alone and wait in orbax's save barrier forever."""
+    whole = tmp_path / "whole"
+    procs, _ = two_processes(whole, tiny_clip_checkpoint, tiny_benchmark,
+                             "--config.train.total_steps=4")
     # One run's processes do not refuse one another: each locked a file of its own.
     for i, p in enumerate(procs):
-        holder = workdir_lock.read_holder(workdir_lock.lock_path(tmp_path, i))
+        holder = workdir_lock.read_holder(workdir_lock.lock_path(whole, i))
         assert (holder["pid"], holder["process"]) == (p.pid, i)
-    assert latest_step(tmp_path) == 4
-    results = json.loads((tmp_path / "results.json").read_text())
+    assert latest_step(whole) == 4
+    results = json.loads((whole / "results.json").read_text())
     # Metrics cover every test frame, gathered from both processes (2 videos x 2 groups x 2).
     assert results["SynBlend"]["num_frames"] == 8
+
+    cut = tmp_path / "preempted"
+    cut.mkdir()  # with the mask estimated already, as after --mode mask (saves its estimate)
+    shutil.copy(whole / checkpointing.MASK_JSON, cut / checkpointing.MASK_JSON)
+    t0 = time.monotonic()
+    _, outs = two_processes(cut, tiny_clip_checkpoint, tiny_benchmark,
+                            "--config.train.total_steps=4", "--config.train.checkpoint_every=4",
+                            "--config.train.fault_after_step=1",
+                            "--config.train.fault_signal=SIGTERM",
+                            "--config.train.fault_process=1")
+    print(f"preempted pair took {time.monotonic() - t0:.1f}s")
+    assert "SIGTERM caught" in outs[1] and "SIGTERM caught" not in outs[0]  # JAX's notifier
+    saved = [re.findall(r"SIGTERM received by one of the 2 processes: saved step (\d+)", out)
+             for out in outs]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+    step = int(saved[0][0])
+    # Step 2: process 0 had passed step 1 and waits in step 2's metrics fetch for process 1.
+    assert step == 2, outs
+    assert list(ocp.step.checkpoint_steps(cut / "checkpoints")) == [step]
+    assert not (cut / "results.json").exists()
+
+    _, outs = two_processes(cut, tiny_clip_checkpoint, tiny_benchmark,
+                            "--config.train.total_steps=4")
+    assert all(f"resumed from step {step}" in out for out in outs)
+    want, got = trainable_at(whole), trainable_at(cut)
+    assert want.keys() == got.keys()
+    for key in want:  # the same processes, programs and data order: equal to the bit
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    resumed = json.loads((cut / "results.json").read_text())
+    for name in ("SynBlend", "SynUpsample"):
+        assert resumed[name] == results[name], name
 
 
 # ---------------------------------------------------------------------------------------------
