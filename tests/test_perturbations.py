@@ -255,7 +255,7 @@ def test_perturbed_reader_on_stored_crops(tmp_path, monkeypatch):
     # GenD: on the model input.
     noise = pt.Perturbation("gend", "GN", 4, 0)
     got = pt.reader_wrapper(noise)(reader, recs)(recs[0])
-    np.testing.assert_array_equal(got, noise(reader(recs[0]), pt.record_key(recs[0])))
+    np.testing.assert_array_equal(got, noise(reader(recs[0]), pt.noise_key(recs[0])))
     # VC: the video's frames as one stream, in order; picklable for grain's workers.
     vc = pt.reader_wrapper(pt.Perturbation("deeperforensics", "VC", 3, 0))(reader, recs)
     stream = pt.h264([tr.read_rgb(r["path"]) for r in recs], 35)
@@ -284,3 +284,20 @@ def test_perturbed_reader_acts_before_the_face_crop_on_video_files(tmp_path):
     vc = pt.reader_wrapper(pt.Perturbation("deeperforensics", "VC", 1, 0))(reader, recs)
     coded = pt.h264_video_file(str(path), 30, [3])
     np.testing.assert_array_equal(vc(recs[1]), reader.finish(coded[3], recs[1]))
+
+
+def test_the_noise_does_not_depend_on_where_the_data_lives(tmp_path):
+    """The same frames under two roots get the same random perturbation (block-wise, noise),
+    and two frames of one video get different ones."""
+    reader = tr.ImageReader(32, detect_faces=False)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    a, b = _records(tmp_path / "here"), _records(tmp_path / "elsewhere")
+    for key, level in (("BW", 5), ("GNC", 5)):
+        p = pt.Perturbation("deeperforensics", key, level, 0)
+        here, there = pt.reader_wrapper(p)(reader, a), pt.reader_wrapper(p)(reader, b)
+        np.testing.assert_array_equal(here(a[0]), there(b[0]), err_msg=key)
+        assert not np.array_equal(here(a[0]), reader(a[0])), key  # it did perturb
+        other = pt.Perturbation("deeperforensics", key, level, 0)
+        assert not np.array_equal(other(tr.read_rgb(a[0]["path"]), pt.noise_key(a[0])),
+                                  other(tr.read_rgb(a[0]["path"]), pt.noise_key(a[1]))), key
