@@ -101,8 +101,8 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run,
 def restore_evaluated(cfg: mlc.ConfigDict, workdir: Path, run,
                       purpose: str = "evaluating") -> tuple[Any, int, str]:
     """(trained leaves, step, 'best' | 'latest') of the checkpoint that evaluation uses."""
-    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
-                        spec=run.spec, total_steps=1)
+    tx = make_optimizer(assemble.optim_section(cfg), trainable_state=run.trainable,
+                        layer_mask=run.mask, spec=run.spec, total_steps=1)
     state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
              "opt_state": jax.eval_shape(tx.init, run.trainable)}
     abstract = sharding.abstract_tree(run.mesh, state)

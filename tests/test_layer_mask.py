@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from compile_count import counting_compiles  # tests/ is on sys.path
+from conftest import counting_compiles
 from flax import nnx
 from test_train import make_cfg
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from compile_count import counting_compiles  # tests/ is on sys.path
+from conftest import counting_compiles
 
 from fmsd_jax import (
     atomic,
