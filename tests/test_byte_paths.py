@@ -18,7 +18,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from test_cli_errors import one_line_error, run_cli
+from conftest import LATIN1, byte_path, one_line_error, run_cli, write_avi
 
 from fmsd_jax import checkpointing, main, predict, report
 from fmsd_jax.data import perturbations, sources
@@ -32,41 +32,12 @@ from fmsd_jax.data.transforms import ImageReader, read_rgb
 from fmsd_jax.errors import BadInput, InputNotFound
 from fmsd_jax.pathnames import shown
 
-LATIN1 = b'\xe9'  # 'é' in Latin-1: a lone byte UTF-8 cannot decode
-
-
-def byte_path(parent, name: bytes) -> str:
-    """PARENT/NAME as Python names it (surrogate-escaped str); skips the test where the
-    filesystem will not hold a name that is not valid UTF-8."""
-    path = os.fsdecode(os.path.join(os.fsencode(parent), name))
-    probe = os.fsdecode(os.path.join(os.fsencode(parent), b'.probe' + LATIN1))
-    try:
-        with open(probe, 'wb'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        pytest.skip(f'this filesystem refuses names that are not UTF-8 ({e})')
-    return path
-
 
 def write_png(path: str, image: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ok, data = cv2.imencode('.png', image)
     assert ok
     data.tofile(path)  # Python's file layer: any name
-
-
-def write_avi(path: str, n: int = 6, size=(48, 32)) -> None:
-    """An MJPG video whose frame i has green level 30 * i, so frames are told apart."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # bytes: OpenCV segfaults on the surrogate-escaped str of a name that is not UTF-8
-    writer = cv2.VideoWriter(os.fsencode(path), cv2.VideoWriter_fourcc(*'MJPG'), 10, size)
-    assert writer.isOpened()
-    for i in range(n):
-        frame = np.zeros((size[1], size[0], 3), np.uint8)
-        frame[..., 1] = 30 * i
-        writer.write(frame)
-    writer.release()
 
 
 def noise(seed: int, shape=(24, 40, 3)) -> np.ndarray:

@@ -9,30 +9,14 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_train import make_cfg
+from conftest import make_cfg, one_line_error, run_cli
 
 from fmsd_jax import demo, errors, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "fmsd_jax.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 def test_help_exits_0_and_shows_overrides_and_variants():

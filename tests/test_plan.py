@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import pytest
+from conftest import tiny_cfg, train_losses
 from jax.sharding import PartitionSpec as P
 
 from fmsd_jax import build, config_base, plan, sharding, train
@@ -28,24 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libtpu") is None,
     reason="libtpu not installed (pip install -r requirements-tpu.txt)")
-
-
-def tiny_cfg(**over) -> mlc.ConfigDict:
-    c = config_base.base_config()
-    c.model.variant = "tiny"
-    c.model.image_size = 32
-    c.data.image_size = 32
-    c.model.dtype = "bfloat16"
-    c.method.mask.top_k = 2
-    c.train.batch_size = 8
-    c.eval.batch_size = 8
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -331,38 +313,9 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", {n})
 sys.path.insert(0, {tests!r})
-from test_plan import train_losses
+from conftest import train_losses
 print("LOSSES", json.dumps(train_losses({ckpt!r}, data={data}, fsdp={fsdp})))
 """
-
-
-def train_losses(ckpt: str, *, data: int, fsdp: int) -> dict:
-    """Three steps of the tiny model's real train step on a data x fsdp mesh, fixed batches.
-
-    Every weight is eligible for fsdp (FSDP_MIN_SIZE 0), so the frozen kernels are really
-    split 8 ways on the 8 x 8 mesh; returns the per-step losses and how many leaves were split.
-    """
-    cfg = tiny_cfg(**{"model.dtype": "float32", "model.variant": "auto",
-                      "model.init_from": ckpt, "method.mask.enabled": False,
-                      "train.batch_size": 64, "mesh.data": data, "mesh.fsdp": fsdp})
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[: data * fsdp])
-    min_size, sharding.FSDP_MIN_SIZE = sharding.FSDP_MIN_SIZE, 0
-    try:
-        run = build.prepare(cfg, Path("/nonexistent-workdir"), mesh, estimate=False)
-        parts = train.assemble_step(cfg, run, steps=3)
-        split = sum("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(run.frozen))
-        rng = np.random.default_rng(0)
-        state, sums, losses = parts["state"], parts["metric_sums"], []
-        for _ in range(3):
-            host = {"image": rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
-                    "label": rng.integers(0, 2, (64,), np.int32)}
-            batch = sharding.global_batch(mesh, host, ("image", "label"))
-            before = float(sums["loss"])
-            state, sums = parts["step_fn"](state, run.frozen, batch, sums)
-            losses.append(float(sums["loss"]) - before)
-    finally:
-        sharding.FSDP_MIN_SIZE = min_size
-    return {"losses": losses, "split_leaves": split, "mesh": dict(mesh.shape)}
 
 
 @pytest.mark.slow

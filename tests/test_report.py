@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chart_checks import draw, overlapping_tick_labels, too_small  # tests/ is on sys.path
+from conftest import draw, overlapping_tick_labels, too_small
 
 from fmsd_jax import errors, report
 from fmsd_jax.metrics import compute_metrics, roc
