@@ -89,14 +89,14 @@ def test_masked_layers_bit_identical_and_mask_change_never_recompiles():
 
 
 def test_optimizer_state_only_for_trainable_leaves():
-    """Adam's two moments for the trainable leaves, the (L, targets) mask and step counters:
-    a state built for the frozen weights too would be ~25x larger."""
+    """Adam's two moments for the trainable leaves, the (L, targets) mask and step counters,
+    nothing for the frozen weights."""
     _, step, _ = setup(np.ones((3, 4), bool))
     train_bytes = sum(x.nbytes for x in jax.tree.leaves(step.trainable))
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(step.run.frozen))
     state_bytes = optimizer_state_bytes(step.opt_state)
+    assert frozen_bytes > 10 * train_bytes  # so a state for frozen leaves breaks the bound
     assert 2 * train_bytes <= state_bytes <= 2 * train_bytes + 3 * 4 * 4 + 64
-    assert state_bytes < 2 * frozen_bytes  # what moments of the frozen weights alone would take
 
 
 def _dots_shaped_like(jaxpr, shapes: set[tuple[int, ...]]) -> int:

