@@ -18,7 +18,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from fmsd_jax import assemble, checkpointing, layer_mask, sharding
+from fmsd_jax import assemble, atomic, checkpointing, layer_mask, sharding
 from fmsd_jax.errors import InputNotFound
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.method.optimizer import make_optimizer
@@ -72,14 +72,14 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool =
     if assemble.uses_decomposition(cfg):
         spec = assemble.decompose_detector(cfg, detector)
         if estimate and jax.process_index() == 0:  # training; the other modes only read
-            checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
+            atomic.write_json(workdir / checkpointing.SPEC_JSON, spec.to_dict())
     return _split_and_place(cfg, detector, mask, spec, mesh, abstract=False)
 
 
 def _saved_mask(workdir: Path) -> np.ndarray | None:
     """The layer mask a run of this workdir estimated, or None before the first estimate."""
     path = workdir / checkpointing.MASK_JSON
-    return np.asarray(checkpointing.read_json(path)["mask"], np.float32) if path.exists() else None
+    return np.asarray(atomic.read_json(path)["mask"], np.float32) if path.exists() else None
 
 
 def _split_and_place(cfg, detector, mask, spec, mesh, *, abstract: bool) -> Run:

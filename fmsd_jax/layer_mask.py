@@ -54,7 +54,7 @@ import optax
 from flax import nnx
 from scipy import stats
 
-from fmsd_jax import assemble, checkpointing, report, sharding
+from fmsd_jax import assemble, atomic, checkpointing, report, sharding
 from fmsd_jax.data import pipeline
 from fmsd_jax.method import masking
 from fmsd_jax.method.objective import CROSS_ENTROPY, make_loss_fn
@@ -223,7 +223,7 @@ def estimate_mask(cfg: mlc.ConfigDict, detector: nnx.Module, workdir: Path, mesh
         record = masking.mask_report(scores, mask, cfg.method.targets) | {
             "score_kind": mc.score, "head": head_record, "stability": stab,
             "noise_floor": floor}
-        checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
+        atomic.write_json(workdir / checkpointing.MASK_JSON, record)
         report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
                                  workdir / "layer_scores.png",
                                  title="Forgery-aware layer scores: "

@@ -23,6 +23,7 @@ from flax import nnx
 
 from fmsd_jax import (
     assemble,
+    atomic,
     build,
     checkpointing,
     diagnostics,
@@ -175,7 +176,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
              "threads each", pipeline.resolve_workers(cfg.data.workers), cfg.data.workers,
              cfg.data.read_threads)
     if jax.process_index() == 0:
-        checkpointing.write_json_atomic(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
+        atomic.write_json(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
 
     run = build.prepare(cfg, workdir, mesh)
     steps = total_steps(cfg, num_records)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import LATIN1, byte_path, one_line_error, run_cli, write_avi
 
-from fmsd_jax import checkpointing, main, predict, report
+from fmsd_jax import atomic, main, predict, report
 from fmsd_jax.data import perturbations, sources
 from fmsd_jax.data import tfds_builder as T
 from fmsd_jax.data import video as vid
@@ -203,8 +203,8 @@ def test_results_and_predictions_json_round_trip_the_bytes(tmp_path):
     [key] = json.loads(json_path.read_text())
     assert os.fsencode(key) == b'Caf\xe9'
     assert '| Caf\\xe9 |' in md_path.read_text(encoding='utf-8')  # valid UTF-8, escaped
-    checkpointing.write_json_atomic(tmp_path / 'p.json', {'inputs': {name: 1}})
-    assert [os.fsencode(k) for k in checkpointing.read_json(tmp_path / 'p.json')['inputs']] \
+    atomic.write_json(tmp_path / 'p.json', {'inputs': {name: 1}})
+    assert [os.fsencode(k) for k in atomic.read_json(tmp_path / 'p.json')['inputs']] \
         == [b'Caf\xe9']
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import make_cfg, one_line_error, run_cli
 
-from fmsd_jax import demo, errors, main, train
+from fmsd_jax import atomic, demo, errors, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
     assert checkpointing.latest_saved_step(tmp_path) == 2
     with pytest.raises(errors.AlreadyExists, match="holds checkpoints but no config.json"):
         checkpointing.check_resumable(tmp_path, cfg)
-    checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())
+    atomic.write_json(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())
     checkpointing.check_resumable(tmp_path, cfg)  # the same run: resumes
     longer = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
                       **{"train.total_steps": "40", "eval.batch_size": "4"})
@@ -175,7 +175,7 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
 
 
 def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):
-    from fmsd_jax import checkpointing, config_base, preflight
+    from fmsd_jax import config_base, preflight
 
     cfg = config_base.base_config()
     for field, value, said in [("train.batch_size", 0, "config.train.batch_size=0 must be an "
@@ -208,4 +208,4 @@ def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):
     truncated.write_text('{"data": {"image_size": 2')
     with pytest.raises(errors.BadInput, match=r"config.json is not valid JSON \(.*\); it is "
                                               r"damaged"):
-        checkpointing.read_json(truncated)
+        atomic.read_json(truncated)

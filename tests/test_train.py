@@ -407,7 +407,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
                                                             "optim.head_lr": "1e30"})
     # The run diverging later under its own settings: its config.json is the diverging one
     # (resuming under a changed lr is refused; tests/test_cli_errors.py).
-    checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
+    atomic.write_json(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
     with pytest.raises(FloatingPointError, match="last good checkpoint was kept"):
         train.train(bad, tmp_path)
     assert latest_step(tmp_path) == 2
