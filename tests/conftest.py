@@ -1,6 +1,7 @@
-"""Session-wide setup (jax starts as the CLI starts it), fixtures (a tiny CLIP checkpoint in
-Hugging Face's format and a tiny synthetic benchmark in DeepfakeBench's layout, both made by
-the tests: nothing is downloaded) and the helpers several test modules use.
+"""Session-wide setup (jax starts as the CLI starts it, with a persistent compilation cache
+the CLI subprocesses share), fixtures (a tiny CLIP checkpoint in Hugging Face's format and a
+tiny synthetic benchmark in DeepfakeBench's layout, both made by the tests: nothing is
+downloaded) and the helpers several test modules use.
 
 The helpers live here, not in a test module, so that no test module imports another: a test
 module imports them with `from conftest import ...` (pytest puts tests/ on sys.path), and a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,10 +36,90 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_configure(config: pytest.Config) -> None:
     """Tests start jax as the CLI does: without libtpu's runtime where no TPU chip is (its
     warnings would fill every failure's captured output; `--mode plan`'s compiles still load
-    libtpu as a compiler)."""
+    libtpu as a compiler). Then the persistent compilation cache (`use_compilation_cache`)."""
     from fmsd_jax import platforms
 
     platforms.skip_absent_tpu()
+    use_compilation_cache(compilation_cache_dir(config))
+
+
+# jax reads these when it is imported (a CLI subprocess) and as `jax.config` options here. Min
+# compile time 0 and min entry size 0 (-1 would forbid any override): the tiny CPU programs of
+# the suite compile in milliseconds and would otherwise never be written.
+CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def compilation_cache_dir(config: pytest.Config) -> Path:
+    """A cache folder of this session only (under the pytest cache, named by the pid; removed
+    at the session's end), so a session never reads programs that another session, another
+    checkout or another jax wrote. Folders of killed sessions are removed at the next start."""
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is not None:
+        base = cache.mkdir("jax_compilation_cache")
+    else:  # -p no:cacheprovider
+        import tempfile
+
+        base = Path(tempfile.gettempdir()) / "fmsd_jax_test_compilation_cache"
+    for old in base.glob("session-*"):
+        pid = old.name.removeprefix("session-")
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    return base / f"session-{os.getpid()}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = os.environ.get(CACHE_ENV[0])
+    if path and Path(path).name == f"session-{os.getpid()}":
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def use_compilation_cache(path: Path) -> None:
+    """jax's persistent compilation cache in `path`, for this process and (through the
+    environment, which subprocesses inherit) every CLI and script process a test starts.
+
+    A cache hit still counts as a compile for `counting_compiles`: jax reports the
+    backend-compile event around its cache lookup too (pxla._cached_compilation wraps
+    compiler.compile_or_get_cached), so a test that counts compiles counts the programs a
+    call had to obtain, whether compiled or read back (tests/test_train.py checks this)."""
+    import jax
+
+    path.mkdir(parents=True, exist_ok=True)
+    values = (str(path), "0", "0")
+    for name, value in zip(CACHE_ENV, values, strict=True):
+        os.environ[name] = value
+    jax.config.update("jax_compilation_cache_dir", values[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def without_compilation_cache():
+    """The persistent cache off for one test (in-process and for its subprocesses): a test of
+    run-to-run reproducibility must compile its programs again, as a user's second run does
+    without a cache, or a cache hit would hide a nondeterministic compile."""
+    import jax
+    from jax._src import compilation_cache
+
+    saved = {name: os.environ.pop(name, None) for name in CACHE_ENV}
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used
+    try:
+        yield
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +152,9 @@ def tiny_benchmark(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Counting XLA compiles: jax reports each backend compile as a monitoring event, so a test can
-# say how many compiles a call made (compiled once = the second call makes none).
+# Counting XLA compiles: jax reports each backend compile (a persistent-cache hit included, see
+# use_compilation_cache) as a monitoring event, so a test can say how many compiles a call made
+# (compiled once = the second call makes none).
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _COMPILES: list[str] = []  # every XLA backend compile of this test process, in order

@@ -142,6 +142,31 @@ def test_the_eval_step_compiles_once_per_run(trained):
     assert COMPILES_IN["evaluate"] == [0]  # the test sets: the same program, the same shapes
 
 
+def test_a_program_read_from_the_persistent_cache_counts_as_a_compile():
+    """The suite runs with jax's persistent compilation cache (conftest.py); the compile counts
+    above must still count a program a call had to obtain when it comes from that cache, or a
+    recompile would pass as 'compiled once'."""
+    import jax.numpy as jnp
+    from jax._src import compilation_cache
+
+    assert compilation_cache.is_persistent_cache_enabled()
+    hits: list[str] = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: hits.append(event)
+        if event == "/jax/compilation_cache/cache_hits" else None)
+    x = jnp.arange(5.0)
+
+    def retraced():  # a new jit each call: traced, lowered and compiled (or read) again
+        return jax.jit(lambda v: jnp.cos(v) * 3.0 - 0.5)(x)
+
+    calls: list[int] = []
+    counting_compiles(retraced, calls)()
+    jax.clear_caches()  # forget the executables in memory: the next one can only come from disk
+    counting_compiles(retraced, calls)()
+    assert len(hits) == 1  # the second program was read from the cache...
+    assert calls == [1, 1]  # ...and counted as one compile, like the first
+
+
 def test_train_writes_everything_a_user_reads(trained):
     cfg, workdir, results = trained
     for name in ("config.json", "layer_mask.json", "decomposition.json", "results.json",
@@ -681,7 +706,8 @@ def test_evaluate_warns_when_the_data_changed_since_training(trained_copy, tmp_p
 
 @pytest.mark.slow  # a second training run
 def test_the_same_run_twice_gives_bit_identical_results(trained, tmp_path, tiny_clip_checkpoint,
-                                                        tiny_benchmark):
+                                                        tiny_benchmark,
+                                                        without_compilation_cache):
     cfg, workdir, _ = trained
     first = (workdir / "results.json").read_bytes()
     train.train(make_cfg(tiny_clip_checkpoint, tiny_benchmark), tmp_path / "again")
