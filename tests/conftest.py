@@ -12,12 +12,13 @@ Importing this module starts no jax backend and imports neither matplotlib nor c
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,23 +104,32 @@ def use_compilation_cache(path: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-@pytest.fixture
-def without_compilation_cache():
-    """The persistent cache off for one test (in-process and for its subprocesses): a test of
-    run-to-run reproducibility must compile its programs again, as a user's second run does
-    without a cache, or a cache hit would hide a nondeterministic compile."""
+@contextlib.contextmanager
+def compilation_cache_off() -> Iterator[None]:
+    """The persistent cache off inside the block, in-process and for subprocesses started
+    meanwhile (jax decides once per process whether it uses the cache: reset_cache makes it
+    decide again)."""
     import jax
     from jax._src import compilation_cache
 
     saved = {name: os.environ.pop(name, None) for name in CACHE_ENV}
     jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         os.environ.update({k: v for k, v in saved.items() if v is not None})
         jax.config.update("jax_enable_compilation_cache", True)
         compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def without_compilation_cache() -> Iterator[None]:
+    """For a test of run-to-run reproducibility: it must compile its programs again, as a
+    user's second run does without a cache, or a cache hit would hide a nondeterministic
+    compile."""
+    with compilation_cache_off():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,13 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_cfg, train_losses
+from conftest import compilation_cache_off, tiny_cfg, train_losses
 from jax.sharding import PartitionSpec as P
 
 from fmsd_jax import build, config_base, plan, sharding, train
 from fmsd_jax.method import decompose as decomp
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_persistent_cache():
+    """Programs compiled for a TPU topology (a compile-only client) are written to the
+    persistent cache but cannot be read back (jax warns and compiles again), so the cache
+    only costs time here and puts warnings on the plan CLI's stderr, which a test reads."""
+    with compilation_cache_off():
+        yield
+
+
 needs_libtpu = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libtpu") is None,
     reason="libtpu not installed (pip install -r requirements-tpu.txt)")
