@@ -112,44 +112,74 @@ def random_batch(batch: int, image_size: int, seed: int = 0, *,
 class ProductionStep:
     """fmsd_jax.train's sharded jitted step on a given detector, compiled once, ready to time.
 
-    Built exactly as `train.train` builds it (split by the regime's Variable types, masked
-    optimizer from the config defaults, all-ones layer mask, replicated/fsdp shardings,
-    donated state and metric sums), so a bench row measures the step users run.
+    Built as `train.train` builds it (split by the regime's Variable types, the masked
+    optimizer and the objective from config_base's defaults with `optim` / `objective`
+    overrides, `train.make_state`'s state and shardings, donated state and metric sums), so a
+    bench row, and a unit test of the step (tests/conftest.py), measures the step users run.
+    `mask` None is all layers; `devices` None is every device (a test passes one).
     """
 
     def __init__(self, det: Any, *, regime: str, spec: Any, lambda_orth: float = 0.0,
                  lambda_spec: float = 0.0, batch: int, image_size: int,
-                 optim: dict[str, Any] | None = None):
+                 optim: dict[str, Any] | None = None, mask: Any = None,
+                 total_steps: int = 10_000, devices: Sequence[Any] | None = None):
+        import dataclasses
+
         import jax
         import jax.numpy as jnp
         import ml_collections as mlc
         import numpy as np
         from flax import nnx
 
-        from fmsd_jax import build, sharding, train
+        from fmsd_jax import assemble, build, config_base, sharding, train
         from fmsd_jax.method.decompose import trainable_filter
         from fmsd_jax.method.objective import make_loss_fn
         from fmsd_jax.method.optimizer import make_optimizer
 
-        mesh = sharding.make_mesh(mlc.ConfigDict({"data": -1, "fsdp": 1}))
+        mesh = sharding.make_mesh(mlc.ConfigDict({"data": -1, "fsdp": 1}), devices)
         graphdef, trainable, frozen = nnx.split(det, trainable_filter(regime), ...)
         self.num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-        mask = (np.ones(spec.mask_shape, np.float32) if spec is not None else None)
+        if mask is None and spec is not None:
+            mask = np.ones(spec.mask_shape, np.float32)
         self.run = build.Run(graphdef, sharding.shard_tree(mesh, trainable),
                              sharding.shard_tree(mesh, frozen), mask, spec, mesh)
-        self.loss_fn = make_loss_fn(None, lambda_orth=lambda_orth, lambda_spec=lambda_spec)
-        tx = make_optimizer(optim or {}, trainable_state=self.run.trainable, layer_mask=mask,
-                            spec=spec, total_steps=10_000)
-        state = {"step": jnp.zeros((), jnp.int32), "trainable": self.run.trainable,
-                 "opt_state": tx.init(self.run.trainable)}
-        state_sh = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), state)
-        self.state = jax.device_put(state, state_sh)
+        base = config_base.base_config()
+        self.objective = dataclasses.replace(assemble.objective_section(base),
+                                             lambda_orth=lambda_orth, lambda_spec=lambda_spec)
+        self.optim = dataclasses.replace(assemble.optim_section(base), **(optim or {}))
+        self.loss_fn = make_loss_fn(self.objective)
+        tx = make_optimizer(self.optim, trainable_state=self.run.trainable, layer_mask=mask,
+                            spec=spec, total_steps=total_steps)
+        self.state, state_sh = train.make_state(self.run, tx)
         sample = {"image": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
                   "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
         self.metric_sums = train.init_metric_sums(self.run, self.loss_fn, sample)
         self.jitted = train.make_train_step(self.run, self.loss_fn, tx, state_sh)
         self.mesh = mesh
         self.compiled = None
+
+    @property
+    def trainable(self) -> Any:
+        """The trained leaves now (an nnx.State: `nnx.update(det, step.trainable)`)."""
+        return self.state["trainable"]
+
+    @property
+    def opt_state(self) -> Any:
+        return self.state["opt_state"]
+
+    def set_layer_mask(self, mask: Any) -> None:
+        """A new layer mask as data of the same compiled step (`optimizer.set_layer_mask`)."""
+        from fmsd_jax.method.optimizer import set_layer_mask
+
+        self.state = {**self.state, "opt_state": set_layer_mask(self.opt_state, mask)}
+
+    def mean_metrics(self) -> dict[str, float]:
+        """The step's metrics (loss, grad_norm, ce, ...) averaged over the steps run so far."""
+        import jax
+
+        sums = jax.device_get(self.metric_sums)
+        count = float(sums.pop("count"))
+        return {k: float(v) / count for k, v in sums.items()}
 
     def device_batch(self, host: dict[str, Any]) -> dict[str, Any]:
         from fmsd_jax import sharding

@@ -13,6 +13,10 @@ Rows (same ViT, same batch, random weights — timing does not depend on their v
   (d) mask est.  one layer-mask estimator step (dense W gradient + Welford moments)
   (e) sem. fact. (a) with the semantic part stored factored (U_r s_r, V_rᵀ): why it is dense
 
+Rows (a)–(e) run fmsd_jax.train's production step (bench/_common.ProductionStep: explicit
+shardings, donated state, the optimizer and objective from config_base's defaults); the forward
+and the estimator rows jit their own function.
+
 Time: median and min–max of --iters steps after --warmup (each step fed its own donated
 output). Memory: XLA's compiled memory analysis (arguments + outputs + temporaries − aliased),
 on every backend; on GPU/TPU also the device's peak_bytes_in_use after the row (monotone over
@@ -35,18 +39,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench._common import device_peak, random_batch, xla_memory  # noqa: E402
+from bench._common import ProductionStep, device_peak, random_batch, xla_memory  # noqa: E402
 from fmsd_jax.method.decompose import (  # noqa: E402
     DecomposedDense,
     SemanticWeight,
     decompose,
     decomposed_layers,
-    trainable_filter,
 )
 from fmsd_jax.method.masking import candidate_split, init_moments, make_moment_update  # noqa: E402
-from fmsd_jax.method.objective import make_loss_fn  # noqa: E402
-from fmsd_jax.method.optimizer import make_optimizer  # noqa: E402
-from fmsd_jax.method.step import make_train_step  # noqa: E402
+from fmsd_jax.method.objective import CROSS_ENTROPY, make_loss_fn  # noqa: E402
 from fmsd_jax.model.detector import Detector  # noqa: E402
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig  # noqa: E402
 
@@ -142,31 +143,26 @@ def main() -> None:
     args.targets = tuple(args.targets.split(","))
     rows = args.rows.split(",")
 
-    batch = jax.tree.map(jnp.asarray, random_batch(args.batch, args.image_size))
+    host_batch = random_batch(args.batch, args.image_size)
+    batch = jax.tree.map(jnp.asarray, host_batch)
     results: list[tuple[str, str, float, list[float], float, float, float, int]] = []
 
     def train_row(key: str, name: str, det: Detector, spec, regime: str, lambdas=(0.0, 0.0)):
-        graphdef, trainable, frozen = nnx.split(det, trainable_filter(regime), ...)
-        n_train = sum(x.size for x in jax.tree.leaves(trainable))
-        tx = make_optimizer(
-            {}, trainable_state=trainable, layer_mask=None, spec=spec, total_steps=1000
-        )
-        opt_state = tx.init(trainable)
-        step = make_train_step(
-            graphdef,
-            tx,
-            make_loss_fn(None, lambda_orth=lambdas[0], lambda_spec=lambdas[1]),
-            jit=False,
-        )
-        step.donate = (0, 1)
-        c, times, compiled = time_loop(
-            step,
-            (trainable, opt_state, frozen, batch),
-            lambda out, a: (out[0], out[1], a[2], a[3]),
-            warmup=args.warmup,
-            iters=args.iters,
-        )
-        results.append((key, name, c, times, *xla_memory(compiled), device_peak(), n_train))
+        """One row: fmsd_jax.train's production step (sharded, donated, compiled once) on `det`,
+        the masked optimizer and objective from config_base's defaults."""
+        step = ProductionStep(det, regime=regime, spec=spec, lambda_orth=lambdas[0],
+                              lambda_spec=lambdas[1], batch=args.batch,
+                              image_size=args.image_size, total_steps=1000)
+        on_mesh = step.device_batch(host_batch)
+        c = step.compile(on_mesh)
+        times = []
+        for i in range(args.warmup + args.iters):
+            t = time.perf_counter()
+            step(on_mesh)  # blocks until the step's outputs are ready
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        results.append((key, name, c, times, *xla_memory(step.compiled), device_peak(),
+                        step.num_trainable))
 
     if "forward" in rows:
         _, det, _ = build(args, decomposed=False)
@@ -196,7 +192,7 @@ def main() -> None:
     if "d" in rows:
         _, det, _ = build(args, decomposed=False)
         graphdef, cand, rest = candidate_split(det, args.targets)
-        upd = make_moment_update(graphdef, make_loss_fn(None))
+        upd = make_moment_update(graphdef, make_loss_fn(CROSS_ENTROPY))
         upd.donate = (0,)
         c, times, compiled = time_loop(
             upd,

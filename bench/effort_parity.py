@@ -74,7 +74,7 @@ def train_ours(cfg: Any, data: list) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from fmsd_jax import build, sharding, train
+    from fmsd_jax import assemble, build, sharding, train
     from fmsd_jax.method.objective import make_loss_fn
     from fmsd_jax.method.optimizer import make_optimizer
 
@@ -85,13 +85,10 @@ def train_ours(cfg: Any, data: list) -> dict[str, np.ndarray]:
              "head_bias": np.asarray(run.trainable["head_bias"][...])}
     start = _factors(nnx.merge(run.graphdef, jax.device_get(run.trainable),
                                jax.device_get(run.frozen)))
-    loss_fn = make_loss_fn(cfg)
-    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
-                        spec=run.spec, total_steps=len(data))
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
-             "opt_state": tx.init(run.trainable)}
-    state_sh = sharding.tree_shardings(mesh, state)
-    state = jax.device_put(state, state_sh)
+    loss_fn = make_loss_fn(assemble.objective_section(cfg))
+    tx = make_optimizer(assemble.optim_section(cfg), trainable_state=run.trainable,
+                        layer_mask=run.mask, spec=run.spec, total_steps=len(data))
+    state, state_sh = train.make_state(run, tx)
     images, labels = data[0]
     sample = {"image": jax.ShapeDtypeStruct(images.shape, jnp.uint8),
               "label": jax.ShapeDtypeStruct(labels.shape, jnp.int32)}

@@ -19,9 +19,35 @@ from flax import nnx
 
 from fmsd_jax.errors import BadInput, InputNotFound
 from fmsd_jax.method import decompose as decomp
+from fmsd_jax.method.objective import ObjectiveConfig
+from fmsd_jax.method.optimizer import OptimConfig
 from fmsd_jax.model.checkpoint import load_clip_vision
 from fmsd_jax.model.detector import Detector
 from fmsd_jax.model.vit import VARIANTS, CLIPVisionTower, ViTConfig
+
+
+def optim_section(cfg: mlc.ConfigDict) -> OptimConfig:
+    """`config.optim` as the method layer's OptimConfig. Every field comes from the config
+    (config_base.py holds the defaults); a field either side lacks is an error, so the schema
+    and the dataclass cannot drift apart."""
+    return _typed_section(OptimConfig, cfg.optim, "optim", exact=True)
+
+
+def objective_section(cfg: mlc.ConfigDict) -> ObjectiveConfig:
+    """The objective's fields of `config.method` as the method layer's ObjectiveConfig."""
+    return _typed_section(ObjectiveConfig, cfg.method, "method", exact=False)
+
+
+def _typed_section(cls: type, section: Any, name: str, *, exact: bool) -> Any:
+    """`cls(**fields)` from a config section; `exact`: the section holds nothing else."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    missing = [f for f in fields if f not in section]
+    if missing:
+        raise ValueError(f"config.{name} lacks {missing} (config_base.py defines them)")
+    unknown = sorted(set(section) - set(fields)) if exact else []
+    if unknown:
+        raise ValueError(f"unknown {name} field(s) {unknown}; known: {sorted(fields)}")
+    return cls(**{f: section[f] for f in fields})
 
 
 def check_init_from(cfg: mlc.ConfigDict) -> Path:

@@ -5,6 +5,10 @@ it and renamed into place stays unreadable to the user's group (on a shared clus
 that needs the results). Here the temporary file gets the mode a plain `open(path, 'w')` would
 give it, 0666 & ~umask, before it is renamed onto the target.
 
+Every writer of fmsd_jax goes through here (`write_text`, `write_json`, or `replacing` for a
+library that writes a file itself: savefig, safetensors), and JSON is read back with
+`read_json`, which names a damaged file in one line.
+
 Every file written here, and every output another writer reports through `note_written`
 (orbax checkpoint steps, TensorBoard event folders), is remembered with whether it replaced an
 earlier file, so that a mode can end by saying exactly what it wrote and what it replaced
@@ -14,12 +18,14 @@ earlier file, so that a mode can end by saying exactly what it wrote and what it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from fmsd_jax.errors import writing
+from fmsd_jax.errors import BadInput, writing
 from fmsd_jax.pathnames import shown
 
 # path -> True when it replaced a file that existed before this process first wrote it.
@@ -108,6 +114,39 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     reverses)."""
     with replacing(path) as tmp:
         tmp.write_text(shown(text), encoding="utf-8")
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` with tuples as lists, keys as str and arrays (numpy or jax, anything with a dtype
+    and `tolist`) as nested lists or Python scalars: what json.dumps takes. Duck-typed, so
+    this module imports neither numpy nor jax (report.py must stay importable without jax)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True,
+               allow_nan: bool = True) -> None:
+    """`obj` as indented JSON through `write_text`. `sort_keys=False` keeps a mapping's own
+    order (a results table's datasets); `allow_nan=False` refuses NaN/inf, which strict JSON
+    readers reject (results files), instead of writing them."""
+    write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=sort_keys,
+                                allow_nan=allow_nan) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """One of the run's own JSON files; a damaged one (truncated by a copy, edited by hand) is
+    named in one line rather than as a JSONDecodeError traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path} is not valid JSON ({e}); it is damaged (truncated, or edited): "
+                       "restore it from a copy of the workdir, or use another --workdir") from e
 
 
 def claim(path: str | os.PathLike) -> Path:

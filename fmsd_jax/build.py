@@ -18,7 +18,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from fmsd_jax import assemble, checkpointing, layer_mask, sharding
+from fmsd_jax import assemble, atomic, checkpointing, layer_mask, sharding
 from fmsd_jax.errors import InputNotFound
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.method.optimizer import make_optimizer
@@ -72,14 +72,14 @@ def prepare(cfg: mlc.ConfigDict, workdir: Path | None, mesh, *, estimate: bool =
     if assemble.uses_decomposition(cfg):
         spec = assemble.decompose_detector(cfg, detector)
         if estimate and jax.process_index() == 0:  # training; the other modes only read
-            checkpointing.write_json_atomic(workdir / checkpointing.SPEC_JSON, spec.to_dict())
+            atomic.write_json(workdir / checkpointing.SPEC_JSON, spec.to_dict())
     return _split_and_place(cfg, detector, mask, spec, mesh, abstract=False)
 
 
 def _saved_mask(workdir: Path) -> np.ndarray | None:
     """The layer mask a run of this workdir estimated, or None before the first estimate."""
     path = workdir / checkpointing.MASK_JSON
-    return np.asarray(checkpointing.read_json(path)["mask"], np.float32) if path.exists() else None
+    return np.asarray(atomic.read_json(path)["mask"], np.float32) if path.exists() else None
 
 
 def _split_and_place(cfg, detector, mask, spec, mesh, *, abstract: bool) -> Run:
@@ -101,8 +101,8 @@ def restore_trainable(cfg: mlc.ConfigDict, workdir: Path, run,
 def restore_evaluated(cfg: mlc.ConfigDict, workdir: Path, run,
                       purpose: str = "evaluating") -> tuple[Any, int, str]:
     """(trained leaves, step, 'best' | 'latest') of the checkpoint that evaluation uses."""
-    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
-                        spec=run.spec, total_steps=1)
+    tx = make_optimizer(assemble.optim_section(cfg), trainable_state=run.trainable,
+                        layer_mask=run.mask, spec=run.spec, total_steps=1)
     state = {"step": np.zeros((), np.int32), "trainable": run.trainable,
              "opt_state": jax.eval_shape(tx.init, run.trainable)}
     abstract = sharding.abstract_tree(run.mesh, state)

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from fmsd_jax import atomic
@@ -31,37 +29,9 @@ MASK_JSON = "layer_mask.json"
 SPEC_JSON = "decomposition.json"
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    atomic.write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True))
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """One of the run's own JSON files; a damaged one (truncated by a copy, edited by hand) is
-    named in one line rather than as a JSONDecodeError traceback."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path} is not valid JSON ({e}); it is damaged (truncated, or edited): "
-                       "restore it from a copy of the workdir, or use another --workdir") from e
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray | jax.Array):
-        return np.asarray(obj).tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def jsonable_config(cfg: Any) -> Any:
     """A ConfigDict as config.json holds it (tuples as lists), for comparing the two."""
-    return json.loads(json.dumps(_jsonable(cfg.to_dict()), sort_keys=True))
+    return json.loads(json.dumps(atomic.jsonable(cfg.to_dict()), sort_keys=True))
 
 
 def flat_keys(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -79,7 +49,7 @@ def config_differences(workdir: str | os.PathLike, cfg: Any) -> list[str] | None
     path = Path(workdir) / CONFIG_JSON
     if not path.exists():
         return None
-    found, want = flat_keys(read_json(path)), flat_keys(jsonable_config(cfg))
+    found, want = flat_keys(atomic.read_json(path)), flat_keys(jsonable_config(cfg))
     return sorted(k for k in found.keys() | want.keys() if found.get(k) != want.get(k))
 
 

@@ -373,7 +373,7 @@ def _run(cfg: mlc.ConfigDict, workdir: Path) -> dict[str, Any]:
         record["last_rerun"] = now
     else:
         record = now
-    atomic.write_text(timing_path, json.dumps(record, indent=2))
+    atomic.write_json(timing_path, record, sort_keys=False)
     out["report"] = write_report(cfg, workdir, results, backbone, record)
     if section:
         robustness.append_to_report(out["report"], section)
@@ -607,7 +607,7 @@ def run_sweep(cfg: mlc.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]
               "steps": int(cfg.train.total_steps), "points": points, "chosen": chosen,
               "command": sweep_command(cfg, workdir)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out_dir / SWEEP_JSON, json.dumps(record, indent=2))
+    atomic.write_json(out_dir / SWEEP_JSON, record, sort_keys=False)
     atomic.write_text(out_dir / "sweep.md", f"{record['command']}\n\n{table}")
     print(table, flush=True)
     log.info("sweep: chosen backbone lr %s (written to %s)",

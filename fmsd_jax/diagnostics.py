@@ -65,7 +65,15 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from fmsd_jax import assemble, build, checkpointing, evaluate, metrics, report, sharding
+from fmsd_jax import (
+    assemble,
+    atomic,
+    build,
+    evaluate,
+    metrics,
+    report,
+    sharding,
+)
 from fmsd_jax.data import pipeline
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.method.losses import orthogonality_terms, weight_change_of
@@ -344,7 +352,7 @@ def run_diagnostics(cfg: mlc.ConfigDict, workdir: Path, run: build.Run, trainabl
     }
     _log(record)
     if jax.process_index() == 0:
-        checkpointing.write_json_atomic(workdir / DIAGNOSTICS_JSON, record)
+        atomic.write_json(workdir / DIAGNOSTICS_JSON, record)
         report.plot_adaptation(record, workdir / ADAPTATION_PNG,
                                title="Backbone adaptation: "
                                      + report.run_title(regime, workdir))
@@ -368,4 +376,4 @@ def _log(record: dict) -> None:
 
 def read(workdir: str | Path) -> dict | None:
     path = Path(workdir) / DIAGNOSTICS_JSON
-    return checkpointing.read_json(path) if path.is_file() else None
+    return atomic.read_json(path) if path.is_file() else None

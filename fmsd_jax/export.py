@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from fmsd_jax import assemble, atomic, build, checkpointing, sharding
+from fmsd_jax import assemble, atomic, build, sharding
 from fmsd_jax.errors import AlreadyExists
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.checkpoint import save_hf_clip_vision
@@ -38,7 +38,7 @@ def check_out_dir(out: Path, workdir: Path) -> None:
     source = None
     if (out / DETECTOR_JSON).is_file():
         try:
-            source = checkpointing.read_json(out / DETECTOR_JSON).get("source_workdir")
+            source = atomic.read_json(out / DETECTOR_JSON).get("source_workdir")
         except (ValueError, OSError, AttributeError):
             source = None
     if source != str(workdir.absolute()):
@@ -67,7 +67,7 @@ def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None 
     with atomic.replacing(out / HEAD_FILE) as tmp:
         save_file({"weight": np.ascontiguousarray(np.asarray(detector.head_kernel[...]).T),
                    "bias": np.asarray(detector.head_bias[...])}, str(tmp))
-    checkpointing.write_json_atomic(out / DETECTOR_JSON, {
+    atomic.write_json(out / DETECTOR_JSON, {
         "head": HEAD_FILE, "num_classes": cfg.model.num_classes, "fake_class": 1,
         "feature": "pooler_output", "image_size": cfg.model.image_size,
         "mean": list(cfg.data.mean), "std": list(cfg.data.std),

@@ -54,10 +54,10 @@ import optax
 from flax import nnx
 from scipy import stats
 
-from fmsd_jax import assemble, checkpointing, report, sharding
+from fmsd_jax import assemble, atomic, checkpointing, report, sharding
 from fmsd_jax.data import pipeline
 from fmsd_jax.method import masking
-from fmsd_jax.method.objective import make_loss_fn
+from fmsd_jax.method.objective import CROSS_ENTROPY, make_loss_fn
 from fmsd_jax.model.detector import HeadParam
 from fmsd_jax.model.vit import on_mesh
 
@@ -72,7 +72,7 @@ def _batches(cfg: mlc.ConfigDict, mesh, seed: int, count: int):
     return (sharding.global_batch(mesh, next(it), ("image", "label")) for _ in range(count))
 
 
-_CE = make_loss_fn(lambda_orth=0.0, lambda_spec=0.0)  # one object: jit caches stay warm
+_CE = make_loss_fn(CROSS_ENTROPY)  # one object: jit caches stay warm
 
 
 def estimator_loss_fn():
@@ -223,7 +223,7 @@ def estimate_mask(cfg: mlc.ConfigDict, detector: nnx.Module, workdir: Path, mesh
         record = masking.mask_report(scores, mask, cfg.method.targets) | {
             "score_kind": mc.score, "head": head_record, "stability": stab,
             "noise_floor": floor}
-        checkpointing.write_json_atomic(workdir / checkpointing.MASK_JSON, record)
+        atomic.write_json(workdir / checkpointing.MASK_JSON, record)
         report.plot_layer_scores(record, list(cfg.method.targets), mask.astype(bool),
                                  workdir / "layer_scores.png",
                                  title="Forgery-aware layer scores: "

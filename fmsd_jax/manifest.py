@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from fmsd_jax import checkpointing
+from fmsd_jax import atomic
 
 log = logging.getLogger("fmsd_jax")
 
@@ -84,7 +84,7 @@ def _argv() -> list[str]:
 
 def read(workdir: str | os.PathLike) -> dict[str, Any]:
     path = Path(workdir) / RUN_JSON
-    return checkpointing.read_json(path) if path.is_file() else {}
+    return atomic.read_json(path) if path.is_file() else {}
 
 
 def record(workdir: str | os.PathLike, mode: str, data: dict[str, dict]) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def record(workdir: str | os.PathLike, mode: str, data: dict[str, dict]) -> dict
     if jax.process_index() == 0:
         manifest = read(workdir)
         manifest[mode] = entry
-        checkpointing.write_json_atomic(Path(workdir) / RUN_JSON, manifest)
+        atomic.write_json(Path(workdir) / RUN_JSON, manifest)
     return entry
 
 

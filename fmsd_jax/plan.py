@@ -29,7 +29,16 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fmsd_jax import assemble, build, evaluate, layer_mask, platforms, sharding, train
+from fmsd_jax import (
+    assemble,
+    atomic,
+    build,
+    evaluate,
+    layer_mask,
+    platforms,
+    sharding,
+    train,
+)
 from fmsd_jax.errors import BadInput
 from fmsd_jax.method import masking
 
@@ -481,8 +490,7 @@ def run_plan(cfg: mlc.ConfigDict, workdir: str | Path, topology: str | None) -> 
     print(format_plan(result))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    from fmsd_jax import checkpointing
 
-    checkpointing.write_json_atomic(workdir / "plan.json", result)
+    atomic.write_json(workdir / "plan.json", result)
     print(f"wrote {workdir / 'plan.json'}")
     return result

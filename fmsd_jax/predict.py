@@ -28,7 +28,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fmsd_jax import atomic, build, checkpointing, evaluate, report, sharding
+from fmsd_jax import atomic, build, evaluate, report, sharding
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
@@ -137,7 +137,7 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
             atomic.release_unfilled(out)
         raise
     if out is not None:
-        checkpointing.write_json_atomic(out, result)
+        atomic.write_json(out, result)
         log.info("wrote %s", os.fspath(out))
     failed = [k for k in keys if k not in result["inputs"]]
     if failed:

@@ -19,13 +19,12 @@ import time
 
 import ml_collections as mlc
 
+from fmsd_jax import assemble
 from fmsd_jax.data import pipeline, sources
 from fmsd_jax.data import records as rec
 from fmsd_jax.errors import BadInput
 from fmsd_jax.method.decompose import REGIMES
 from fmsd_jax.method.masking import SCORES
-from fmsd_jax.method.objective import objective_config
-from fmsd_jax.method.optimizer import optim_config
 from fmsd_jax.model.vit import ATTENTION_IMPLS, ATTN_PROJECTIONS, MLP_PROJECTIONS, REMAT_POLICIES
 
 log = logging.getLogger("fmsd_jax")
@@ -92,8 +91,8 @@ def check_config(cfg: mlc.ConfigDict) -> None:
         raise BadInput(f"config.optim.lr={lr!r} must be a finite number above 0; set "
                        "--config.optim.lr=2e-4 (Effort's) or another")
     try:  # the method layer's own validators, so a new allowed value needs no edit here
-        objective_config(cfg)
-        optim_config(cfg.optim)
+        assemble.objective_section(cfg)
+        assemble.optim_section(cfg)
     except ValueError as e:
         raise BadInput(f"{e}; fix it with --config.method.* / --config.optim.*") from None
 

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fmsd_jax import atomic
 from fmsd_jax.data.config import CLIP_MEAN, CLIP_STD
 from fmsd_jax.model.checkpoint import load_clip_vision, save_hf_clip_vision
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
@@ -317,9 +318,7 @@ def pretrain(photos: Sequence[np.ndarray], cfg: PretrainConfig, out_dir: str | o
               "train_seconds": train_s, "total_seconds": time.perf_counter() - t0,
               "backend": jax.default_backend()}
     # Written last: its presence means the weights beside it are complete.
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, record_path)
+    atomic.write_json(record_path, record, sort_keys=False)
     return record | {"skipped": False}
 
 

@@ -87,11 +87,6 @@ SMALL_FONT = 8
 # small helpers
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a run killed mid-write never leaves half a report."""
-    atomic.write_text(path, text)
-
-
 def _to_float(value: Any) -> float:
     if value is None:
         return math.nan
@@ -307,7 +302,7 @@ def write_results(
         d: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
         for d, m in norm.items()
     }
-    _atomic_write_text(json_path, json.dumps(serialisable, indent=2, allow_nan=False) + "\n")
+    atomic.write_json(json_path, serialisable, sort_keys=False, allow_nan=False)
     md = [f"# {title}", ""]
     md += [
         "DeepfakeBench metrics: frame-level AUC / AP / ACC (threshold 0.5, strict) / EER, and "
@@ -319,7 +314,7 @@ def write_results(
     md.append(results_table(norm, train_families=train_families))
     if diagnostics is not None:
         md += ["", adaptation_section(diagnostics)]
-    _atomic_write_text(md_path, "\n".join(md))
+    atomic.write_text(md_path, "\n".join(md))
     return json_path, md_path
 
 
@@ -1157,5 +1152,5 @@ def write_demo_report(
     for r in all_rows:
         label = f"**{r.method}**" + (f" — {r.note}" if r.note else "")
         md += [label, "", "```bash", r.command, "```", ""]
-    _atomic_write_text(out, "\n".join(md))
+    atomic.write_text(out, "\n".join(md))
     return out

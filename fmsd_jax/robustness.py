@@ -260,10 +260,10 @@ def write_outputs(workdir: str | Path, result: Mapping[str, Any],
                   stem: str = ROBUSTNESS) -> tuple[Path, Path, Path]:
     workdir = Path(workdir)
     js = workdir / f"{stem}.json"
-    report._atomic_write_text(js, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    atomic.write_json(js, result, sort_keys=False, allow_nan=False)
     png = plot(result, workdir / f"{stem}.png", workdir=workdir)
     md = workdir / f"{stem}.md"
-    report._atomic_write_text(md, markdown(result, chart=png.name))
+    atomic.write_text(md, markdown(result, chart=png.name))
     return js, md, png
 
 
@@ -492,5 +492,5 @@ def demo_section(family: str, rows: Mapping[str, tuple[mlc.ConfigDict, Path]],
 def append_to_report(path: str | Path, section: str) -> None:
     """Add a section at the end of an existing Markdown report, atomically."""
     path = Path(path)
-    report._atomic_write_text(path, path.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
+    atomic.write_text(path, path.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
                               + section)

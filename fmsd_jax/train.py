@@ -24,6 +24,7 @@ from flax import nnx
 
 from fmsd_jax import (
     assemble,
+    atomic,
     build,
     checkpointing,
     diagnostics,
@@ -188,9 +189,9 @@ def make_state(run: build.Run, tx: optax.GradientTransformation) -> tuple[dict, 
 def assemble_step(cfg: mlc.ConfigDict, run: build.Run, steps: int) -> dict:
     """Loss, optimizer, state, metric accumulators and the jitted step of a run: what `train`
     runs and what `--mode plan` compiles for a TPU slice, built by the same code."""
-    loss_fn = make_loss_fn(cfg)
-    tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
-                        spec=run.spec, total_steps=steps)
+    loss_fn = make_loss_fn(assemble.objective_section(cfg))
+    tx = make_optimizer(assemble.optim_section(cfg), trainable_state=run.trainable,
+                        layer_mask=run.mask, spec=run.spec, total_steps=steps)
     state, state_sh = make_state(run, tx)
     sample = batch_spec(cfg, cfg.train.batch_size, run.mesh)
     return dict(loss_fn=loss_fn, tx=tx, state=state, state_shardings=state_sh, sample=sample,
@@ -232,7 +233,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
              "threads each", pipeline.resolve_workers(cfg.data.workers), cfg.data.workers,
              cfg.data.read_threads)
     if jax.process_index() == 0:
-        checkpointing.write_json_atomic(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
+        atomic.write_json(workdir / checkpointing.CONFIG_JSON, cfg.to_dict())
 
     run = build.prepare(cfg, workdir, mesh)
     steps = total_steps(cfg, num_records)
@@ -249,7 +250,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
         log.info("resumed from step %d", int(state["step"]))
 
     writer = feedback.TensorBoard(workdir / "tb") if jax.process_index() == 0 else None
-    schedules = learning_rates(cfg.optim, steps)  # logged beside the loss
+    schedules = learning_rates(assemble.optim_section(cfg), steps)  # logged beside the loss
     eval_every = cfg.train.eval_every or max(1, num_records // cfg.train.batch_size)
 
     def validate(step: int, state: dict) -> None:

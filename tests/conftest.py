@@ -1,21 +1,139 @@
-"""Session-wide setup (jax starts as the CLI starts it) and fixtures: a tiny CLIP checkpoint
-in Hugging Face's format and a tiny synthetic benchmark in DeepfakeBench's layout, both made
-by the tests (nothing is downloaded)."""
+"""Session-wide setup (jax starts as the CLI starts it, with a persistent compilation cache
+the CLI subprocesses share), fixtures (a tiny CLIP checkpoint in Hugging Face's format and a
+tiny synthetic benchmark in DeepfakeBench's layout, both made by the tests: nothing is
+downloaded) and the helpers several test modules use.
+
+The helpers live here, not in a test module, so that no test module imports another: a test
+module imports them with `from conftest import ...` (pytest puts tests/ on sys.path), and a
+script a test runs in a fresh process does the same after `sys.path.insert(0, tests)`.
+Importing this module starts no jax backend and imports neither matplotlib nor cv2.
+"""
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
-def pytest_configure(config) -> None:
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------
+# Session setup
+
+
+def pytest_configure(config: pytest.Config) -> None:
     """Tests start jax as the CLI does: without libtpu's runtime where no TPU chip is (its
     warnings would fill every failure's captured output; `--mode plan`'s compiles still load
-    libtpu as a compiler)."""
+    libtpu as a compiler). Then the persistent compilation cache (`use_compilation_cache`)."""
     from fmsd_jax import platforms
 
     platforms.skip_absent_tpu()
+    use_compilation_cache(compilation_cache_dir(config))
+
+
+# jax reads these when it is imported (a CLI subprocess) and as `jax.config` options here. Min
+# compile time 0 and min entry size 0 (-1 would forbid any override): the tiny CPU programs of
+# the suite compile in milliseconds and would otherwise never be written.
+CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def compilation_cache_dir(config: pytest.Config) -> Path:
+    """A cache folder of this session only (under the pytest cache, named by the pid; removed
+    at the session's end), so a session never reads programs that another session, another
+    checkout or another jax wrote. Folders of killed sessions are removed at the next start."""
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is not None:
+        base = cache.mkdir("jax_compilation_cache")
+    else:  # -p no:cacheprovider
+        import tempfile
+
+        base = Path(tempfile.gettempdir()) / "fmsd_jax_test_compilation_cache"
+    for old in base.glob("session-*"):
+        pid = old.name.removeprefix("session-")
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    return base / f"session-{os.getpid()}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = os.environ.get(CACHE_ENV[0])
+    if path and Path(path).name == f"session-{os.getpid()}":
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def use_compilation_cache(path: Path) -> None:
+    """jax's persistent compilation cache in `path`, for this process and (through the
+    environment, which subprocesses inherit) every CLI and script process a test starts.
+
+    A cache hit still counts as a compile for `counting_compiles`: jax reports the
+    backend-compile event around its cache lookup too (pxla._cached_compilation wraps
+    compiler.compile_or_get_cached), so a test that counts compiles counts the programs a
+    call had to obtain, whether compiled or read back (tests/test_train.py checks this)."""
+    import jax
+
+    path.mkdir(parents=True, exist_ok=True)
+    values = (str(path), "0", "0")
+    for name, value in zip(CACHE_ENV, values, strict=True):
+        os.environ[name] = value
+    jax.config.update("jax_compilation_cache_dir", values[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@contextlib.contextmanager
+def compilation_cache_off() -> Iterator[None]:
+    """The persistent cache off inside the block, in-process and for subprocesses started
+    meanwhile (jax decides once per process whether it uses the cache: reset_cache makes it
+    decide again)."""
+    import jax
+    from jax._src import compilation_cache
+
+    saved = {name: os.environ.pop(name, None) for name in CACHE_ENV}
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def without_compilation_cache() -> Iterator[None]:
+    """For a test of run-to-run reproducibility: it must compile its programs again, as a
+    user's second run does without a cache, or a cache hit would hide a nondeterministic
+    compile."""
+    with compilation_cache_off():
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +159,310 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     write_benchmark(out, size="tiny", seed=0)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting XLA compiles: jax reports each backend compile (a persistent-cache hit included, see
+# use_compilation_cache) as a monitoring event, so a test can say how many compiles a call made
+# (compiled once = the second call makes none).
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_COMPILES: list[str] = []  # every XLA backend compile of this test process, in order
+_listening = False
+
+
+def _listen_for_compiles() -> None:
+    global _listening
+    if not _listening:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, _secs, **_: _COMPILES.append(event) if event == COMPILE_EVENT
+            else None)
+        _listening = True
+
+
+def counting_compiles(fn: Callable, calls: list[int]) -> Callable:
+    """`fn`, appending to `calls` how many compiles each of its calls made."""
+    _listen_for_compiles()
+
+    def counted(*args, **kwargs):
+        before = len(_COMPILES)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            calls.append(len(_COMPILES) - before)
+    return counted
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configs for the tiny checkpoint and benchmark, and reading what a run saved
+
+
+def load_config(name: str, arg: str = "runlocal"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def overrides(ckpt: Path, bench: Path) -> dict[str, str]:
+    """The command-line overrides of a tiny run: `--config.KEY=VALUE` for each item."""
+    return {"model.init_from": str(ckpt), "data.dataset_root": str(bench),
+            "data.dataset_json_folder": str(bench / "dataset_json"),
+            "data.train_dataset": "('SynBlend',)",
+            "data.test_dataset": "('SynBlend','SynUpsample')",
+            "train.total_steps": "6"}
+
+
+def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra: str):
+    """configs/NAME.py:runlocal with `overrides` and `extra` ({'a.b': 'value'}: strings, as on
+    the command line; a tuple field takes a Python literal), the regime applied, locked."""
+    from fmsd_jax import config_base
+
+    cfg = load_config(name)
+    for key, value in {**overrides(ckpt, bench), **extra}.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        current = node[leaf]
+        node[leaf] = (ast.literal_eval(value) if isinstance(current, tuple)
+                      else type(current)(value) if current is not None else value)
+    config_base.apply_regime(cfg)
+    cfg.lock()
+    return cfg
+
+
+def flat_arrays(tree) -> dict:
+    """{'[a][b]': array} with nnx's `.value` accessors dropped, so states and dicts compare."""
+    import jax
+    import numpy as np
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k).removesuffix(".value").removesuffix("['value']"): np.asarray(v)
+            for k, v in flat}
+
+
+def trainable_at(workdir: Path, step: int | None = None) -> dict:
+    """The trained leaves of a checkpoint as a flat {path: numpy array}."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    root = Path(workdir).absolute() / "checkpoints"
+    step = step if step is not None else max(int(p.name) for p in root.iterdir()
+                                             if p.name.isdigit())
+    path = root / str(step) / "state"
+    # Restore onto this process's first device, whatever mesh wrote the checkpoint.
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            tree)
+    state = ocp.StandardCheckpointer().restore(path, abstract)
+    return flat_arrays(state["trainable"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The method layer's settings and the production train step on a small detector
+
+
+def optim_settings(**changes: Any):
+    """config_base's `optim` defaults as an OptimConfig, with `changes`: a test states only what
+    it varies, and the rest is what a run uses."""
+    import dataclasses
+
+    from fmsd_jax import assemble, config_base
+
+    return dataclasses.replace(assemble.optim_section(config_base.base_config()), **changes)
+
+
+def objective_settings(**changes: Any):
+    """config_base's objective defaults (`method.lambda_*`, `spectral_form`) with `changes`."""
+    import dataclasses
+
+    from fmsd_jax import assemble, config_base
+
+    return dataclasses.replace(assemble.objective_section(config_base.base_config()), **changes)
+
+
+def production_step(det, *, regime: str, spec, batch: dict, **kwargs: Any):
+    """`train.make_train_step` on `det`, on a one-device mesh, as bench/_common.ProductionStep
+    builds it for the benches (one construction for both); kwargs go to ProductionStep."""
+    import jax
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench._common import ProductionStep
+
+    n, size = batch["image"].shape[:2]
+    return ProductionStep(det, regime=regime, spec=spec, batch=n, image_size=size,
+                          devices=jax.devices()[:1], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner's tiny config, and the real train step on a data x fsdp mesh (tests/test_plan.py
+# runs it in-process and in a 64-device subprocess)
+
+
+def tiny_cfg(**over: Any):
+    """config_base's defaults at the planner tests' tiny size (bfloat16, variant 'tiny',
+    32 px, batch 8) with `over` ({'a.b': value}, values typed)."""
+    from fmsd_jax import config_base
+
+    c = config_base.base_config()
+    c.model.variant = "tiny"
+    c.model.image_size = 32
+    c.data.image_size = 32
+    c.model.dtype = "bfloat16"
+    c.method.mask.top_k = 2
+    c.train.batch_size = 8
+    c.eval.batch_size = 8
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def train_losses(ckpt: str, *, data: int, fsdp: int) -> dict:
+    """Three steps of the tiny model's real train step on a data x fsdp mesh, fixed batches.
+
+    Every weight is eligible for fsdp (FSDP_MIN_SIZE 0), so the frozen kernels are really
+    split 8 ways on the 8 x 8 mesh; returns the per-step losses and how many leaves were split.
+    """
+    import jax
+    import numpy as np
+
+    from fmsd_jax import build, sharding, train
+
+    cfg = tiny_cfg(**{"model.dtype": "float32", "model.variant": "auto",
+                      "model.init_from": ckpt, "method.mask.enabled": False,
+                      "train.batch_size": 64, "mesh.data": data, "mesh.fsdp": fsdp})
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[: data * fsdp])
+    min_size, sharding.FSDP_MIN_SIZE = sharding.FSDP_MIN_SIZE, 0
+    try:
+        run = build.prepare(cfg, Path("/nonexistent-workdir"), mesh, estimate=False)
+        parts = train.assemble_step(cfg, run, steps=3)
+        split = sum("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(run.frozen))
+        rng = np.random.default_rng(0)
+        state, sums, losses = parts["state"], parts["metric_sums"], []
+        for _ in range(3):
+            host = {"image": rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
+                    "label": rng.integers(0, 2, (64,), np.int32)}
+            batch = sharding.global_batch(mesh, host, ("image", "label"))
+            before = float(sums["loss"])
+            state, sums = parts["step_fn"](state, run.frozen, batch, sums)
+            losses.append(float(sums["loss"]) - before)
+    finally:
+        sharding.FSDP_MIN_SIZE = min_size
+    return {"losses": losses, "split_leaves": split, "mesh": dict(mesh.shape)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m fmsd_jax.main ARGS` in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "fmsd_jax.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line of a refused command (exit 2, no traceback)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# File names that are not valid UTF-8
+
+LATIN1 = b'\xe9'  # 'é' in Latin-1: a lone byte UTF-8 cannot decode
+
+
+def byte_path(parent, name: bytes) -> str:
+    """PARENT/NAME as Python names it (surrogate-escaped str); skips the test where the
+    filesystem will not hold a name that is not valid UTF-8."""
+    path = os.fsdecode(os.path.join(os.fsencode(parent), name))
+    probe = os.fsdecode(os.path.join(os.fsencode(parent), b'.probe' + LATIN1))
+    try:
+        with open(probe, 'wb'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        pytest.skip(f'this filesystem refuses names that are not UTF-8 ({e})')
+    return path
+
+
+def write_avi(path: str, n: int = 6, size=(48, 32)) -> None:
+    """An MJPG video whose frame i has green level 30 * i, so frames are told apart."""
+    import cv2
+    import numpy as np
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # bytes: OpenCV segfaults on the surrogate-escaped str of a name that is not UTF-8
+    writer = cv2.VideoWriter(os.fsencode(path), cv2.VideoWriter_fourcc(*'MJPG'), 10, size)
+    assert writer.isOpened()
+    for i in range(n):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        frame[..., 1] = 30 * i
+        writer.write(frame)
+    writer.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a reader of a saved chart sees, measured on the matplotlib objects instead of by eye:
+# text too small to read, tick labels running into each other.
+
+MIN_FONT_PT = 7.0  # the smallest text a chart may hold at its saved size
+
+
+def draw(fig: Figure):
+    """Lay the figure out as `report._save` does (Agg at 120 dpi) and return the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.set_dpi(120)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def visible_texts(fig: Figure) -> list[Text]:
+    """Every non-empty, visible text of the figure: titles, labels, tick labels, legends,
+    cell numbers."""
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def too_small(fig: Figure, min_pt: float = MIN_FONT_PT) -> list[tuple[str, float]]:
+    return [(t.get_text(), t.get_fontsize()) for t in visible_texts(fig)
+            if t.get_fontsize() < min_pt]
+
+
+def overlapping_tick_labels(fig: Figure) -> list[tuple[str, str, str]]:
+    """(axis, label, label) for each pair of drawn tick labels of one axis whose boxes overlap,
+    over every axes of the figure (colorbars included). Only ticks inside the view limits are
+    drawn, so only those count."""
+    renderer = draw(fig)
+    bad = []
+    for ax in fig.axes:
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            lo, hi = sorted(axis.get_view_interval())
+            ticks = [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+            labels = [t.label1 for t in ticks
+                      if t.label1.get_visible() and t.label1.get_text()
+                      and lo - 1e-12 * abs(lo) <= t.get_loc() <= hi + 1e-12 * abs(hi)]
+            boxes = [lb.get_window_extent(renderer) for lb in labels]
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    if boxes[i].overlaps(boxes[j]):
+                        bad.append((f"{ax.get_title()[:30]!r}.{name}", labels[i].get_text(),
+                                    labels[j].get_text()))
+    return bad

@@ -18,9 +18,9 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from test_cli_errors import one_line_error, run_cli
+from conftest import LATIN1, byte_path, one_line_error, run_cli, write_avi
 
-from fmsd_jax import checkpointing, main, predict, report
+from fmsd_jax import atomic, main, predict, report
 from fmsd_jax.data import perturbations, sources
 from fmsd_jax.data import tfds_builder as T
 from fmsd_jax.data import video as vid
@@ -32,41 +32,12 @@ from fmsd_jax.data.transforms import ImageReader, read_rgb
 from fmsd_jax.errors import BadInput, InputNotFound
 from fmsd_jax.pathnames import shown
 
-LATIN1 = b'\xe9'  # 'é' in Latin-1: a lone byte UTF-8 cannot decode
-
-
-def byte_path(parent, name: bytes) -> str:
-    """PARENT/NAME as Python names it (surrogate-escaped str); skips the test where the
-    filesystem will not hold a name that is not valid UTF-8."""
-    path = os.fsdecode(os.path.join(os.fsencode(parent), name))
-    probe = os.fsdecode(os.path.join(os.fsencode(parent), b'.probe' + LATIN1))
-    try:
-        with open(probe, 'wb'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        pytest.skip(f'this filesystem refuses names that are not UTF-8 ({e})')
-    return path
-
 
 def write_png(path: str, image: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ok, data = cv2.imencode('.png', image)
     assert ok
     data.tofile(path)  # Python's file layer: any name
-
-
-def write_avi(path: str, n: int = 6, size=(48, 32)) -> None:
-    """An MJPG video whose frame i has green level 30 * i, so frames are told apart."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # bytes: OpenCV segfaults on the surrogate-escaped str of a name that is not UTF-8
-    writer = cv2.VideoWriter(os.fsencode(path), cv2.VideoWriter_fourcc(*'MJPG'), 10, size)
-    assert writer.isOpened()
-    for i in range(n):
-        frame = np.zeros((size[1], size[0], 3), np.uint8)
-        frame[..., 1] = 30 * i
-        writer.write(frame)
-    writer.release()
 
 
 def noise(seed: int, shape=(24, 40, 3)) -> np.ndarray:
@@ -232,8 +203,8 @@ def test_results_and_predictions_json_round_trip_the_bytes(tmp_path):
     [key] = json.loads(json_path.read_text())
     assert os.fsencode(key) == b'Caf\xe9'
     assert '| Caf\\xe9 |' in md_path.read_text(encoding='utf-8')  # valid UTF-8, escaped
-    checkpointing.write_json_atomic(tmp_path / 'p.json', {'inputs': {name: 1}})
-    assert [os.fsencode(k) for k in checkpointing.read_json(tmp_path / 'p.json')['inputs']] \
+    atomic.write_json(tmp_path / 'p.json', {'inputs': {name: 1}})
+    assert [os.fsencode(k) for k in atomic.read_json(tmp_path / 'p.json')['inputs']] \
         == [b'Caf\xe9']
 
 

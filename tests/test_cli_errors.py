@@ -9,30 +9,14 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_train import make_cfg
+from conftest import make_cfg, one_line_error, run_cli
 
-from fmsd_jax import demo, errors, main, train
+from fmsd_jax import atomic, demo, errors, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "fmsd_jax.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 def test_help_exits_0_and_shows_overrides_and_variants():
@@ -177,7 +161,7 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
     assert checkpointing.latest_saved_step(tmp_path) == 2
     with pytest.raises(errors.AlreadyExists, match="holds checkpoints but no config.json"):
         checkpointing.check_resumable(tmp_path, cfg)
-    checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())
+    atomic.write_json(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())
     checkpointing.check_resumable(tmp_path, cfg)  # the same run: resumes
     longer = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
                       **{"train.total_steps": "40", "eval.batch_size": "4"})
@@ -191,7 +175,7 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
 
 
 def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):
-    from fmsd_jax import checkpointing, config_base, preflight
+    from fmsd_jax import config_base, preflight
 
     cfg = config_base.base_config()
     for field, value, said in [("train.batch_size", 0, "config.train.batch_size=0 must be an "
@@ -224,4 +208,4 @@ def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):
     truncated.write_text('{"data": {"image_size": 2')
     with pytest.raises(errors.BadInput, match=r"config.json is not valid JSON \(.*\); it is "
                                               r"damaged"):
-        checkpointing.read_json(truncated)
+        atomic.read_json(truncated)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from fmsd_jax import atomic, checkpointing, report
+from fmsd_jax import atomic, report
 from fmsd_jax.model.checkpoint import save_hf_clip_vision
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
 
@@ -30,7 +30,7 @@ def mode(path: Path) -> int:
 
 def test_every_atomic_writer_respects_the_umask(tmp_path, umask):
     assert atomic.current_umask() == umask
-    checkpointing.write_json_atomic(tmp_path / "a.json", {"x": 1})
+    atomic.write_json(tmp_path / "a.json", {"x": 1})
     json_path, md_path = report.write_results(tmp_path, RESULT)
     cfg = ViTConfig(width=16, layers=1, heads=2, patch_size=8, mlp_dim=32, proj_dim=None,
                     image_size=16)
@@ -70,8 +70,8 @@ def test_claims_never_share_a_name_and_the_record_says_new_or_replaced(tmp_path)
     assert sorted(names) == sorted(["predictions.json"] + [f"predictions-{n}.json"
                                                            for n in range(2, 9)])
     (tmp_path / "old.json").write_text("{}")
-    checkpointing.write_json_atomic(tmp_path / "old.json", {"x": 1})
-    checkpointing.write_json_atomic(tmp_path / "predictions-2.json", {"x": 2})  # fills a claim
+    atomic.write_json(tmp_path / "old.json", {"x": 1})
+    atomic.write_json(tmp_path / "predictions-2.json", {"x": 2})  # fills a claim
     record = atomic.written()
     assert record[tmp_path / "old.json"] is True
     assert record[tmp_path / "predictions-2.json"] is False

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from compile_count import counting_compiles  # tests/ is on sys.path
+from conftest import counting_compiles, make_cfg
 from flax import nnx
-from test_train import make_cfg
 
 from fmsd_jax import assemble, layer_mask, sharding
 from fmsd_jax.method import masking

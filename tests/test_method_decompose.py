@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import production_step
 from flax import nnx
 
 from fmsd_jax.method.decompose import (
@@ -23,9 +24,6 @@ from fmsd_jax.method.decompose import (
     trainable_filter,
 )
 from fmsd_jax.method.decompose import _decompose_stacked as _decompose_stacked
-from fmsd_jax.method.objective import make_loss_fn
-from fmsd_jax.method.optimizer import make_optimizer
-from fmsd_jax.method.step import make_train_step
 from fmsd_jax.model.detector import Detector, HeadParam
 from fmsd_jax.model.vit import CLIPVisionTower, Dense, ViTConfig
 
@@ -126,18 +124,17 @@ def test_spec_json_roundtrip_and_errors():
 def test_merge_equals_decomposed_after_training():
     det = make_detector(5)
     spec = decompose(det, num_subspaces=2, rank=4)
-    graphdef, trainable, frozen = nnx.split(det, trainable_filter("fmsd"), ...)
-    tx = make_optimizer(
-        dict(lr=5e-2), trainable_state=trainable, layer_mask=None, spec=spec, total_steps=10
-    )
-    opt_state = tx.init(trainable)
-    step = make_train_step(graphdef, tx, make_loss_fn(None, lambda_orth=0.1, lambda_spec=0.1))
-    batch = dict(image=images(4, 1), label=jnp.array([0, 1, 1, 0]))
-    init_u = np.asarray(trainable["backbone"]["transformer"]["blocks"]["attn"]["q"]["u"][...])
+    batch = dict(image=np.asarray(images(4, 1)), label=np.array([0, 1, 1, 0], np.int32))
+    # The production train step (train.make_train_step), one device, both regularisers on.
+    step = production_step(det, regime="fmsd", spec=spec, batch=batch,
+                           optim={"lr": 5e-2, "head_lr": 5e-2}, lambda_orth=0.1,
+                           lambda_spec=0.1, total_steps=10)
+    init_u = np.asarray(step.trainable["backbone"]["transformer"]["blocks"]["attn"]["q"]["u"][...])
+    on_mesh = step.device_batch(batch)
     for _ in range(3):
-        trainable, opt_state, aux = step(trainable, opt_state, frozen, batch)
-    chex.assert_tree_all_finite(aux)
-    nnx.update(det, trainable)
+        step(on_mesh)
+    assert all(np.isfinite(v) for v in step.mean_metrics().values())
+    nnx.update(det, jax.device_get(step.trainable))
     moved = np.asarray(det.backbone.transformer.blocks.attn.q.u[...])
     assert np.abs(moved - init_u).max() > 1e-3  # the steps did something
     x = images(4, 2)

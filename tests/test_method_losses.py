@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import objective_settings
 from flax import nnx
 
 from fmsd_jax.method.decompose import ArtifactFactor, decompose, decomposed_layers
 from fmsd_jax.method.losses import orthogonality_loss, orthogonality_terms, spectral_loss
-from fmsd_jax.method.objective import make_loss_fn, objective_config
+from fmsd_jax.method.objective import CROSS_ENTROPY, ObjectiveConfig, make_loss_fn
 from fmsd_jax.model.detector import Detector
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
 
@@ -182,41 +183,38 @@ def test_zero_lambda_is_not_traced():
     """With λ = 0 the objective runs on a model that has no decomposed layer at all."""
     det = Detector(CLIPVisionTower(CFG, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
     batch = dict(image=jnp.ones((2, 16, 16, 3)), label=jnp.array([0, 1]))
-    loss, aux = make_loss_fn(None)(det, batch)
+    loss, aux = make_loss_fn(CROSS_ENTROPY)(det, batch)
     assert float(aux["orth"]) == 0.0 and float(aux["spec"]) == 0.0
     np.testing.assert_allclose(float(loss), float(aux["ce"]))
     with pytest.raises(ValueError, match="no DecomposedDense"):
-        make_loss_fn(None, lambda_orth=1.0)(det, batch)
+        make_loss_fn(objective_settings(lambda_orth=1.0))(det, batch)
     # and the jaxpr of the λ = 0 objective has no trace of the regulariser on a decomposed model
     det2, _, _ = decomposed()
     g, s = nnx.split(det2)
-    n0 = len(jax.make_jaxpr(lambda s: make_loss_fn(None)(nnx.merge(g, s), batch)[0])(s).eqns)
-    n1 = len(
-        jax.make_jaxpr(
-            lambda s: make_loss_fn(None, lambda_orth=1.0, lambda_spec=1.0)(nnx.merge(g, s), batch)[
-                0
-            ]
-        )(s).eqns
-    )
+    n0 = len(jax.make_jaxpr(
+        lambda s: make_loss_fn(CROSS_ENTROPY)(nnx.merge(g, s), batch)[0])(s).eqns)
+    both = objective_settings(lambda_orth=1.0, lambda_spec=1.0)
+    n1 = len(jax.make_jaxpr(lambda s: make_loss_fn(both)(nnx.merge(g, s), batch)[0])(s).eqns)
     assert n1 > n0
 
 
 def test_objective_config_fields():
-    from ml_collections import ConfigDict
-
-    cfg = ConfigDict(
-        dict(method=dict(lambda_orth=0.5, lambda_spec=0.1, spectral_form="per_subspace"))
-    )
-    oc = objective_config(cfg)
-    assert (oc.lambda_orth, oc.lambda_spec, oc.spectral_form) == (0.5, 0.1, "per_subspace")
-    assert objective_config(cfg, lambda_orth=0.0).lambda_orth == 0.0
+    """The typed settings refuse what the objective cannot do, and the loss weights each term
+    by its λ (the config section → ObjectiveConfig step is assemble.objective_section's,
+    tested in test_method_optimizer.py)."""
+    oc = ObjectiveConfig(lambda_orth=0.5, lambda_spec=0.1, spectral_form="per_subspace")
     with pytest.raises(ValueError, match="spectral_form"):
-        objective_config(dict(spectral_form="nuclear"))
-    with pytest.raises(ValueError, match="unknown objective field"):
-        objective_config(None, lambda_ortho=1.0)
+        ObjectiveConfig(lambda_orth=0.0, lambda_spec=0.0, spectral_form="nuclear")
+    with pytest.raises(ValueError, match=">= 0"):
+        ObjectiveConfig(lambda_orth=-1.0, lambda_spec=0.0, spectral_form="squared")
+    with pytest.raises(TypeError, match="spectral_form"):  # no field has a default
+        ObjectiveConfig(lambda_orth=0.0, lambda_spec=0.0)  # type: ignore[call-arg]
     det, _, _ = decomposed()
     batch = dict(image=jnp.ones((2, 16, 16, 3)), label=jnp.array([0, 1]))
     det = nnx.merge(*perturb(det))
-    loss, aux = make_loss_fn(cfg)(det, batch)
+    loss, aux = make_loss_fn(oc)(det, batch)
     chex.assert_trees_all_close(loss, aux["ce"] + 0.5 * aux["orth"] + 0.1 * aux["spec"], rtol=1e-6)
+    np.testing.assert_allclose(float(aux["spec"]), float(spectral_loss(det, "per_subspace")),
+                               rtol=1e-6)
+    assert float(aux["orth"]) > 0 and float(aux["spec"]) > 0  # the weights are tested
     assert set(aux) == {"loss", "ce", "orth", "spec", "accuracy"}

@@ -21,7 +21,7 @@ from fmsd_jax.method.masking import (
     mask_report,
     select_layers,
 )
-from fmsd_jax.method.objective import make_loss_fn
+from fmsd_jax.method.objective import CROSS_ENTROPY, make_loss_fn
 from fmsd_jax.model.detector import Detector
 from fmsd_jax.model.vit import ATTN_PROJECTIONS, CLIPVisionTower, ViTConfig
 
@@ -92,7 +92,7 @@ def test_known_answer_consistent_vs_noise_layers():
 def test_cross_entropy_moments_match_per_batch_gradients():
     det = detector(1)
     graphdef, cand, rest = candidate_split(det)
-    loss_fn = make_loss_fn(None)
+    loss_fn = make_loss_fn(CROSS_ENTROPY)
     rng = np.random.default_rng(1)
     batches = [
         dict(
@@ -118,9 +118,14 @@ def test_cross_entropy_moments_match_per_batch_gradients():
         mean = stack.mean(0)
         bias = np.sum(mean**2, axis=(-2, -1))
         var = np.mean(np.sum((stack - mean) ** 2, axis=(-2, -1)), axis=0)
+        # GSNR per element: mean² / (variance + eps), averaged over the layer's elements.
+        gsnr = np.mean(mean**2 / (((stack - mean) ** 2).mean(0) + 1e-20), axis=(-2, -1))
         np.testing.assert_allclose(out["bias"][:, j], bias, rtol=1e-4)
         np.testing.assert_allclose(out["variance"][:, j], var, rtol=1e-4)
-    np.testing.assert_allclose(out["score"], out["gsnr"])
+        np.testing.assert_allclose(out["gsnr"][:, j], gsnr, rtol=1e-3)
+    # score='gsnr' scores by it, not by bias/variance (a different array here)
+    np.testing.assert_array_equal(out["score"], out["gsnr"])
+    assert not np.allclose(out["score"], out["bias"] / (out["variance"] + 1e-20))
 
 
 def test_select_layers_rules():
@@ -146,7 +151,7 @@ _SHARDED = textwrap.dedent("""
     from flax import nnx
     from jax.sharding import Mesh
     from fmsd_jax.method.masking import candidate_split, estimate_layer_scores
-    from fmsd_jax.method.objective import make_loss_fn
+    from fmsd_jax.method.objective import CROSS_ENTROPY, make_loss_fn
     from fmsd_jax.model.detector import Detector
     from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
 
@@ -158,9 +163,9 @@ _SHARDED = textwrap.dedent("""
     rng = np.random.default_rng(0)
     batches = [dict(image=rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
                     label=rng.integers(0, 2, size=16)) for _ in range(3)]
-    one = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(None))
+    one = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(CROSS_ENTROPY))
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    many = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(None), mesh=mesh)
+    many = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(CROSS_ENTROPY), mesh=mesh)
     for k in ("bias", "variance", "score", "gsnr"):
         np.testing.assert_allclose(many[k], one[k], rtol=2e-4, err_msg=k)
     # A run's placement: data 4 x fsdp 2, every weight split over fsdp and gathered per layer.
@@ -169,7 +174,7 @@ _SHARDED = textwrap.dedent("""
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), sharding.BATCH_AXES)
     placement = layer_mask.estimator_placement(mesh, c, r)
     assert "fsdp" in str(jax.tree.leaves(placement[0])[0].spec)
-    fsdp = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(None), mesh=mesh,
+    fsdp = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(CROSS_ENTROPY), mesh=mesh,
                                  placement=placement)
     for k in ("bias", "variance", "score", "gsnr"):
         np.testing.assert_allclose(fsdp[k], one[k], rtol=2e-4, err_msg=k)

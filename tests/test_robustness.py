@@ -8,8 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from chart_checks import draw, too_small
-from test_train import make_cfg  # tests/ is on sys.path (pytest rootdir-relative import)
+from conftest import draw, make_cfg, too_small
 
 from fmsd_jax import robustness, train
 from fmsd_jax.data import perturbations as pt

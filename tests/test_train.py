@@ -7,7 +7,6 @@ Runs that need a fresh process (SIGKILL, SIGTERM, 8 virtual devices, 2 processes
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,13 +25,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from compile_count import counting_compiles  # tests/ is on sys.path
+from conftest import counting_compiles, flat_arrays, make_cfg, overrides, trainable_at
 
 from fmsd_jax import (
     atomic,
     build,
     checkpointing,
-    config_base,
     diagnostics,
     errors,
     evaluate,
@@ -44,36 +42,6 @@ from fmsd_jax import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str, arg: str = "runlocal"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def overrides(ckpt: Path, bench: Path) -> dict[str, str]:
-    return {"model.init_from": str(ckpt), "data.dataset_root": str(bench),
-            "data.dataset_json_folder": str(bench / "dataset_json"),
-            "data.train_dataset": "('SynBlend',)",
-            "data.test_dataset": "('SynBlend','SynUpsample')",
-            "train.total_steps": "6"}
-
-
-def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra):
-    cfg = load_config(name)
-    for key, value in {**overrides(ckpt, bench), **extra}.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        current = node[leaf]
-        node[leaf] = (eval(value) if isinstance(current, tuple)  # noqa: S307 (test literals)
-                      else type(current)(value) if current is not None else value)
-    config_base.apply_regime(cfg)
-    cfg.lock()
-    return cfg
 
 
 def cli_args(workdir: Path, ckpt: Path, bench: Path, *flags: str) -> list[str]:
@@ -92,28 +60,6 @@ def cli(workdir: Path, ckpt: Path, bench: Path, *flags: str, env: dict | None = 
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
     return proc
-
-
-def trainable_at(workdir: Path, step: int | None = None) -> dict:
-    """The trained leaves of a checkpoint as a flat {path: numpy array}."""
-    root = Path(workdir).absolute() / "checkpoints"
-    step = step if step is not None else max(int(p.name) for p in root.iterdir()
-                                             if p.name.isdigit())
-    path = root / str(step) / "state"
-    # Restore onto this process's first device, whatever mesh wrote the checkpoint.
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            tree)
-    state = ocp.StandardCheckpointer().restore(path, abstract)
-    return flat_arrays(state["trainable"])
-
-
-def flat_arrays(tree) -> dict:
-    """{'[a][b]': array} with nnx's `.value` accessors dropped, so states and dicts compare."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(k).removesuffix(".value").removesuffix("['value']"): np.asarray(v)
-            for k, v in flat}
 
 
 def latest_step(workdir: Path) -> int:
@@ -196,6 +142,31 @@ def test_the_eval_step_compiles_once_per_run(trained):
     assert COMPILES_IN["evaluate"] == [0]  # the test sets: the same program, the same shapes
 
 
+def test_a_program_read_from_the_persistent_cache_counts_as_a_compile():
+    """The suite runs with jax's persistent compilation cache (conftest.py); the compile counts
+    above must still count a program a call had to obtain when it comes from that cache, or a
+    recompile would pass as 'compiled once'."""
+    import jax.numpy as jnp
+    from jax._src import compilation_cache
+
+    assert compilation_cache.is_persistent_cache_enabled()
+    hits: list[str] = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: hits.append(event)
+        if event == "/jax/compilation_cache/cache_hits" else None)
+    x = jnp.arange(5.0)
+
+    def retraced():  # a new jit each call: traced, lowered and compiled (or read) again
+        return jax.jit(lambda v: jnp.cos(v) * 3.0 - 0.5)(x)
+
+    calls: list[int] = []
+    counting_compiles(retraced, calls)()
+    jax.clear_caches()  # forget the executables in memory: the next one can only come from disk
+    counting_compiles(retraced, calls)()
+    assert len(hits) == 1  # the second program was read from the cache...
+    assert calls == [1, 1]  # ...and counted as one compile, like the first
+
+
 def test_train_writes_everything_a_user_reads(trained):
     cfg, workdir, results = trained
     for name in ("config.json", "layer_mask.json", "decomposition.json", "results.json",
@@ -205,9 +176,18 @@ def test_train_writes_everything_a_user_reads(trained):
     assert list((workdir / "tb").iterdir()), "no TensorBoard event file"
     saved = json.loads((workdir / "results.json").read_text())
     assert set(saved) == {"SynBlend", "SynUpsample"}
-    for metrics in saved.values():
+    # Each saved AUC is sklearn's AUC of the evaluated checkpoint's probabilities for that test
+    # set, scored again here through the production scorer.
+    from sklearn.metrics import roc_auc_score
+
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    trainable = build.restore_trainable(cfg, workdir, run)
+    for name, metrics in saved.items():
         assert {"frame_auc", "video_auc", "acc", "ap", "eer"} <= set(metrics)
-        assert 0.0 <= metrics["frame_auc"] <= 1.0
+        _, probs, labels = evaluate.score_dataset(cfg, run, trainable, name, "test")
+        assert len(probs) == metrics["num_frames"] and len(set(labels.tolist())) == 2
+        np.testing.assert_allclose(metrics["frame_auc"], roc_auc_score(labels, probs),
+                                   rtol=0, atol=1e-12, err_msg=name)
     mask = json.loads((workdir / "layer_mask.json").read_text())
     selected = np.asarray(mask["mask"])
     chex.assert_shape(selected, (2, 4))  # tiny tower: 2 layers x (q, k, v, out)
@@ -246,13 +226,17 @@ def test_diagnostics_measure_the_adapted_layers_and_the_contribution(trained):
     mask = np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"], bool)
     rel = np.asarray(diag["weight_change"]["relative"])
     assert np.all(rel[~mask] == 0.0) and np.all(rel[mask] > 0.0)
-    assert diag["step"] == latest_step(workdir) or diag["checkpoint"] == "best"
+    # The diagnostics describe the checkpoint evaluation uses: the best one (validation ran at
+    # steps 4 and 6), by its step.
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    _, step, which = build.restore_evaluated(cfg, workdir, run)
+    assert (diag["step"], diag["checkpoint"]) == (step, which) and which == "best"
+    assert step in set(ocp.step.checkpoint_steps(workdir / "best"))
     c = diag["contribution"]
     np.testing.assert_allclose(c["frame_auc"], c["trained"]["frame_auc"]
                                - c["pretrained_backbone"]["frame_auc"], atol=1e-12)
     assert "Did the backbone adapt?" in (workdir / "results.md").read_text()
 
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
     initial = flat_arrays(run.trainable)
     trainable = build.restore_trainable(cfg, workdir, run)
     reference = diagnostics.pretrained_backbone(run, trainable)
@@ -342,8 +326,19 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     assert scored[str(frames[0])]["frames"] == 1
     assert scored[str(video)]["frames"] == 2 * len(frames)
     for r in scored.values():
-        assert 0.0 <= r["prob_fake"] <= 1.0
         np.testing.assert_allclose(r["prob_fake"], np.mean(r["frame_probs"]), rtol=1e-6)
+    # A frame's probability is the trained detector's softmax on its pixels (32 px: no resize).
+    from flax import nnx
+
+    from fmsd_jax.data.transforms import read_rgb
+
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    model = nnx.merge(run.graphdef, build.restore_trainable(cfg, workdir, run), run.frozen)
+    pixels = read_rgb(str(frames[0]))
+    assert pixels.shape == (32, 32, 3)
+    logits = np.asarray(model(pixels[None]), np.float64)[0]
+    np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
+                               np.exp(logits[1]) / np.exp(logits).sum(), atol=1e-6)
     # The single frame scores the same alone as inside its folder.
     np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
                                scored[str(folder)]["frame_probs"][0], atol=1e-6)
@@ -437,7 +432,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
                                                             "optim.head_lr": "1e30"})
     # The run diverging later under its own settings: its config.json is the diverging one
     # (resuming under a changed lr is refused; tests/test_cli_errors.py).
-    checkpointing.write_json_atomic(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
+    atomic.write_json(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
     with pytest.raises(FloatingPointError, match="last good checkpoint was kept"):
         train.train(bad, tmp_path)
     assert latest_step(tmp_path) == 2
@@ -445,13 +440,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
         np.testing.assert_array_equal(value, good[key])
 
 
-def test_clear_errors_before_any_compile(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
+def test_clear_errors_before_any_step_is_compiled(tmp_path, tiny_clip_checkpoint,
+                                                 tiny_benchmark, monkeypatch):
+    """A missing checkpoint and an empty training set fail before XLA compiles anything; a
+    geometry mismatch is found once the checkpoint is read (its eager weight conversions
+    compile small programs), still before the train step is built."""
+    compiles: list[int] = []
+    built: list[int] = []
+    assemble_step = train.assemble_step
+    monkeypatch.setattr(train, "assemble_step",
+                        lambda *a, **k: built.append(1) or assemble_step(*a, **k))
+    run = counting_compiles(train.train, compiles)
     missing = make_cfg(tmp_path / "nope.safetensors", tiny_benchmark)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        train.train(missing, tmp_path / "a")
+        run(missing, tmp_path / "a")
     geometry = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"model.variant": "B/16"})
     with pytest.raises(ValueError, match=r"width: config 768 vs checkpoint 32"):
-        train.train(geometry, tmp_path / "b")
+        run(geometry, tmp_path / "b")
     empty_json = tmp_path / "json"
     empty_json.mkdir()
     (empty_json / "Empty.json").write_text(json.dumps(
@@ -459,7 +464,9 @@ def test_clear_errors_before_any_compile(tmp_path, tiny_clip_checkpoint, tiny_be
     empty = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{
         "data.dataset_json_folder": str(empty_json), "data.train_dataset": "('Empty',)"})
     with pytest.raises(ValueError, match="Empty"):
-        train.train(empty, tmp_path / "c")
+        run(empty, tmp_path / "c")
+    assert compiles[0] == compiles[2] == 0 and len(compiles) == 3, compiles
+    assert built == []
 
 
 def test_cli_rejects_unknown_config_fields(tmp_path, tiny_clip_checkpoint, tiny_benchmark):
@@ -540,7 +547,7 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, {tests!r})
-from test_train import make_cfg, trainable_at
+from conftest import make_cfg, trainable_at
 from fmsd_jax import train
 from pathlib import Path
 ckpt, bench, out = Path({ckpt!r}), Path({bench!r}), Path({out!r})
@@ -748,7 +755,8 @@ def test_evaluate_warns_when_the_data_changed_since_training(trained_copy, tmp_p
 
 @pytest.mark.slow  # a second training run
 def test_the_same_run_twice_gives_bit_identical_results(trained, tmp_path, tiny_clip_checkpoint,
-                                                        tiny_benchmark):
+                                                        tiny_benchmark,
+                                                        without_compilation_cache):
     cfg, workdir, _ = trained
     first = (workdir / "results.json").read_bytes()
     train.train(make_cfg(tiny_clip_checkpoint, tiny_benchmark), tmp_path / "again")
@@ -756,14 +764,13 @@ def test_the_same_run_twice_gives_bit_identical_results(trained, tmp_path, tiny_
 
 
 def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tiny_benchmark,
-                                                              capsys):
+                                                              capsys, tmp_path):
     cfg, workdir, _ = trained_copy
     folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
     result = predict.predict(cfg, workdir, [str(folder)])
     out = capsys.readouterr().out
     assert "P(fake)" in out and "fake if P(fake) > 0.5" in out
     r = result["inputs"][str(folder)]
-    assert r["label"] == ("fake" if r["prob_fake"] > 0.5 else "real")
     assert f"{r['prob_fake']:.4f}" in out
     assert result["threshold"] == 0.5
     assert result["model"] == {"workdir": str(workdir.absolute()), "checkpoint": "best",
@@ -781,6 +788,14 @@ def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tin
     assert json.loads((workdir / "predictions.json").read_text()) == result
     with pytest.raises(errors.AlreadyExists, match="predictions.json exists"):
         predict.predict(cfg, workdir, [str(folder)], workdir / "predictions.json")
+    # config.predict.threshold decides the label: just below the input's P(fake) it is fake,
+    # just above it real.
+    p = r["prob_fake"]
+    for threshold, label in ((p - 1e-4, "fake"), (p + 1e-4, "real")):
+        at = make_cfg(cfg.model.init_from, tiny_benchmark,
+                      **{"predict.threshold": repr(threshold)})
+        got = predict.predict(at, workdir, [str(folder)], tmp_path / f"{label}.json")
+        assert got["threshold"] == threshold and got["inputs"][str(folder)]["label"] == label
 
 
 def test_predict_per_image_scores_each_image_of_a_folder(trained, tiny_benchmark, tmp_path):
@@ -816,7 +831,7 @@ def test_predict_scores_byte_named_inputs_as_their_plain_copies(trained, tiny_be
     stdout, and predictions.json gives back their bytes (OpenCV segfaulted on them)."""
     import io
 
-    from test_byte_paths import byte_path, write_avi
+    from conftest import byte_path, write_avi
 
     cfg, workdir, _ = trained
     folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from fmsd_jax import atomic
 from fmsd_jax.data import forgeries as F
 from fmsd_jax.data.config import SYNTHETIC_DATASETS
 
@@ -229,10 +230,7 @@ def _write_dataset(out_dir: str, family: str, photos: list[np.ndarray],
             tree[f'{name}_{group}'][split] = videos
     json_dir = os.path.join(out_dir, 'dataset_json')
     os.makedirs(json_dir, exist_ok=True)
-    tmp = os.path.join(json_dir, f'.{name}.json.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump({name: tree}, f, indent=1)
-    os.replace(tmp, os.path.join(json_dir, f'{name}.json'))
+    atomic.write_json(os.path.join(json_dir, f'{name}.json'), {name: tree}, sort_keys=False)
     return name
 
 
@@ -286,10 +284,7 @@ def write_benchmark(out_dir: str | os.PathLike, *, size: str = 'small', seed: in
                                        spec.frame_size, seed)
     for family in families:
         _write_dataset(out_dir, family, photos, photo_split, spec, seed, autoencoder)
-    tmp = marker + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(params, f, indent=1)
-    os.replace(tmp, marker)
+    atomic.write_json(marker, params, sort_keys=False)
     return names
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from fmsd_jax import atomic
 from fmsd_jax.data import file_records
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms as tr
@@ -169,8 +170,7 @@ def build_tfds(data_cfg, dataset: str, *, data_dir: str | None = None,
     builder_dir = os.fspath(builder.data_path)
     counts = getattr(builder, '_counts', None)
     if counts:
-        with open(os.path.join(builder_dir, COUNTS_FILE), 'w', encoding='utf-8') as f:
-            json.dump(counts, f)
+        atomic.write_json(os.path.join(builder_dir, COUNTS_FILE), counts, sort_keys=False)
     return builder_dir
 
 

@@ -1,11 +1,10 @@
 """The FMSD training objective L = CE + λ_orth·L_orth + λ_spec·L_spec (DESIGN.md §1.5).
 
-Config fields (ml_collections ConfigDict, read from `cfg.method` when present, else from `cfg`
-itself; keyword overrides win):
+Settings (`ObjectiveConfig`, built from `config.method` by `fmsd_jax.assemble.objective_section`;
+config_base.py holds the defaults and their reasons, this module none):
 
-    lambda_orth: float = 0.0          # Effort's released code trains with CE only
-    lambda_spec: float = 0.0
-    spectral_form: str = 'frobenius'  # 'frobenius' (Effort's L_ksv) | 'per_subspace' | 'squared'
+    lambda_orth, lambda_spec: float >= 0
+    spectral_form: str                # 'frobenius' (Effort's L_ksv) | 'per_subspace' | 'squared'
 
 A λ of zero is a Python-level decision: that term is never traced, so it costs nothing.
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +26,14 @@ LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[s
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    lambda_orth: float = 0.0
-    lambda_spec: float = 0.0
-    spectral_form: str = "frobenius"
+    """The objective's settings, typed. No field has a default: config_base.py is the one
+    default table, so a loss built here and one built by a run cannot disagree."""
 
-    def __post_init__(self):
+    lambda_orth: float
+    lambda_spec: float
+    spectral_form: str
+
+    def __post_init__(self) -> None:
         if self.spectral_form not in SPECTRAL_FORMS:
             raise ValueError(
                 f"method.spectral_form={self.spectral_form!r} is not one of {SPECTRAL_FORMS}"
@@ -41,27 +42,9 @@ class ObjectiveConfig:
             raise ValueError("method.lambda_orth and method.lambda_spec must be >= 0")
 
 
-def objective_config(cfg: Any = None, **overrides: Any) -> ObjectiveConfig:
-    """Read the objective's fields from a ConfigDict/dict/object (its `.method` if it has one)."""
-    fields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    src = cfg
-    if src is not None and not isinstance(src, Mapping) and hasattr(src, "method"):
-        src = src.method
-    elif isinstance(src, Mapping) and "method" in src:
-        src = src["method"]
-    vals: dict[str, Any] = {}
-    if src is not None:
-        for f in fields:
-            if isinstance(src, Mapping):
-                if f in src:
-                    vals[f] = src[f]
-            elif hasattr(src, f):
-                vals[f] = getattr(src, f)
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown objective field(s) {sorted(unknown)}; known: {sorted(fields)}")
-    vals.update(overrides)
-    return ObjectiveConfig(**vals)
+# Cross-entropy alone (the layer-mask estimator's and the head warm-up's loss); with
+# lambda_spec 0 the spectral form is never read.
+CROSS_ENTROPY = ObjectiveConfig(lambda_orth=0.0, lambda_spec=0.0, spectral_form="frobenius")
 
 
 def classification_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
@@ -71,12 +54,11 @@ def classification_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.
     return dict(ce=ce, accuracy=acc)
 
 
-def make_loss_fn(cfg: Any = None, **overrides: Any) -> LossFn:
+def make_loss_fn(oc: ObjectiveConfig) -> LossFn:
     """loss_fn(model, batch) -> (loss, aux); batch = {'image': NHWC, 'label': int (B,)}.
 
     aux holds loss, ce, orth, spec (unweighted; 0 when its λ is 0) and accuracy, all scalars.
     """
-    oc = objective_config(cfg, **overrides)
 
     def loss_fn(
         model: nnx.Module, batch: Mapping[str, jax.Array]

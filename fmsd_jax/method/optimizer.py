@@ -1,18 +1,15 @@
 """The masked optimizer: Adam(W) over the trainable state only, the layer mask applied last.
 
-Config fields (`cfg.optim`, an ml_collections ConfigDict or any mapping/object; Effort's
-defaults in brackets):
+Settings (`OptimConfig`, built from `config.optim` by `fmsd_jax.assemble.optim_section`;
+config_base.py holds every default and its reason, this module none):
 
-    name: 'adam' | 'adamw'        ['adam'; Effort uses torch Adam, whose weight decay is an L2
-                                   term added to the gradient; 'adamw' decouples it]
-    lr: float                      [2e-4]   artifact factors (and, in 'full', the backbone)
-    head_lr: float | None          [None -> lr]
-    weight_decay: float            [5e-4]
-    head_weight_decay: float|None  [None -> weight_decay]
-    b1, b2, eps                    [0.9, 0.999, 1e-8]
-    schedule: 'constant'|'cosine'  ['constant'; Effort has no scheduler]
-    warmup_steps: int              [0]      linear warm-up from 0, both schedules
-    grad_clip: float | None        [None]   global-norm clipping of the (masked) gradient
+    name: 'adam' | 'adamw'   Effort uses torch Adam, whose weight decay is an L2 term added to
+                             the gradient; 'adamw' decouples it
+    lr, weight_decay         artifact factors (and, in 'full', the backbone)
+    head_lr, head_weight_decay   the linear head
+    b1, b2, eps              Adam's
+    schedule: 'constant' | 'cosine'; warmup_steps: linear warm-up from 0, both schedules
+    grad_clip: float         global-norm clipping of the (masked) gradient; 0 disables
 
 The layer mask — (L, n_targets), `spec.targets` order — is *state* of the optimizer, not a
 constant of the compiled step: `set_layer_mask(opt_state, mask)` swaps it without recompiling.
@@ -24,7 +21,7 @@ optimizer is built for the trainable state only, so frozen leaves own no state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -36,42 +33,32 @@ from flax import nnx
 from fmsd_jax.method.decompose import ArtifactFactor, DecompositionSpec, target_of_path
 from fmsd_jax.model.detector import HeadParam
 
-DEFAULTS: dict[str, Any] = dict(
-    name="adam",
-    lr=2e-4,
-    head_lr=None,
-    weight_decay=5e-4,
-    head_weight_decay=None,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    schedule="constant",
-    warmup_steps=0,
-    grad_clip=None,
-)
+NAMES = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 
 
-def optim_config(opt_cfg: Any = None) -> dict[str, Any]:
-    """Fields of `opt_cfg` (a ConfigDict, mapping or object) over DEFAULTS; unknown fields fail."""
-    out = dict(DEFAULTS)
-    if opt_cfg is None:
-        return out
-    items = (
-        dict(opt_cfg)
-        if isinstance(opt_cfg, Mapping)
-        else dict(opt_cfg.items())
-        if hasattr(opt_cfg, "items")
-        else vars(opt_cfg)
-    )
-    unknown = set(items) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown optim field(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    out.update({k: v for k, v in items.items()})
-    if out["name"] not in ("adam", "adamw"):
-        raise ValueError(f"optim.name={out['name']!r}: use 'adam' (Effort) or 'adamw'")
-    if out["schedule"] not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule={out['schedule']!r}: use 'constant' or 'cosine'")
-    return out
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer's settings, typed. No field has a default: config_base.py is the one
+    default table, so an optimizer built here and one built by a run cannot disagree."""
+
+    name: str
+    lr: float
+    head_lr: float
+    weight_decay: float
+    head_weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    schedule: str
+    warmup_steps: int
+    grad_clip: float
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ValueError(f"optim.name={self.name!r}: use 'adam' (Effort) or 'adamw'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}: use 'constant' or 'cosine'")
 
 
 def make_schedule(
@@ -89,27 +76,24 @@ def make_schedule(
     )
 
 
-def learning_rates(opt_cfg: Any, total_steps: int) -> dict[str, optax.Schedule]:
+def learning_rates(opt: OptimConfig, total_steps: int) -> dict[str, optax.Schedule]:
     """{'lr': backbone schedule, 'head_lr': head schedule}, the ones make_optimizer uses (optax
     transforms do not expose theirs), for the training log and TensorBoard."""
-    c = optim_config(opt_cfg)
-    head_lr = c["lr"] if c["head_lr"] is None else c["head_lr"]
-    return {name: make_schedule(value, schedule=c["schedule"],
-                                warmup_steps=int(c["warmup_steps"]), total_steps=total_steps)
-            for name, value in (("lr", c["lr"]), ("head_lr", head_lr))}
+    return {name: make_schedule(value, schedule=opt.schedule,
+                                warmup_steps=int(opt.warmup_steps), total_steps=total_steps)
+            for name, value in (("lr", opt.lr), ("head_lr", opt.head_lr))}
 
 
-def _adam(
-    lr: float, wd: float, c: dict[str, Any], total_steps: int
-) -> optax.GradientTransformation:
+def _adam(lr: float, wd: float, opt: OptimConfig, total_steps: int
+          ) -> optax.GradientTransformation:
     sched = make_schedule(
-        lr, schedule=c["schedule"], warmup_steps=int(c["warmup_steps"]), total_steps=total_steps
+        lr, schedule=opt.schedule, warmup_steps=int(opt.warmup_steps), total_steps=total_steps
     )
     parts = []
-    if c["name"] == "adam" and wd:
+    if opt.name == "adam" and wd:
         parts.append(optax.add_decayed_weights(wd))  # torch Adam: L2 in the gradient
-    parts.append(optax.scale_by_adam(b1=c["b1"], b2=c["b2"], eps=c["eps"]))
-    if c["name"] == "adamw" and wd:
+    parts.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
+    if opt.name == "adamw" and wd:
         parts.append(optax.add_decayed_weights(wd))
     parts.append(optax.scale_by_learning_rate(sched))
     return optax.chain(*parts)
@@ -181,7 +165,7 @@ def set_layer_mask(opt_state: LayerMaskState, layer_mask: Any) -> LayerMaskState
 
 
 def make_optimizer(
-    opt_cfg: Any,
+    opt: OptimConfig,
     *,
     trainable_state: nnx.State,
     layer_mask: Any | None,
@@ -196,12 +180,9 @@ def make_optimizer(
     `layer_mask` None means all layers (the Effort setting); `spec` None means no decomposed
     leaves (full fine-tuning, linear probe).
     """
-    c = optim_config(opt_cfg)
-    head_lr = c["lr"] if c["head_lr"] is None else c["head_lr"]
-    head_wd = c["weight_decay"] if c["head_weight_decay"] is None else c["head_weight_decay"]
     groups = {
-        "body": _adam(c["lr"], c["weight_decay"], c, total_steps),
-        "head": _adam(head_lr, head_wd, c, total_steps),
+        "body": _adam(opt.lr, opt.weight_decay, opt, total_steps),
+        "head": _adam(opt.head_lr, opt.head_weight_decay, opt, total_steps),
     }
 
     def labels(params):
@@ -212,8 +193,8 @@ def make_optimizer(
         )
 
     parts = []
-    if c["grad_clip"]:
-        parts.append(optax.clip_by_global_norm(float(c["grad_clip"])))
+    if opt.grad_clip:
+        parts.append(optax.clip_by_global_norm(float(opt.grad_clip)))
     parts.append(optax.multi_transform(groups, labels))
     tx = optax.chain(*parts)
 

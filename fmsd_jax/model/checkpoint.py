@@ -818,5 +818,5 @@ def save_hf_clip_vision(tower: CLIPVisionTower, out_dir: PathLike) -> pathlib.Pa
     # Weights first, config last: a directory with config.json holds complete weights.
     with atomic.replacing(out / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic.write_text(out / "config.json", json.dumps(hf_vision_config(cfg), indent=2) + "\n")
+    atomic.write_json(out / "config.json", hf_vision_config(cfg), sort_keys=False)
     return out
