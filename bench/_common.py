@@ -140,10 +140,7 @@ class ProductionStep:
         self.loss_fn = make_loss_fn(None, lambda_orth=lambda_orth, lambda_spec=lambda_spec)
         tx = make_optimizer(optim or {}, trainable_state=self.run.trainable, layer_mask=mask,
                             spec=spec, total_steps=10_000)
-        state = {"step": jnp.zeros((), jnp.int32), "trainable": self.run.trainable,
-                 "opt_state": tx.init(self.run.trainable)}
-        state_sh = jax.tree.map(lambda x: sharding.param_sharding(mesh, x), state)
-        self.state = jax.device_put(state, state_sh)
+        self.state, state_sh = train.make_state(self.run, tx)
         sample = {"image": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
                   "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
         self.metric_sums = train.init_metric_sums(self.run, self.loss_fn, sample)

@@ -88,10 +88,7 @@ def train_ours(cfg: Any, data: list) -> dict[str, np.ndarray]:
     loss_fn = make_loss_fn(cfg)
     tx = make_optimizer(cfg.optim, trainable_state=run.trainable, layer_mask=run.mask,
                         spec=run.spec, total_steps=len(data))
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
-             "opt_state": tx.init(run.trainable)}
-    state_sh = sharding.tree_shardings(mesh, state)
-    state = jax.device_put(state, state_sh)
+    state, state_sh = train.make_state(run, tx)
     images, labels = data[0]
     sample = {"image": jax.ShapeDtypeStruct(images.shape, jnp.uint8),
               "label": jax.ShapeDtypeStruct(labels.shape, jnp.int32)}
@@ -104,7 +101,7 @@ def train_ours(cfg: Any, data: list) -> dict[str, np.ndarray]:
         state, sums = step(state, run.frozen, batch, sums)
         losses.append(float(sums["loss"]) / float(sums["count"]))
         sums = train.zero_metric_sums(sums.keys(), mesh)
-    det = nnx.merge(run.graphdef, jax.device_get(state["trainable"]), jax.device_get(run.frozen))
+    det = nnx.merge(run.graphdef, jax.device_get(state.trainable), jax.device_get(run.frozen))
     out = {"loss": np.asarray(losses, np.float64),
            "head_kernel": np.asarray(det.head_kernel[...]),
            "head_bias": np.asarray(det.head_bias[...])}

@@ -292,6 +292,32 @@ def test_baseline_configs_run_through_the_same_code(tmp_path, tiny_clip_checkpoi
         assert np.all(rel > 0) and diag["contribution"]["num_frames"] > 0
 
 
+def test_a_restored_train_state_runs_the_compiled_step_without_recompiling(trained):
+    """What orbax gives back on resume is a TrainState with the pytree type, shardings and
+    committedness of the state the step was compiled for, so resuming never recompiles it."""
+    cfg, workdir, _ = trained
+    mesh = sharding.make_mesh(cfg.mesh)
+    run = build.prepare(cfg, workdir, mesh, estimate=False)
+    parts = train.assemble_step(cfg, run, 6)
+    abstract = sharding.abstract_tree(mesh, parts["state"])
+    size = cfg.model.image_size
+    batch = sharding.global_batch(mesh, {
+        "image": np.zeros((cfg.train.batch_size, size, size, 3), np.uint8),
+        "label": np.zeros((cfg.train.batch_size,), np.int32)}, ("image", "label"))
+    compiles: list[int] = []
+    step = counting_compiles(parts["step_fn"], compiles)
+    _, sums = step(parts["state"], run.frozen, batch, parts["metric_sums"])
+    ckpts = checkpointing.RunCheckpoints(workdir)
+    try:
+        restored = ckpts.restore_latest(abstract, None)
+    finally:
+        ckpts.close()
+    assert type(restored) is train.TrainState and int(restored.step) == 6
+    out, _ = step(restored, run.frozen, batch, train.zero_metric_sums(sums.keys(), mesh))
+    assert compiles[0] >= 1 and compiles[1:] == [0]
+    assert int(out.step) == 7
+
+
 def test_evaluate_mode_rewrites_results_from_the_checkpoint(trained, tmp_path):
     cfg, workdir, results = trained
     before = json.loads((workdir / "results.json").read_text())
