@@ -198,7 +198,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
 
     data_iter = iter(loader)
     ckpts = checkpointing.RunCheckpoints(workdir, max_to_keep=cfg.train.max_to_keep,
-                                         select_metric=cfg.eval.select_metric)
+                                         select_metric=cfg.eval.select_metric,
+                                         record=run.record)
     if ckpts.latest_step() is not None:
         state = ckpts.restore_latest(sharding.abstract_tree(mesh, state), data_iter)
         log.info("resumed from step %d", int(state.step))
@@ -210,7 +211,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     def validate(step: int, state: TrainState) -> None:
         val = evaluate.validate(cfg, run, state.trainable)
         if val is not None:
-            ckpts.save_best(step, state, val)
+            ckpts.save_best(step, state.trainable, val)
             if writer:
                 writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
 
@@ -290,7 +291,8 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     if checkpointing.latest_saved_step(workdir) is not None:
         raise AlreadyExists(
             f"{workdir} holds checkpoints trained under its {checkpointing.MASK_JSON}; --mode "
-            "mask would replace the mask they need. Estimate it in a new --workdir")
+            "mask would replace that record of their mask (they keep their own copy, which "
+            "restoring reads). Estimate it in a new --workdir")
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
     preflight.check_config(cfg)
