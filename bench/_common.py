@@ -161,17 +161,17 @@ class ProductionStep:
     @property
     def trainable(self) -> Any:
         """The trained leaves now (an nnx.State: `nnx.update(det, step.trainable)`)."""
-        return self.state["trainable"]
+        return self.state.trainable
 
     @property
     def opt_state(self) -> Any:
-        return self.state["opt_state"]
+        return self.state.opt_state
 
     def set_layer_mask(self, mask: Any) -> None:
         """A new layer mask as data of the same compiled step (`optimizer.set_layer_mask`)."""
         from fmsd_jax.method.optimizer import set_layer_mask
 
-        self.state = {**self.state, "opt_state": set_layer_mask(self.opt_state, mask)}
+        self.state = self.state.replace(opt_state=set_layer_mask(self.opt_state, mask))
 
     def mean_metrics(self) -> dict[str, float]:
         """The step's metrics (loss, grad_norm, ce, ...) averaged over the steps run so far."""

@@ -101,7 +101,7 @@ def train_ours(cfg: Any, data: list) -> dict[str, np.ndarray]:
         state, sums = step(state, run.frozen, batch, sums)
         losses.append(float(sums["loss"]) / float(sums["count"]))
         sums = train.zero_metric_sums(sums.keys(), mesh)
-    det = nnx.merge(run.graphdef, jax.device_get(state["trainable"]), jax.device_get(run.frozen))
+    det = nnx.merge(run.graphdef, jax.device_get(state.trainable), jax.device_get(run.frozen))
     out = {"loss": np.asarray(losses, np.float64),
            "head_kernel": np.asarray(det.head_kernel[...]),
            "head_bias": np.asarray(det.head_bias[...])}

@@ -1,7 +1,8 @@
 """Turn a config into a ready detector: pretrained CLIP, head, layer mask, decomposition.
 
 Shared by training, evaluation, export and prediction, so every mode rebuilds exactly the
-same module structure from the workdir's sidecars and the pretrained weights it names.
+same module structure from the pretrained weights the config names (and, once a run has
+checkpoints, the record they hold: fmsd_jax/build.py).
 `abstract_detector` builds that same structure as shapes only (no weights file, no SVD run),
 for compiling the steps ahead of time (fmsd_jax/plan.py).
 """

@@ -1,8 +1,9 @@
 """Evaluation by DeepfakeBench's protocol: per test dataset, frame- and video-level metrics.
 
 `--mode evaluate` needs nothing but the workdir and the pretrained weights its config names: the
-module structure is rebuilt from those (mask and decomposition spec from the JSON sidecars) and
-the trained leaves are restored from the best-on-validation checkpoint.
+module structure is rebuilt from those (the mask, decomposition spec and tail triplets from the
+checkpoint itself, no SVD) and the trained leaves are restored from the best-on-validation
+checkpoint.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from fmsd_jax import (
     assemble,
@@ -112,6 +112,19 @@ class PreemptionWatch:
 # The step
 
 
+@struct.dataclass
+class TrainState:
+    """What the train step carries from one step to the next, and a training checkpoint's
+    `state` item: the step count, the trainable leaves and the optimizer state of those only.
+
+    A pytree (flax.struct), so jit shardings, donation and orbax take it as they took the dict
+    it replaces; orbax stores it under the same keys, so older checkpoints restore into it."""
+
+    step: jax.Array
+    trainable: nnx.State
+    opt_state: optax.OptState
+
+
 def make_train_step(run: build.Run, loss_fn, tx: optax.GradientTransformation, state_shardings):
     """jit(step) with explicit shardings; trainable and optimizer state buffers are donated."""
     graphdef = run.graphdef
@@ -124,15 +137,14 @@ def make_train_step(run: build.Run, loss_fn, tx: optax.GradientTransformation, s
             model = nnx.merge(graphdef, trainable, frozen)
             return loss_fn(model, batch)
 
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["trainable"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    **aux}
         metric_sums = {**{k: metric_sums[k] + v.astype(jnp.float32) for k, v in metrics.items()},
                        "count": metric_sums["count"] + 1.0}
-        new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
-        return new_state, metric_sums
+        return TrainState(state.step + 1, trainable, opt_state), metric_sums
 
     return jax.jit(
         on_mesh(step, run.mesh),
@@ -170,18 +182,18 @@ def batch_spec(cfg: mlc.ConfigDict, batch_size: int, mesh, *, labels: bool = Tru
     return spec
 
 
-def make_state(run: build.Run, tx: optax.GradientTransformation) -> tuple[dict, dict]:
+def make_state(run: build.Run, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, TrainState]:
     """(train state, its shardings): step, trainable leaves, optimizer state for them only.
 
     On an abstract run the state is ShapeDtypeStructs (the optimizer state from
     `jax.eval_shape(tx.init, ...)`), so the same code serves the planner."""
     if run.abstract:
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": run.trainable,
-                 "opt_state": jax.eval_shape(tx.init, run.trainable)}
+        state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), run.trainable,
+                           jax.eval_shape(tx.init, run.trainable))
         state = sharding.abstract_tree(run.mesh, state)
         return state, sharding.tree_shardings(run.mesh, state)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": run.trainable,
-             "opt_state": tx.init(run.trainable)}
+    state = TrainState(jnp.zeros((), jnp.int32), run.trainable, tx.init(run.trainable))
     state_sh = sharding.tree_shardings(run.mesh, state)
     return jax.device_put(state, state_sh), state_sh
 
@@ -244,24 +256,25 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
 
     data_iter = iter(loader)
     ckpts = checkpointing.RunCheckpoints(workdir, max_to_keep=cfg.train.max_to_keep,
-                                         select_metric=cfg.eval.select_metric)
+                                         select_metric=cfg.eval.select_metric,
+                                         record=run.record)
     if ckpts.latest_step() is not None:
         state = ckpts.restore_latest(sharding.abstract_tree(mesh, state), data_iter)
-        log.info("resumed from step %d", int(state["step"]))
+        log.info("resumed from step %d", int(state.step))
 
     writer = feedback.TensorBoard(workdir / "tb") if jax.process_index() == 0 else None
     schedules = learning_rates(assemble.optim_section(cfg), steps)  # logged beside the loss
     eval_every = cfg.train.eval_every or max(1, num_records // cfg.train.batch_size)
 
-    def validate(step: int, state: dict) -> None:
-        val = evaluate.validate(cfg, run, state["trainable"])
+    def validate(step: int, state: TrainState) -> None:
+        val = evaluate.validate(cfg, run, state.trainable)
         if val is not None:
-            ckpts.save_best(step, state, val)
+            ckpts.save_best(step, state.trainable, val)
             if writer:
                 writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
 
     preempted = PreemptionWatch(ckpts.latest.reached_preemption)
-    start = int(state["step"])
+    start = int(state.step)
     progress = feedback.Progress(steps, start, cfg.train.batch_size)
     try:
         if start and preempted(start):  # SIGTERM before the first step of a resumed run
@@ -345,7 +358,8 @@ def mask_only(cfg: mlc.ConfigDict, workdir: str | Path) -> np.ndarray:
     if checkpointing.latest_saved_step(workdir) is not None:
         raise AlreadyExists(
             f"{workdir} holds checkpoints trained under its {checkpointing.MASK_JSON}; --mode "
-            "mask would replace the mask they need. Estimate it in a new --workdir")
+            "mask would replace that record of their mask (they keep their own copy, which "
+            "restoring reads). Estimate it in a new --workdir")
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_fits(mesh, cfg.train.batch_size)
     preflight.check_config(cfg)

@@ -232,3 +232,46 @@ def test_effort_layer_forward_and_grads_match_torch():
     np.testing.assert_allclose(
         sign * np.asarray(grads["v"][...])[:, 0], tu.grad.numpy()[:, 0], rtol=1e-4, atol=1e-4
     )
+
+
+def test_decompose_from_reference_rebuilds_the_svd_decomposition_bit_for_bit(monkeypatch):
+    """What a checkpoint keeps (spectral_reference) and the pretrained weights rebuild every
+    Variable of the SVD's decomposition exactly (W_s by the same compiled semantic_part),
+    MLP targets' semantic bases included, with no SVD run."""
+    from fmsd_jax.method import decompose as decomp
+
+    targets = ("q", "k", "v", "out", "fc1", "fc2")
+    by_svd = make_detector(11)
+    spec = decompose(by_svd, targets=targets, num_subspaces=2, rank=3)
+    reference = decomp.spectral_reference(by_svd, targets)
+    shapes = {t: {k: tuple(np.shape(x)) for k, x in ref.items()} for t, ref in reference.items()}
+    assert shapes == decomp.reference_shapes(spec)
+    assert set(shapes["fc1"]) == {"u0", "s0", "v0", "energy0", "semantic_v"}  # V: long side
+    assert set(shapes["fc2"]) == {"u0", "s0", "v0", "energy0", "semantic_u"}
+    host = jax.tree.map(np.asarray, reference)  # as a restore gives it back
+
+    def no_svd(*_args, **_kwargs):
+        raise AssertionError("an SVD ran")
+
+    monkeypatch.setattr(decomp, "_svd_tail", no_svd)
+    monkeypatch.setattr(jnp.linalg, "svd", no_svd)
+    rebuilt = make_detector(11)
+    decomp.decompose_from_reference(rebuilt, spec, host)
+    want = jax.tree_util.tree_flatten_with_path(nnx.state(by_svd))[0]
+    got = jax.tree_util.tree_flatten_with_path(nnx.state(rebuilt))[0]
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (key, a), (_, b) in zip(want, got, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(key)
+    x = images()
+    assert np.array_equal(np.asarray(rebuilt(x)), np.asarray(by_svd(x)))
+
+    with pytest.raises(TypeError, match="already decomposed"):
+        decomp.decompose_from_reference(rebuilt, spec, host)
+    short = {**host, "q": {**host["q"], "u0": host["q"]["u0"][..., :1]}}
+    with pytest.raises(ValueError, match=r"q: the saved reference holds .*'u0': \(2, 32, 1\)"):
+        decomp.decompose_from_reference(make_detector(11), spec, short)
+    wide = ViTConfig(width=48, layers=2, heads=2, patch_size=8, mlp_dim=48, proj_dim=None,
+                     image_size=16)
+    with pytest.raises(ValueError, match=r"q: the weight is \(2, 48, 48\), the decomposition "
+                                         r"was made of \(2, 32, 32\)"):
+        decomp.decompose_from_reference(make_detector(11, wide), spec, host)

@@ -40,6 +40,7 @@ from fmsd_jax import (
     train,
     workdir_lock,
 )
+from fmsd_jax.method import decompose as decomp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,6 +275,224 @@ def test_baseline_configs_run_through_the_same_code(tmp_path, tiny_clip_checkpoi
         assert any("mlp" in k for k in keys) and any("patch_embed" in k for k in keys)
     if trains != "head":  # every candidate cell trains in Effort and full fine-tuning
         assert np.all(rel > 0) and diag["contribution"]["num_frames"] > 0
+    assert evaluate.evaluate(cfg, tmp_path) == results  # rebuilt from the checkpoint's record
+
+
+def test_a_restored_train_state_runs_the_compiled_step_without_recompiling(trained):
+    """What orbax gives back on resume is a TrainState with the pytree type, shardings and
+    committedness of the state the step was compiled for, so resuming never recompiles it."""
+    cfg, workdir, _ = trained
+    mesh = sharding.make_mesh(cfg.mesh)
+    run = build.prepare(cfg, workdir, mesh, estimate=False)
+    parts = train.assemble_step(cfg, run, 6)
+    abstract = sharding.abstract_tree(mesh, parts["state"])
+    size = cfg.model.image_size
+    batch = sharding.global_batch(mesh, {
+        "image": np.zeros((cfg.train.batch_size, size, size, 3), np.uint8),
+        "label": np.zeros((cfg.train.batch_size,), np.int32)}, ("image", "label"))
+    compiles: list[int] = []
+    step = counting_compiles(parts["step_fn"], compiles)
+    _, sums = step(parts["state"], run.frozen, batch, parts["metric_sums"])
+    ckpts = checkpointing.RunCheckpoints(workdir)
+    try:
+        restored = ckpts.restore_latest(abstract, None)
+    finally:
+        ckpts.close()
+    assert type(restored) is train.TrainState and int(restored.step) == 6
+    out, _ = step(restored, run.frozen, batch, train.zero_metric_sums(sums.keys(), mesh))
+    assert compiles[0] >= 1 and compiles[1:] == [0]
+    assert int(out.step) == 7
+
+
+def no_svd(monkeypatch) -> None:
+    """From here on any SVD fails the test: the decomposition's jitted one, decompose() itself
+    and jnp's (a spy on the Python functions: a cached jit would not call jnp's again)."""
+    def boom(*_args, **_kwargs):
+        raise AssertionError("an SVD ran")
+
+    monkeypatch.setattr(decomp, "_svd_tail", boom)
+    monkeypatch.setattr(decomp, "decompose", boom)
+    monkeypatch.setattr(jax.numpy.linalg, "svd", boom)
+
+
+def test_a_restore_runs_no_svd_and_scores_exactly_as_the_svd_rebuild(trained, monkeypatch):
+    """The run rebuilt from the checkpoint's record (no SVD) equals, bit for bit, the one every
+    restore used to build (the mask from layer_mask.json, a new SVD of the pretrained weights),
+    and so do the scores of every test frame."""
+    cfg, workdir, _ = trained
+    mesh = sharding.make_mesh(cfg.mesh)
+    with monkeypatch.context() as before:  # the checkpoint's record ignored: the old path
+        before.setattr(build, "_checkpoint_record", lambda *_a, **_k: None)
+        by_svd = build.prepare(cfg, workdir, mesh, estimate=False)
+        svd_trainable = build.restore_trainable(cfg, workdir, by_svd)
+    no_svd(monkeypatch)
+    run = build.prepare(cfg, workdir, mesh, estimate=False)
+    trainable = build.restore_trainable(cfg, workdir, run)
+    assert run.spec == by_svd.spec
+    np.testing.assert_array_equal(run.mask, by_svd.mask)
+    for new, old in ((run.frozen, by_svd.frozen), (trainable, svd_trainable),
+                     (run.trainable, by_svd.trainable)):
+        new, old = flat_arrays(new), flat_arrays(old)
+        assert new.keys() == old.keys()
+        assert [k for k in new if not np.array_equal(new[k], old[k])] == []
+    assert any("semantic" in k for k in flat_arrays(run.frozen))
+    for name in cfg.data.test_dataset:
+        _, probs, _ = evaluate.score_dataset(cfg, run, trainable, name, "test")
+        _, svd_probs, _ = evaluate.score_dataset(cfg, by_svd, svd_trainable, name, "test")
+        assert len(probs) == 8 and np.array_equal(probs, svd_probs), name
+
+
+def test_checkpoints_hold_their_record_and_best_holds_the_trained_leaves_only(trained):
+    cfg, workdir, _ = trained
+    record_items = {"layer_mask", "decomposition", "reference"}
+    steps = sorted(p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert [p.name for p in steps] == ["4", "6"]
+    for step in steps:
+        assert {p.name for p in step.iterdir() if p.is_dir()} == {"state", "data", *record_items}
+    (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    assert {p.name for p in best.iterdir() if p.is_dir()} == {"trainable", "metrics",
+                                                              *record_items}
+    saved = ocp.StandardCheckpointer().metadata(best / "trainable").item_metadata.tree
+    assert set(flat_arrays(saved)) == set(trainable_at(workdir))  # no optimizer state
+    ckpts = checkpointing.RunCheckpoints(workdir)
+    try:
+        which, step, record = ckpts.read_record(for_eval=True)
+    finally:
+        ckpts.close()
+    assert (which, step) == ("best", int(best.name))
+    mask = json.loads((workdir / "layer_mask.json").read_text())["mask"]
+    np.testing.assert_array_equal(record.mask, np.asarray(mask, np.float32))
+    assert record.spec == json.loads((workdir / "decomposition.json").read_text())
+    assert set(record.reference) == set(cfg.method.targets)
+    chex.assert_shape(record.reference["q"]["u0"], (2, 32, 4))  # (layers, in, K·d): small
+
+
+def test_evaluate_export_and_predict_read_no_svd_and_no_optimizer_state(
+        trained_copy, tmp_path, tiny_benchmark, monkeypatch):
+    cfg, workdir, _ = trained_copy
+    results = (workdir / "results.json").read_bytes()
+    requested: list[dict] = []
+    real_restore = ocp.CheckpointManager.restore
+
+    def restore(self, step, args=None, **kwargs):
+        requested.append(dict(args.items()))
+        return real_restore(self, step, args=args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    no_svd(monkeypatch)
+    evaluate.evaluate(cfg, workdir)
+    assert (workdir / "results.json").read_bytes() == results
+    export.export(cfg, workdir, tmp_path / "export")
+    folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
+    predict.predict(cfg, workdir, [str(folder)], tmp_path / "p.json")
+    assert requested and all("state" not in items for items in requested)
+    shutil.rmtree(workdir / "best")  # no best: evaluation reads the latest training checkpoint
+    requested.clear()
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    trainable, step, which = build.restore_evaluated(cfg, workdir, run)
+    assert (step, which) == (6, "latest")
+    got, want = flat_arrays(trainable), trainable_at(workdir, 6)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    state_reads = [items["state"] for items in requested if "state" in items]
+    assert len(state_reads) == 1 and state_reads[0].partial_restore
+    assert set(state_reads[0].item) == {"trainable"}  # the moments stay on disk
+
+
+def test_mode_mask_on_a_trained_workdir_cannot_change_what_its_checkpoints_evaluate_as(
+        trained_copy, tmp_path, tiny_benchmark, caplog):
+    """--mode mask refuses there; and a layer_mask.json replaced anyway (its checkpoints moved
+    aside while --mode mask ran under other settings, as a version that did not refuse would
+    have done) and decomposition.json deleted change neither results.json nor any score."""
+    cfg, workdir, _ = trained_copy
+    results = (workdir / "results.json").read_bytes()
+    folder = str(tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000")
+    before = predict.predict(cfg, workdir, [folder], tmp_path / "before.json")["inputs"]
+    with pytest.raises(errors.AlreadyExists, match="they keep their own copy"):
+        train.mask_only(cfg, workdir)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for name in ("checkpoints", "best"):
+        (workdir / name).rename(aside / name)
+    other = make_cfg(cfg.model.init_from, tiny_benchmark, **{"method.mask.top_k": "5"})
+    new_mask = train.mask_only(other, workdir)
+    for name in ("checkpoints", "best"):
+        (aside / name).rename(workdir / name)
+    trained_mask = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh),
+                                 estimate=False).mask
+    assert new_mask.sum() == 5 and trained_mask.sum() == 2
+    assert np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"]).sum() == 5
+    (workdir / "decomposition.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fmsd_jax"):
+        evaluate.evaluate(cfg, workdir)
+    assert (workdir / "results.json").read_bytes() == results
+    assert "layer_mask.json does not show the layer mask checkpoint" in caplog.text
+    after = predict.predict(cfg, workdir, [folder], tmp_path / "after.json")["inputs"]
+    assert after == before
+    assert not (workdir / "decomposition.json").exists()  # modes that only read write none
+    resumed = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh))  # as training resumes
+    np.testing.assert_array_equal(resumed.mask, trained_mask)
+
+
+def as_before_records(workdir: Path) -> None:
+    """WORKDIR as the code before checkpoint records left it: no record items in any step,
+    and best/ holding the whole train state (optimizer state included) under `state`."""
+    for step in (workdir / "checkpoints").iterdir():
+        for item in ("layer_mask", "decomposition", "reference"):
+            shutil.rmtree(step / item)
+    (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    for item in ("trainable", "layer_mask", "decomposition", "reference"):
+        shutil.rmtree(best / item)
+    shutil.copytree(workdir / "checkpoints" / best.name / "state", best / "state")
+
+
+def test_checkpoints_from_before_records_restore_the_old_way_and_resume(
+        trained_copy, tiny_benchmark, caplog):
+    cfg, workdir, _ = trained_copy
+    results = (workdir / "results.json").read_bytes()
+    as_before_records(workdir)
+    with caplog.at_level("WARNING", logger="fmsd_jax"):
+        evaluate.evaluate(cfg, workdir)
+    assert (workdir / "results.json").read_bytes() == results
+    old_way = [r.getMessage() for r in caplog.records if "predates" in r.getMessage()]
+    (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    assert old_way == [f"checkpoint {best} predates checkpoints that hold "
+                       "their layer mask and decomposition: rebuilding it as before, from "
+                       "layer_mask.json and an SVD of the pretrained weights"]
+    longer = make_cfg(cfg.model.init_from, tiny_benchmark, **{"train.total_steps": "8"})
+    train.train(longer, workdir)  # resumes from the old step 6, writes step 8 with its record
+    assert latest_step(workdir) == 8
+    items = {p.name for p in (workdir / "checkpoints" / "8").iterdir() if p.is_dir()}
+    assert {"layer_mask", "decomposition", "reference", "state"} <= items
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_copy, tiny_benchmark):
+    cfg, workdir, _ = trained_copy
+    (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    same_shapes = make_cfg(cfg.model.init_from, tiny_benchmark, **{
+        "method.num_subspaces": "2", "method.rank": "2"})  # K·d = 4 as trained: orbax would
+    with pytest.raises(errors.BadInput, match=re.escape(  # restore it without complaint
+            f"checkpoint {best} was decomposed with targets=['q', 'k', 'v', 'out'], "
+            "num_subspaces=4, rank=1; the config asks for targets=['q', 'k', 'v', 'out'], "
+            "num_subspaces=2, rank=2; use the run's own config "
+            f"({workdir / 'config.json'})")):
+        evaluate.evaluate(same_shapes, workdir)
+    probe = make_cfg(cfg.model.init_from, tiny_benchmark, "linear_probe_b16")
+    with pytest.raises(errors.BadInput, match=re.escape(
+            f"checkpoint {best} holds a decomposition, but config.method.regime="
+            "'linear_probe' uses none")):
+        evaluate.evaluate(probe, workdir)
+    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    other = checkpointing.RunRecord(1.0 - run.mask, run.spec.to_dict(), None)
+    ckpts = checkpointing.RunCheckpoints(workdir)
+    try:
+        with pytest.raises(errors.BadInput, match=re.escape(
+                f"checkpoint {best} holds another layer mask or decomposition than the one "
+                "read from this workdir a moment earlier")):
+            ckpts.restore_for_eval(sharding.abstract_tree(run.mesh, run.trainable),
+                                   expect=other)
+    finally:
+        ckpts.close()
 
 
 def test_evaluate_mode_rewrites_results_from_the_checkpoint(trained, tmp_path):
@@ -705,7 +924,7 @@ def test_modes_that_read_a_run_replace_nothing_it_needs(trained_copy, tmp_path,
     assert (workdir / checkpointing.MASK_JSON).read_bytes() == mask
     atomic.forget_written()
     best = next((workdir / "best").iterdir())
-    shutil.rmtree(best / "state")  # a copy that lost some files
+    shutil.rmtree(best / "trainable")  # a copy that lost some files
     with pytest.raises(errors.BadInput, match=rf"checkpoint {best} cannot be restored "
                                               r"\(KeyError.*\); it is damaged"):
         export.export(cfg, workdir, tmp_path / "export2")

@@ -45,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fmsd_jax.model.detector import HeadParam
@@ -90,7 +91,7 @@ def trainable_filter(regime: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class DecompositionSpec:
-    """What `decompose` did, as JSON beside the checkpoint (DESIGN.md §2)."""
+    """What `decompose` did: saved in every checkpoint (and as decomposition.json beside them)."""
 
     targets: tuple[str, ...]
     num_subspaces: int  # K
@@ -262,21 +263,18 @@ def _parent(blocks: nnx.Module, target: str) -> nnx.Module:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _decompose_stacked(
+def _svd_tail(
     w: jax.Array, num_subspaces: int, rank: int
-) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
-    """SVD of a stack (L, in, out) → semantic part, artifact factors and frozen references.
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+    """SVD of a stack (L, in, out) → the frozen references and the K·d smallest triplets.
 
     One jitted computation per weight shape (batched over L; on an accelerator the SVD runs
-    there)."""
+    there). W_s is not formed here but by `semantic_part`, the function a restore calls too."""
     _, n_in, n_out = w.shape
     n = min(n_in, n_out)
-    kd = num_subspaces * rank
-    r = n - kd
+    r = n - num_subspaces * rank
     u, s, vh = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)  # s descending
     ua, sa, va = u[..., r:], s[..., r:], jnp.swapaxes(vh[..., r:, :], -1, -2)
-    artifact = jnp.einsum("lir,lr,lor->lio", ua, sa, va, precision=jax.lax.Precision.HIGHEST)
-    semantic = w - artifact
     # Own buffers: the trainable factors are donated by the train step, the references not.
     ref = dict(u0=jnp.copy(ua), s0=jnp.copy(sa), v0=jnp.copy(va), energy0=jnp.sum(sa**2, axis=-1))
     basis = {}
@@ -284,7 +282,27 @@ def _decompose_stacked(
         basis["u"] = u[..., :r]
     if n_out > n:
         basis["v"] = jnp.swapaxes(vh[..., :r, :], -1, -2)
-    return semantic, ref, basis, ua, sa, va
+    return ref, basis, ua, sa, va
+
+
+@jax.jit
+def semantic_part(w: jax.Array, u0: jax.Array, s0: jax.Array, v0: jax.Array) -> jax.Array:
+    """W_s = W − Σ_k U₀ diag(s₀) V₀ᵀ of a stack (L, in, out), from the tail's triplets.
+
+    Both `decompose` (triplets from the SVD) and `decompose_from_reference` (triplets read
+    from a checkpoint) form W_s by this one compiled function, so the two give bit-identical
+    W_s: the same product compiled inside the SVD's jit differed from a separately compiled
+    one in the last ulp (XLA fuses and orders the contraction differently there)."""
+    artifact = jnp.einsum("lir,lr,lor->lio", u0, s0, v0, precision=jax.lax.Precision.HIGHEST)
+    return w - artifact
+
+
+def _decompose_stacked(
+    w: jax.Array, num_subspaces: int, rank: int
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+    """SVD of a stack (L, in, out) → semantic part, artifact factors and frozen references."""
+    ref, basis, ua, sa, va = _svd_tail(w, num_subspaces, rank)
+    return semantic_part(w, ua, sa, va), ref, basis, ua, sa, va
 
 
 def decompose(
@@ -352,6 +370,90 @@ def decompose(
         shapes=shapes,
         semantic_rank=sem_rank,
     )
+
+
+def spectral_reference(model: nnx.Module, targets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """target → what the SVD of its stacked weight produced besides W_s: the tail's triplets
+    u0 (L, in, K·d), s0 (L, K·d), v0 (L, out, K·d), their energy0 (L,) and, on the long side of
+    a rectangular weight, the semantic basis semantic_u (L, in, r) / semantic_v (L, out, r).
+
+    This is what a checkpoint stores so that `decompose_from_reference` rebuilds the same
+    decomposed layers with no SVD (for q, k, v, out it is in×K·d per layer, not in×out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t, layer in decomposed_layers(model, targets).items():
+        ref = {name: getattr(layer, name)[...] for name in ("u0", "s0", "v0", "energy0")}
+        for name in ("semantic_u", "semantic_v"):
+            if getattr(layer, name) is not None:
+                ref[name] = getattr(layer, name)[...]
+        out[t] = ref
+    return out
+
+
+def reference_shapes(spec: DecompositionSpec) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The array shapes `spectral_reference` gives for a model decomposed as `spec`."""
+    kd, L = spec.artifact_dim, spec.num_layers
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for t in spec.targets:
+        n_in, n_out = spec.shapes[t]
+        r = spec.semantic_rank[t]
+        shapes = {"u0": (L, n_in, kd), "s0": (L, kd), "v0": (L, n_out, kd), "energy0": (L,)}
+        if n_in > min(n_in, n_out):
+            shapes["semantic_u"] = (L, n_in, r)
+        if n_out > min(n_in, n_out):
+            shapes["semantic_v"] = (L, n_out, r)
+        out[t] = shapes
+    return out
+
+
+def decompose_from_reference(
+    model: nnx.Module,
+    spec: DecompositionSpec,
+    reference: dict[str, dict[str, Any]],
+    *,
+    mode: str = "factorised",
+) -> None:
+    """`decompose` without the SVD: the layers a run trained with, from its saved reference.
+
+    Each candidate `Dense` of `model` (the pretrained weights W) becomes the `DecomposedDense`
+    that `decompose` made at the start of training: W_s = W − Σ_k U₀ diag(s₀) V₀ᵀ by the same
+    compiled `semantic_part`, so W_s is bit-identical to training's whatever an SVD on this
+    backend would give (near-degenerate singular values need not reproduce the tail); the
+    artifact factors start at copies of U₀, s₀, V₀ (a restore then overwrites them).
+    """
+    blocks = _blocks(model)
+    want = reference_shapes(spec)
+    for t in spec.targets:
+        parent = _parent(blocks, t)
+        layer = getattr(parent, t)
+        if not isinstance(layer, Dense):
+            raise TypeError(
+                f"blocks.{t} is a {type(layer).__name__}, not a Dense; was the model "
+                "already decomposed? merge() it first"
+            )
+        w = layer.kernel[...]
+        if tuple(w.shape) != (spec.num_layers, *spec.shapes[t]):
+            raise ValueError(f"{t}: the weight is {tuple(w.shape)}, the decomposition was made "
+                             f"of ({spec.num_layers}, {spec.shapes[t][0]}, {spec.shapes[t][1]})")
+        ref = reference.get(t, {})
+        got = {name: tuple(np.shape(x)) for name, x in ref.items()}
+        if got != want[t]:
+            raise ValueError(f"{t}: the saved reference holds {got}, a decomposition as "
+                             f"{spec.num_subspaces}x{spec.rank} needs {want[t]}")
+        u0, s0, v0 = (jnp.asarray(ref[k]) for k in ("u0", "s0", "v0"))
+        basis = {k[-1]: jnp.asarray(ref[k]) for k in ("semantic_u", "semantic_v") if k in ref}
+        new = DecomposedDense(
+            semantic_part(w, u0, s0, v0),
+            jnp.copy(u0),  # own buffers: the train step donates the trainable factors
+            jnp.copy(s0),
+            jnp.copy(v0),
+            layer.bias[...] if layer.bias is not None else None,
+            num_subspaces=spec.num_subspaces,
+            dtype=layer.dtype,
+            reference=dict(u0=u0, s0=s0, v0=v0, energy0=jnp.asarray(ref["energy0"])),
+            semantic_basis=basis,
+            mode=mode,
+        )
+        setattr(parent, t, new)
 
 
 def decomposed_layers(model: nnx.Module, targets: Sequence[str]) -> dict[str, DecomposedDense]:
