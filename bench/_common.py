@@ -110,11 +110,12 @@ def random_batch(batch: int, image_size: int, seed: int = 0, *,
 
 
 class ProductionStep:
-    """fmsd_jax.train's sharded jitted step on a given detector, compiled once, ready to time.
+    """The production train step (fmsd_jax/run/train_step.py), sharded and jitted, on a given
+    detector, compiled once, ready to time.
 
-    Built as `train.train` builds it (split by the regime's Variable types, the masked
+    Built as `modes.train.train` builds it (split by the regime's Variable types, the masked
     optimizer and the objective from config_base's defaults with `optim` / `objective`
-    overrides, `train.make_state`'s state and shardings, donated state and metric sums), so a
+    overrides, `train_step.make_state`'s state and shardings, donated state and metric sums), so a
     bench row, and a unit test of the step (tests/conftest.py), measures the step users run.
     `mask` None is all layers; `devices` None is every device (a test passes one).
     """
@@ -131,30 +132,31 @@ class ProductionStep:
         import numpy as np
         from flax import nnx
 
-        from fmsd_jax import assemble, build, config_base, sharding, train
+        from fmsd_jax import config_base, parallel
         from fmsd_jax.method.decompose import trainable_filter
         from fmsd_jax.method.objective import make_loss_fn
         from fmsd_jax.method.optimizer import make_optimizer
+        from fmsd_jax.run import factory, rebuild, train_step
 
-        mesh = sharding.make_mesh(mlc.ConfigDict({"data": -1, "fsdp": 1}), devices)
+        mesh = parallel.make_mesh(mlc.ConfigDict({"data": -1, "fsdp": 1}), devices)
         graphdef, trainable, frozen = nnx.split(det, trainable_filter(regime), ...)
         self.num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
         if mask is None and spec is not None:
             mask = np.ones(spec.mask_shape, np.float32)
-        self.run = build.Run(graphdef, sharding.shard_tree(mesh, trainable),
-                             sharding.shard_tree(mesh, frozen), mask, spec, mesh)
+        self.run = rebuild.Run(graphdef, parallel.shard_tree(mesh, trainable),
+                               parallel.shard_tree(mesh, frozen), mask, spec, mesh)
         base = config_base.base_config()
-        self.objective = dataclasses.replace(assemble.objective_section(base),
+        self.objective = dataclasses.replace(factory.objective_section(base),
                                              lambda_orth=lambda_orth, lambda_spec=lambda_spec)
-        self.optim = dataclasses.replace(assemble.optim_section(base), **(optim or {}))
+        self.optim = dataclasses.replace(factory.optim_section(base), **(optim or {}))
         self.loss_fn = make_loss_fn(self.objective)
         tx = make_optimizer(self.optim, trainable_state=self.run.trainable, layer_mask=mask,
                             spec=spec, total_steps=total_steps)
-        self.state, state_sh = train.make_state(self.run, tx)
+        self.state, state_sh = train_step.make_state(self.run, tx)
         sample = {"image": jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
                   "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-        self.metric_sums = train.init_metric_sums(self.run, self.loss_fn, sample)
-        self.jitted = train.make_train_step(self.run, self.loss_fn, tx, state_sh)
+        self.metric_sums = train_step.init_metric_sums(self.run, self.loss_fn, sample)
+        self.jitted = train_step.make_train_step(self.run, self.loss_fn, tx, state_sh)
         self.mesh = mesh
         self.compiled = None
 
@@ -182,9 +184,9 @@ class ProductionStep:
         return {k: float(v) / count for k, v in sums.items()}
 
     def device_batch(self, host: dict[str, Any]) -> dict[str, Any]:
-        from fmsd_jax import sharding
+        from fmsd_jax import parallel
 
-        return sharding.global_batch(self.mesh, host, ("image", "label"))
+        return parallel.global_batch(self.mesh, host, ("image", "label"))
 
     def compile(self, batch: dict[str, Any]) -> float:
         """Lower and compile for `batch` (device arrays); returns seconds."""

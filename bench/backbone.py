@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     from flax import nnx
 
-    from fmsd_jax.model.checkpoint import load_clip_vision
     from fmsd_jax.model.vit import VARIANTS
+    from fmsd_jax.model.weights.load import load_clip_vision
 
     torch.set_num_threads(threads)
     on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()

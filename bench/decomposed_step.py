@@ -13,9 +13,9 @@ Rows (same ViT, same batch, random weights — timing does not depend on their v
   (d) mask est.  one layer-mask estimator step (dense W gradient + Welford moments)
   (e) sem. fact. (a) with the semantic part stored factored (U_r s_r, V_rᵀ): why it is dense
 
-Rows (a)–(e) run fmsd_jax.train's production step (bench/_common.ProductionStep: explicit
-shardings, donated state, the optimizer and objective from config_base's defaults); the forward
-and the estimator rows jit their own function.
+Rows (a)–(e) run the production train step (run/train_step.py, through
+bench/_common.ProductionStep: explicit shardings, donated state, the optimizer and objective
+from config_base's defaults); the forward and the estimator rows jit their own function.
 
 Time: median and min–max of --iters steps after --warmup (each step fed its own donated
 output). Memory: XLA's compiled memory analysis (arguments + outputs + temporaries − aliased),
@@ -148,8 +148,8 @@ def main() -> None:
     results: list[tuple[str, str, float, list[float], float, float, float, int]] = []
 
     def train_row(key: str, name: str, det: Detector, spec, regime: str, lambdas=(0.0, 0.0)):
-        """One row: fmsd_jax.train's production step (sharded, donated, compiled once) on `det`,
-        the masked optimizer and objective from config_base's defaults."""
+        """One row: the production train step (run/train_step.py: sharded, donated, compiled
+        once) on `det`, the masked optimizer and objective from config_base's defaults."""
         step = ProductionStep(det, regime=regime, spec=spec, lambda_orth=lambdas[0],
                               lambda_spec=lambdas[1], batch=args.batch,
                               image_size=args.image_size, total_steps=1000)

@@ -4,8 +4,8 @@
     python bench/effort_parity.py --write-golden   # also rewrites tests/fixtures/effort_parity.npz
 
 (1) Training: the tiny CLIP of tests/fixtures/clip/tiny/hf_vision (HF weights) becomes our
-detector through the production path (`build.prepare`, `make_optimizer`, `make_loss_fn`,
-`train.make_train_step`; regime 'effort', optim 'adam' = torch-style Adam with L2 weight
+detector through the production path (`rebuild.open_run`, `make_optimizer`, `make_loss_fn`,
+`train_step.make_train_step`; regime 'effort', optim 'adam' = torch-style Adam with L2 weight
 decay, lr 2e-4, wd 5e-4, fp32) and Effort's PyTorch detector (`bench/effort_torch.py`: HF
 CLIPVisionModel with `SVDResidualLinear` projections, its own SVD, torch Adam) with our head's
 initial weights copied over. Both train STEPS steps on the same uint8 batches (normalised the
@@ -74,33 +74,34 @@ def train_ours(cfg: Any, data: list) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from fmsd_jax import assemble, build, sharding, train
+    from fmsd_jax import parallel
     from fmsd_jax.method.objective import make_loss_fn
     from fmsd_jax.method.optimizer import make_optimizer
+    from fmsd_jax.run import factory, rebuild, train_step
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     with tempfile.TemporaryDirectory() as workdir:
-        run = build.prepare(cfg, Path(workdir), mesh)
+        run = rebuild.open_run(cfg, Path(workdir), mesh)
     head0 = {"head_kernel": np.asarray(run.trainable["head_kernel"][...]),
              "head_bias": np.asarray(run.trainable["head_bias"][...])}
     start = _factors(nnx.merge(run.graphdef, jax.device_get(run.trainable),
                                jax.device_get(run.frozen)))
-    loss_fn = make_loss_fn(assemble.objective_section(cfg))
-    tx = make_optimizer(assemble.optim_section(cfg), trainable_state=run.trainable,
+    loss_fn = make_loss_fn(factory.objective_section(cfg))
+    tx = make_optimizer(factory.optim_section(cfg), trainable_state=run.trainable,
                         layer_mask=run.mask, spec=run.spec, total_steps=len(data))
-    state, state_sh = train.make_state(run, tx)
+    state, state_sh = train_step.make_state(run, tx)
     images, labels = data[0]
     sample = {"image": jax.ShapeDtypeStruct(images.shape, jnp.uint8),
               "label": jax.ShapeDtypeStruct(labels.shape, jnp.int32)}
-    sums = train.init_metric_sums(run, loss_fn, sample)
-    step = train.make_train_step(run, loss_fn, tx, state_sh)
+    sums = train_step.init_metric_sums(run, loss_fn, sample)
+    step = train_step.make_train_step(run, loss_fn, tx, state_sh)
     losses = []
     for images, labels in data:
-        batch = sharding.global_batch(mesh, {"image": images, "label": labels},
+        batch = parallel.global_batch(mesh, {"image": images, "label": labels},
                                       ("image", "label"))
         state, sums = step(state, run.frozen, batch, sums)
         losses.append(float(sums["loss"]) / float(sums["count"]))
-        sums = train.zero_metric_sums(sums.keys(), mesh)
+        sums = train_step.zero_metric_sums(sums.keys(), mesh)
     det = nnx.merge(run.graphdef, jax.device_get(state.trainable), jax.device_get(run.frozen))
     out = {"loss": np.asarray(losses, np.float64),
            "head_kernel": np.asarray(det.head_kernel[...]),
@@ -213,7 +214,7 @@ def fmsd_losses_ours(seed: int = 0) -> dict[str, np.ndarray]:
 
     from fmsd_jax.method import decompose as decomp
     from fmsd_jax.method import losses
-    from fmsd_jax.model.checkpoint import load_clip_vision
+    from fmsd_jax.model.weights.load import load_clip_vision
 
     tower = load_clip_vision(CKPT / "model.safetensors")
     blocks = tower.transformer.blocks
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write_golden:
         golden = {f"effort_{k}": theirs[k] for k in golden_keys()}
         golden |= {f"losses_{k}": np.asarray(loss_theirs[k], np.float32 if "grad" in k
-                                              else np.float64) for k in loss_keys()}
+                                             else np.float64) for k in loss_keys()}
         np.savez_compressed(GOLDEN, **golden)
         print(f"\nwrote {GOLDEN} ({GOLDEN.stat().st_size / 1024:.0f} KiB)")
 

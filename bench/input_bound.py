@@ -6,11 +6,12 @@
         --size small-256
 
 Issue 7 asks that the step never wait on the host (input pipeline, metric fetches, Python in
-the loop). The production step (fmsd_jax.train.make_train_step, FMSD regime, regularisers on as
+the loop). The production step (fmsd_jax.run.train_step.make_train_step, FMSD regime,
+regularisers on as
 in the demo config, the detector normalising uint8 pixels on the device) is driven these ways:
 
   memory       the same device batch every step, dispatched back to back (the ceiling)
-  host arrays  ready uint8 numpy batches, put on the device each step as train.py does (the
+  host arrays  ready uint8 numpy batches, put on the device each step as modes/train.py does (the
                cost of `global_batch` and of the transfer, without decoding)
   pipeline     the host side alone: `next()` on make_train_loader's iterator, no step
   train loop   exactly train.train's loop body: `global_batch(mesh, next(it))`, then the step,
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     from fmsd_jax.data.synthetic import data_config_overrides, write_benchmark
     from fmsd_jax.method.decompose import decompose
     from fmsd_jax.model.detector import Detector
-    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig, resolve_attention_impl
+    from fmsd_jax.model.layers import resolve_attention_impl
+    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
 
     args.data_dir = args.data_dir or f"/tmp/fmsd_input_bound_{args.size}"
     write_benchmark(args.data_dir, size=args.size, families=("blend",))  # SynBlend only

@@ -11,7 +11,7 @@ logits on the batch are compared before any step). Both decompose the same proje
 (q, k, v, out of every block) keeping the same K·d smallest singular directions trainable.
 
 Rows:
-  (a)   fmsd         our production step (fmsd_jax.train.make_train_step), CE only
+  (a)   fmsd         our production step (fmsd_jax.run.train_step.make_train_step), CE only
   (a+)  fmsd+reg     (a) + L_orth + L_spec (λ = 0.1 each)
   (ax)  fmsd-xla     (a) with attention_impl='xla' (jax.nn.dot_product_attention), the path
                      before issue 7's einsum attention became the CPU default (not by default)
@@ -255,9 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     from flax import nnx
 
     from fmsd_jax.method.decompose import decompose, merge
-    from fmsd_jax.model.checkpoint import save_hf_clip_vision
     from fmsd_jax.model.detector import Detector
-    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig, resolve_attention_impl
+    from fmsd_jax.model.layers import resolve_attention_impl
+    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+    from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
 
     torch.set_num_threads(threads)
     on_gpu = args.device == "gpu"

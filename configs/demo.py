@@ -112,7 +112,7 @@ or without FMSD's mask and multiple subspaces. Every method scores below chance 
 SynAutoencode (the report explains what that means).
 
 Robustness (report.md's last section, `demo.robustness`): every row under DeeperForensics-1.0's
-seven perturbations at levels 1 and 5 on the held-out SynUpsample (fmsd_jax/robustness.py),
+seven perturbations at levels 1 and 5 on the held-out SynUpsample (fmsd_jax/modes/robustness.py),
 about 0.8 s an evaluation (60 in all) plus a few seconds of compilation per row.
 """
 
@@ -167,7 +167,7 @@ def get_config(arg: str | None = None):
         width=64, layers=4, heads=4, patch_size=8, mlp_dim=256, image_size=64,
         steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30,
         temperature=0.2, proj_hidden=256, proj_dim=64, log_every=50, seed=0,
-        # CLIP-like invariances (crop, flip, colour), no blur: see fmsd_jax/pretrain.py.
+        # CLIP-like invariances (crop, flip, colour), no blur: see fmsd_jax/demo/pretrain.py.
         crop_scale=(0.2, 0.9), jitter=0.4, gray_prob=0.2, blur_prob=0.0))
     # The learning-rate sweep (`:sweep`): one grid of backbone lrs, the same for every method
     # that trains a backbone, each point scored on SynBlend's validation split only.
@@ -201,4 +201,4 @@ def get_config(arg: str | None = None):
         d.pretrain.update(dict(width=32, layers=2, heads=2, mlp_dim=64, image_size=32,
                                steps=6, batch_size=16, warmup_steps=2, proj_hidden=32,
                                proj_dim=16, log_every=3))
-    return c  # each row's regime is applied by fmsd_jax.demo.method_config
+    return c  # each row's regime is applied by fmsd_jax.demo.rows.method_config

@@ -102,7 +102,7 @@ def base_config() -> mlc.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
 
-    # Adaptation diagnostics at the end of every run (fmsd_jax/diagnostics.py).
+    # Adaptation diagnostics at the end of every run (fmsd_jax/evaluators/adaptation.py).
     c.diagnostics = mlc.ConfigDict()
     c.diagnostics.bootstrap = 1000  # paired resamples of validation videos for Δ AUC's 95 % CI
     c.diagnostics.spectra = 4  # SVDs of the most-moved adapted layers only (cheap on ViT-L)
@@ -111,7 +111,7 @@ def base_config() -> mlc.ConfigDict:
     c.export.out_dir = ""  # default: WORKDIR/export
 
     # --mode robustness: every test set clean and under each perturbation level
-    # (fmsd_jax/robustness.py; perturbations in fmsd_jax/data/perturbations.py).
+    # (fmsd_jax/modes/robustness.py; perturbations in fmsd_jax/data/perturbations.py).
     c.robustness = mlc.ConfigDict()
     c.robustness.protocol = "deeperforensics"  # 7 types x 5 levels (LipForensics); or 'gend'
     c.robustness.types = ()  # type keys, e.g. ('CS', 'VC'); empty: all of the protocol's

@@ -52,7 +52,7 @@ class AlreadyExists(UserError, FileExistsError):
 
 
 class WorkdirInUse(UserError, BlockingIOError):
-    """Another process holds the workdir's lock (fmsd_jax/workdir_lock.py): two runs writing one
+    """Another process holds the workdir's lock (fmsd_jax/run/workdir_lock.py): two runs writing one
     workdir would mix their checkpoints and results."""
 
 

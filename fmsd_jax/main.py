@@ -15,7 +15,7 @@ overridden with `--config.a.b=value`, e.g. `--config.train.batch_size=64
 --config.data.test_dataset="('Celeb-DF-v2','DFDC')"`; every field and its default is in
 fmsd_jax/config_base.py, and an unknown field is an error.
 
-One run per workdir: train, mask, evaluate and robustness lock WORKDIR (fmsd_jax/workdir_lock.py
+One run per workdir: train, mask, evaluate and robustness lock WORKDIR (fmsd_jax/run/workdir_lock.py
 says why these) before reading any data, and a second such command on it exits 2 at once,
 naming the first's pid, host, mode and start time; predict, export and plan only read the run
 and may run beside it. The lock dies with its process, so a killed run leaves none behind.
@@ -36,7 +36,9 @@ import re
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -51,14 +53,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "mask", "evaluate", "robustness", "export", "predict",
-                           "plan"],
+                           "plan"],  # the keys of MODES, below
                           "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: the TPU slice, e.g. v5e-256, v4-128, "
                                 "v5p-512 or v5e:16x16; the mesh is config.mesh.")
 _OUT = flags.DEFINE_string("out", None, "export: output directory (default WORKDIR/export); "
                            "predict: output JSON (default WORKDIR/predictions.json).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "evaluate: replace results that another "
-                                "report points at (a demo row's, shown in the demo's report.md)")
+                               "report points at (a demo row's, shown in the demo's report.md)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -111,7 +113,8 @@ def main(argv: list[str]) -> None:
     if multihost:
         init_distributed(cfg)
     # Imported only now: they import jax, which must not start before jax.distributed does.
-    from fmsd_jax import config_base, preflight, workdir_lock
+    from fmsd_jax import config_base
+    from fmsd_jax.run import preflight, workdir_lock
 
     with cfg.unlocked():
         config_base.apply_regime(cfg)
@@ -123,9 +126,9 @@ def main(argv: list[str]) -> None:
     if mode in CHECKPOINT_MODES:
         require_utf8(workdir, "--workdir", "orbax checkpoints (tensorstore)")
     if cfg.get("demo") is not None and mode != "train":
-        from fmsd_jax import demo  # configs/demo.py: other modes act on one trained row
+        from fmsd_jax.demo import rows
 
-        cfg = demo.row_config(cfg, workdir)
+        cfg = rows.row_config(cfg, workdir)
     try:
         if mode not in workdir_lock.LOCKING_MODES:
             run_mode(cfg, mode, workdir, argv)
@@ -149,46 +152,68 @@ def _log_written(workdir: str) -> None:
         log.info(line)
 
 
+def _train(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import train
+
+    try:
+        if cfg.get("demo") is not None:  # configs/demo.py: data, backbone, 4 rows, report
+            from fmsd_jax.demo import recipe
+
+            recipe.run(cfg, workdir)
+        else:
+            train.train(cfg, workdir)
+    except train.Preempted as e:
+        logging.getLogger("fmsd_jax").warning("%s; rerun the same command to resume", e)
+
+
+def _mask(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import mask
+
+    mask.mask_only(cfg, workdir)
+
+
+def _evaluate(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import evaluate
+
+    evaluate.evaluate(cfg, workdir, overwrite=_OVERWRITE.value)
+
+
+def _robustness(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import robustness
+
+    robustness.robustness(cfg, workdir)
+
+
+def _export(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import export
+
+    export.export(cfg, workdir, _OUT.value)
+
+
+def _predict(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import predict
+
+    if len(argv) < 2:
+        raise app.UsageError("--mode predict needs image files, folders or videos to score")
+    predict.predict(cfg, workdir, argv[1:], _OUT.value)
+
+
+def _plan(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import plan
+
+    plan.run_plan(cfg, workdir, _TOPOLOGY.value)
+
+
+# --mode NAME runs MODES[NAME]: one function per module of fmsd_jax/modes/, each imported only
+# when its mode runs (each pulls in its own stack, and jax must not start before
+# jax.distributed does).
+MODES: dict[str, Callable[[Any, str, list[str]], None]] = {
+    "train": _train, "mask": _mask, "evaluate": _evaluate, "robustness": _robustness,
+    "export": _export, "predict": _predict, "plan": _plan}
+
+
 def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:
-    """Dispatch to the mode's module (imported only here: each pulls in its own stack)."""
-    if mode == "train":
-        from fmsd_jax import train
-
-        try:
-            if cfg.get("demo") is not None:  # configs/demo.py: data, backbone, 4 rows, report
-                from fmsd_jax import demo
-
-                demo.run(cfg, workdir)
-            else:
-                train.train(cfg, workdir)
-        except train.Preempted as e:
-            logging.getLogger("fmsd_jax").warning("%s; rerun the same command to resume", e)
-    elif mode == "mask":
-        from fmsd_jax import train
-
-        train.mask_only(cfg, workdir)
-    elif mode == "evaluate":
-        from fmsd_jax import evaluate
-
-        evaluate.evaluate(cfg, workdir, overwrite=_OVERWRITE.value)
-    elif mode == "plan":
-        from fmsd_jax import plan
-
-        plan.run_plan(cfg, workdir, _TOPOLOGY.value)
-    elif mode == "robustness":
-        from fmsd_jax import robustness
-
-        robustness.robustness(cfg, workdir)
-    elif mode == "export":
-        from fmsd_jax import export
-
-        export.export(cfg, workdir, _OUT.value)
-    else:
-        from fmsd_jax import predict
-
-        if len(argv) < 2:
-            raise app.UsageError("--mode predict needs image files, folders or videos to score")
-        predict.predict(cfg, workdir, argv[1:], _OUT.value)
+    MODES[mode](cfg, workdir, argv)
 
 
 def user_errors_in_one_line(argv: list[str]) -> None:

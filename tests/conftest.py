@@ -141,8 +141,8 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     """A random tiny CLIP vision tower written as HF `model.safetensors` + `config.json`."""
     from flax import nnx
 
-    from fmsd_jax.model.checkpoint import save_hf_clip_vision
     from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+    from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
 
     out = tmp_path_factory.mktemp("tiny_clip")
     cfg = ViTConfig(width=32, layers=2, heads=2, patch_size=8, mlp_dim=64, proj_dim=None,
@@ -271,22 +271,24 @@ def optim_settings(**changes: Any):
     it varies, and the rest is what a run uses."""
     import dataclasses
 
-    from fmsd_jax import assemble, config_base
+    from fmsd_jax import config_base
+    from fmsd_jax.run import factory
 
-    return dataclasses.replace(assemble.optim_section(config_base.base_config()), **changes)
+    return dataclasses.replace(factory.optim_section(config_base.base_config()), **changes)
 
 
 def objective_settings(**changes: Any):
     """config_base's objective defaults (`method.lambda_*`, `spectral_form`) with `changes`."""
     import dataclasses
 
-    from fmsd_jax import assemble, config_base
+    from fmsd_jax import config_base
+    from fmsd_jax.run import factory
 
-    return dataclasses.replace(assemble.objective_section(config_base.base_config()), **changes)
+    return dataclasses.replace(factory.objective_section(config_base.base_config()), **changes)
 
 
 def production_step(det, *, regime: str, spec, batch: dict, **kwargs: Any):
-    """`train.make_train_step` on `det`, on a one-device mesh, as bench/_common.ProductionStep
+    """`train_step.make_train_step` on `det`, on a one-device mesh, as bench/_common.ProductionStep
     builds it for the benches (one construction for both); kwargs go to ProductionStep."""
     import jax
 
@@ -335,28 +337,29 @@ def train_losses(ckpt: str, *, data: int, fsdp: int) -> dict:
     import jax
     import numpy as np
 
-    from fmsd_jax import build, sharding, train
+    from fmsd_jax import parallel
+    from fmsd_jax.run import rebuild, train_step
 
     cfg = tiny_cfg(**{"model.dtype": "float32", "model.variant": "auto",
                       "model.init_from": ckpt, "method.mask.enabled": False,
                       "train.batch_size": 64, "mesh.data": data, "mesh.fsdp": fsdp})
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[: data * fsdp])
-    min_size, sharding.FSDP_MIN_SIZE = sharding.FSDP_MIN_SIZE, 0
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[: data * fsdp])
+    min_size, parallel.FSDP_MIN_SIZE = parallel.FSDP_MIN_SIZE, 0
     try:
-        run = build.prepare(cfg, Path("/nonexistent-workdir"), mesh, estimate=False)
-        parts = train.assemble_step(cfg, run, steps=3)
+        run = rebuild.open_run(cfg, Path("/nonexistent-workdir"), mesh, estimate=False)
+        parts = train_step.assemble_step(cfg, run, steps=3)
         split = sum("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(run.frozen))
         rng = np.random.default_rng(0)
         state, sums, losses = parts["state"], parts["metric_sums"], []
         for _ in range(3):
             host = {"image": rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
                     "label": rng.integers(0, 2, (64,), np.int32)}
-            batch = sharding.global_batch(mesh, host, ("image", "label"))
+            batch = parallel.global_batch(mesh, host, ("image", "label"))
             before = float(sums["loss"])
             state, sums = parts["step_fn"](state, run.frozen, batch, sums)
             losses.append(float(sums["loss"]) - before)
     finally:
-        sharding.FSDP_MIN_SIZE = min_size
+        parallel.FSDP_MIN_SIZE = min_size
     return {"losses": losses, "split_leaves": split, "mesh": dict(mesh.shape)}
 
 
@@ -424,7 +427,7 @@ MIN_FONT_PT = 7.0  # the smallest text a chart may hold at its saved size
 
 
 def draw(fig: Figure):
-    """Lay the figure out as `report._save` does (Agg at 120 dpi) and return the renderer."""
+    """Lay the figure out as `plots.save_figure` does (Agg at 120 dpi) and return the renderer."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import LATIN1, byte_path, one_line_error, run_cli, write_avi
 
-from fmsd_jax import atomic, main, predict, report
+from fmsd_jax import atomic, main
 from fmsd_jax.data import perturbations, sources
 from fmsd_jax.data import tfds_builder as T
 from fmsd_jax.data import video as vid
@@ -30,6 +30,8 @@ from fmsd_jax.data.file_records import list_records
 from fmsd_jax.data.folder import hash_split
 from fmsd_jax.data.transforms import ImageReader, read_rgb
 from fmsd_jax.errors import BadInput, InputNotFound
+from fmsd_jax.evaluators import result_files
+from fmsd_jax.modes import predict
 from fmsd_jax.pathnames import shown
 
 
@@ -199,7 +201,7 @@ def test_results_and_predictions_json_round_trip_the_bytes(tmp_path):
     name = os.fsdecode(b'Caf' + LATIN1)
     metrics = {'frame_auc': 0.75, 'video_auc': 0.5, 'acc': 0.5, 'ap': 0.25, 'eer': 0.5,
                'frames': 4, 'videos': 2}
-    json_path, md_path = report.write_results(tmp_path, {name: metrics})
+    json_path, md_path = result_files.write_results(tmp_path, {name: metrics})
     [key] = json.loads(json_path.read_text())
     assert os.fsencode(key) == b'Caf\xe9'
     assert '| Caf\\xe9 |' in md_path.read_text(encoding='utf-8')  # valid UTF-8, escaped

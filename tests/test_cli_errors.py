@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import make_cfg, one_line_error, run_cli
 
-from fmsd_jax import atomic, demo, errors, main, train
+from fmsd_jax import atomic, errors, main
+from fmsd_jax.demo import recipe, rows
+from fmsd_jax.modes import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,65 +119,66 @@ def test_a_demo_row_never_writes_above_its_workdir(tmp_path):
     row = tmp_path / "scratch" / "x"
     cfg = demo_cfg("effort")
     # No prepared demo in the parent: the row prepares its own inside its workdir.
-    assert demo.shared_root(cfg, row) == row
+    assert rows.shared_root(cfg, row) == row
     # A prepared demo in the parent (runs/demo/effort): read from there, write nothing there.
     make_inputs(tmp_path / "scratch")
-    assert demo.shared_root(cfg, row) == tmp_path / "scratch"
-    assert demo._reads_only(cfg, row)
+    assert rows.shared_root(cfg, row) == tmp_path / "scratch"
+    assert rows.reads_prepared_inputs(cfg, row)
     # A row that has its own inputs keeps them; demo.root overrides both.
     make_inputs(row)
-    assert demo.shared_root(cfg, row) == row and not demo._reads_only(cfg, row)
-    assert demo.shared_root(demo_cfg("effort", str(tmp_path / "elsewhere")), row) == \
+    assert rows.shared_root(cfg, row) == row and not rows.reads_prepared_inputs(cfg, row)
+    assert rows.shared_root(demo_cfg("effort", str(tmp_path / "elsewhere")), row) == \
         tmp_path / "elsewhere"
-    assert demo.shared_root(demo_cfg("all"), row) == row
+    assert rows.shared_root(demo_cfg("all"), row) == row
 
 
 def test_a_demo_row_says_where_it_reads_before_it_starts(tmp_path, caplog, monkeypatch):
     make_inputs(tmp_path)
     cfg = demo_cfg("effort")
     calls = []
-    monkeypatch.setattr(demo, "prepare_data", lambda *a: calls.append("data"))
-    monkeypatch.setattr(demo, "prepare_backbone", lambda *a: calls.append("backbone") or {})
-    monkeypatch.setattr(demo, "run_row", lambda *a: ({}, 0.0, True))
+    monkeypatch.setattr(rows, "prepare_data", lambda *a: calls.append("data"))
+    monkeypatch.setattr(rows, "prepare_backbone", lambda *a: calls.append("backbone") or {})
+    monkeypatch.setattr(rows, "run_row", lambda *a: ({}, 0.0, True))
     with caplog.at_level(logging.INFO, logger="fmsd_jax"):
-        demo.run(cfg, tmp_path / "effort")
+        recipe.run(cfg, tmp_path / "effort")
     assert calls == []  # reading a prepared demo: nothing is prepared (written) above
     assert f"reading the benchmark from {tmp_path / 'data'}" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fmsd_jax"):
-        demo.run(cfg, tmp_path / "other" / "effort")
+        recipe.run(cfg, tmp_path / "other" / "effort")
     assert calls == ["data", "backbone"]
     assert f"writing the benchmark to {tmp_path / 'other' / 'effort' / 'data'}" in caplog.text
 
 
 def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
         tmp_path, tiny_clip_checkpoint, tiny_benchmark):
-    from fmsd_jax import checkpointing
+    from fmsd_jax.run import checkpoints, workdir_files
 
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark)
     # A save killed before it finished leaves only orbax's temporary directory: no checkpoint.
     (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
-    checkpointing.check_resumable(tmp_path, cfg)
-    assert checkpointing.latest_saved_step(tmp_path) is None
+    checkpoints.check_resumable(tmp_path, cfg)
+    assert checkpoints.latest_saved_step(tmp_path) is None
     (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # what orbax leaves after step 2
-    assert checkpointing.latest_saved_step(tmp_path) == 2
+    assert checkpoints.latest_saved_step(tmp_path) == 2
     with pytest.raises(errors.AlreadyExists, match="holds checkpoints but no config.json"):
-        checkpointing.check_resumable(tmp_path, cfg)
-    atomic.write_json(tmp_path / checkpointing.CONFIG_JSON, cfg.to_dict())
-    checkpointing.check_resumable(tmp_path, cfg)  # the same run: resumes
+        checkpoints.check_resumable(tmp_path, cfg)
+    atomic.write_json(tmp_path / workdir_files.CONFIG_JSON, cfg.to_dict())
+    checkpoints.check_resumable(tmp_path, cfg)  # the same run: resumes
     longer = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
                       **{"train.total_steps": "40", "eval.batch_size": "4"})
-    checkpointing.check_resumable(tmp_path, longer)  # run longer, evaluate differently: fine
+    checkpoints.check_resumable(tmp_path, longer)  # run longer, evaluate differently: fine
     other = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
                      **{"optim.lr": "0.1", "method.regime": "effort"})
     with pytest.raises(errors.AlreadyExists,
                        match=r"different config.*'method.regime'.*'optim.lr'"):
-        checkpointing.check_resumable(tmp_path, other)
-    assert checkpointing.config_differences(tmp_path / "none", cfg) is None
+        checkpoints.check_resumable(tmp_path, other)
+    assert checkpoints.config_differences(tmp_path / "none", cfg) is None
 
 
 def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):
-    from fmsd_jax import config_base, preflight
+    from fmsd_jax import config_base
+    from fmsd_jax.run import preflight
 
     cfg = config_base.base_config()
     for field, value, said in [("train.batch_size", 0, "config.train.batch_size=0 must be an "

@@ -22,19 +22,17 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from fmsd_jax.model.checkpoint import (
-    CheckpointError,
-    assign_weights,
-    expected_shapes,
-    load_clip_vision,
-    read_clip_vision,
-    read_tensors,
-    resample_pos_embedding,
-    save_hf_clip_vision,
-    tower_weights,
-)
 from fmsd_jax.model.detector import Detector
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+from fmsd_jax.model.weights.containers import CheckpointError, read_tensors
+from fmsd_jax.model.weights.export_hf import save_hf_clip_vision, tower_weights
+from fmsd_jax.model.weights.layouts import expected_shapes
+from fmsd_jax.model.weights.load import (
+    assign_weights,
+    load_clip_vision,
+    read_clip_vision,
+    resample_pos_embedding,
+)
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "clip"
 TOL = 1e-4  # issue 2: max abs error in fp32; measured ~1e-6 on these fixtures

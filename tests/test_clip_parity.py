@@ -21,11 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fmsd_jax.model.checkpoint import (  # noqa: E402
-    load_clip_vision,
-    resample_pos_embedding,
-    save_hf_clip_vision,
-)
+from fmsd_jax.model.weights.export_hf import save_hf_clip_vision  # noqa: E402
+from fmsd_jax.model.weights.load import load_clip_vision, resample_pos_embedding  # noqa: E402
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "clip"
 TOL = 1e-4  # issue 2; measured <= 3e-6 for everything below

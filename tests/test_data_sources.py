@@ -182,7 +182,7 @@ def test_folder_source_classes_videos_and_hash_split(tmp_path):
             per_video.setdefault(r['video_id'], []).append(r)
         assert all(len(v) == (1 if k.startswith('real') else 5) for k, v in per_video.items())
     assert hash_split('MyData/real/r1', (0.6, 0.2, 0.2)) == hash_split('MyData/real/r1',
-                                                                        (0.6, 0.2, 0.2))
+                                                                       (0.6, 0.2, 0.2))
     _png(root / 'weird' / 'a.png', 0)
     with pytest.raises(KeyError, match="class folder 'weird'"):
         list_records(cfg, 'MyData', 'train')

@@ -21,6 +21,7 @@ import pytest
 
 from fmsd_jax import demo
 from fmsd_jax.data.config import SYNTHETIC_DATASETS
+from fmsd_jax.demo import recipe, rows, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def quick_demo(tmp_path_factory, tiny_benchmark):
     workdir = tmp_path_factory.mktemp("demo") / "run"
     workdir.mkdir()
     os.symlink(tiny_benchmark, workdir / "data")
-    out = demo.run(demo_config("quick"), workdir)
+    out = recipe.run(demo_config("quick"), workdir)
     return workdir, out
 
 
@@ -58,15 +59,15 @@ def _table(text: str) -> tuple[list[str], list[list[str]]]:
 def test_report_has_every_method_and_family(quick_demo):
     workdir, out = quick_demo
     text = (workdir / "report.md").read_text()
-    header, rows = _table(text)
-    assert [r[0] for r in rows] == [demo.ROW_NAMES[m] for m in demo.METHODS]
+    header, body = _table(text)
+    assert [r[0] for r in body] == [rows.ROW_NAMES[m] for m in demo.METHODS]
     # Each cell is the number its row's evaluation wrote to results.json (4 decimals); that
     # number is sklearn's AUC of the run's test predictions (tests/test_train.py).
     for family in SYNTHETIC_DATASETS:
         for level, key in (("frame AUC", "frame_auc"), ("video AUC", "video_auc")):
             col = next(i for i, h in enumerate(header)
                        if h.startswith(family) and h.endswith(level))
-            for m, r in zip(demo.METHODS, rows, strict=True):
+            for m, r in zip(demo.METHODS, body, strict=True):
                 saved = json.loads((workdir / m / "results.json").read_text())[family][key]
                 assert float(r[col]) == pytest.approx(saved, abs=5e-5), (m, family, level)
     # The verdicts are computed, and every row has its reproduce command.
@@ -86,10 +87,10 @@ def test_report_has_a_robustness_table_for_every_row(quick_demo):
     family = demo_config("quick").demo.robustness.family
     assert f"**{family}**" in section
     for level, key in (("### Frame AUC", "frame_auc"), ("### Video AUC", "video_auc")):
-        header, rows = _table(section[section.index(level):])
+        header, body = _table(section[section.index(level):])
         assert header[:2] == ["method", "clean"] and header[-1] == "mean"
-        assert [r[0] for r in rows] == [demo.ROW_NAMES[m] for m in demo.METHODS]
-        for m, r in zip(demo.METHODS, rows, strict=True):
+        assert [r[0] for r in body] == [rows.ROW_NAMES[m] for m in demo.METHODS]
+        for m, r in zip(demo.METHODS, body, strict=True):
             # 'clean' scores the same checkpoint on the same frames as the row's evaluation,
             # by another code path (the robustness pass), so the two numbers agree.
             saved = json.loads((workdir / m / "results.json").read_text())[family][key]
@@ -103,7 +104,7 @@ def test_report_has_a_robustness_table_for_every_row(quick_demo):
 
 
 def test_pretrained_backbone_is_a_clip_checkpoint(quick_demo):
-    from fmsd_jax.model.checkpoint import load_clip_vision
+    from fmsd_jax.model.weights.load import load_clip_vision
 
     workdir, out = quick_demo
     cfg = demo_config("quick")
@@ -115,7 +116,7 @@ def test_pretrained_backbone_is_a_clip_checkpoint(quick_demo):
     assert (workdir / "pretrained" / "config.json").exists()
     # Every row was trained from this file.
     for m in demo.METHODS:
-        sub = demo.method_config(cfg, m, workdir / "data", workdir / "pretrained")
+        sub = rows.method_config(cfg, m, workdir / "data", workdir / "pretrained")
         assert Path(sub.model.init_from) == (workdir / "pretrained" / "model.safetensors")
 
 
@@ -125,7 +126,7 @@ def test_rerun_skips_finished_stages(quick_demo):
     timing = workdir / "demo_timing.json"
     first = timing.read_text()
     timing.unlink()  # a rerun that has no record of the first run's times
-    again = demo.run(demo_config("quick"), workdir)
+    again = recipe.run(demo_config("quick"), workdir)
     assert set(again["skipped"]) == {"pretrain", *demo.METHODS}
     time_line = next(line for line in (workdir / "report.md").read_text().splitlines()
                      if line.startswith("**Time.**"))
@@ -152,17 +153,17 @@ def test_row_command_reproduces_a_row_through_the_cli(quick_demo):
 def test_a_changed_row_config_is_refused(quick_demo):
     workdir, _ = quick_demo
     cfg = demo_config("quick")
-    sub = demo.method_config(cfg, "effort", workdir / "data", workdir / "pretrained")
-    assert demo.row_is_done(sub, workdir / "effort") is not None
+    sub = rows.method_config(cfg, "effort", workdir / "data", workdir / "pretrained")
+    assert rows.row_is_done(sub, workdir / "effort") is not None
     sub.train.total_steps = 5
     with pytest.raises(FileExistsError, match="different config"):
-        demo.row_is_done(sub, workdir / "effort")
+        rows.row_is_done(sub, workdir / "effort")
 
 
 def test_overrides_appear_in_the_reproduce_command(tmp_path):
     cfg = demo_config("")
     cfg.train.total_steps = 123
-    cmd = demo.row_command(cfg, "full", tmp_path / "full")
+    cmd = rows.row_command(cfg, "full", tmp_path / "full")
     assert cmd.startswith("python -m fmsd_jax.main --config configs/demo.py:method=full ")
     assert "--config.train.total_steps=123" in cmd
     assert "demo.method" not in cmd
@@ -170,22 +171,22 @@ def test_overrides_appear_in_the_reproduce_command(tmp_path):
 
 def test_method_configs_follow_the_regimes(tmp_path):
     cfg = demo_config("")
-    effort = demo.method_config(cfg, "effort", tmp_path / "d", tmp_path / "p")
+    effort = rows.method_config(cfg, "effort", tmp_path / "d", tmp_path / "p")
     assert (effort.method.num_subspaces, effort.method.rank) == (1, 1)
     assert not effort.method.mask.enabled and "demo" not in effort
-    fmsd = demo.method_config(cfg, "fmsd", tmp_path / "d", tmp_path / "p")
+    fmsd = rows.method_config(cfg, "fmsd", tmp_path / "d", tmp_path / "p")
     assert fmsd.method.mask.enabled and fmsd.method.num_subspaces == 4
-    full = demo.method_config(cfg, "full", tmp_path / "d", tmp_path / "p")
+    full = rows.method_config(cfg, "full", tmp_path / "d", tmp_path / "p")
     assert (full.optim.lr, full.optim.head_lr) == (cfg.demo.optim.full.lr,
                                                    cfg.demo.optim.full.head_lr)
     with pytest.raises(ValueError, match="one of"):
-        demo.method_config(cfg, "nope", tmp_path / "d", tmp_path / "p")
+        rows.method_config(cfg, "nope", tmp_path / "d", tmp_path / "p")
 
 
 def test_simclr_learns_on_real_photos(tmp_path):
     """Loss falls well below its start, and the written tower loads as CLIP."""
-    from fmsd_jax import pretrain
     from fmsd_jax.data.synthetic import real_photos
+    from fmsd_jax.demo import pretrain
 
     photos = real_photos(split="train")[:4]
     cfg = pretrain.PretrainConfig(width=32, layers=2, heads=2, mlp_dim=64, image_size=32,
@@ -203,7 +204,7 @@ def test_simclr_learns_on_real_photos(tmp_path):
 
 
 def test_nt_xent_prefers_matching_views():
-    from fmsd_jax.pretrain import nt_xent
+    from fmsd_jax.demo.pretrain import nt_xent
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(8, 16)).astype(np.float32)
@@ -216,7 +217,7 @@ def test_nt_xent_prefers_matching_views():
 def test_report_shows_contribution_and_explains_below_chance(tmp_path):
     """The contribution column (from each row's diagnostics), its words when within noise,
     and one computed sentence for a held-out family every method ranks upside down."""
-    from fmsd_jax import report
+    from fmsd_jax.demo import report
 
     def row(name, aucs, contribution=None, ci=None):
         res = {f: {"frame_auc": a, "video_auc": a - 0.01} for f, a in aucs.items()}
@@ -242,14 +243,14 @@ def test_report_shows_contribution_and_explains_below_chance(tmp_path):
 
 
 def test_choose_learning_rates_and_table():
-    from fmsd_jax import report
+    from fmsd_jax.demo import report
 
     def point(m, lr, auc, step=50):
         return {"method": m, "lr": lr, "head_lr": 1e-3, "best": {"frame_auc": auc, "step": step}}
 
     pts = [point("fmsd", 2e-4, .60), point("fmsd", 2e-3, .70), point("fmsd", 2e-2, .70),
            point("full", 2e-4, .65), point("full", 2e-3, float("nan"))]
-    chosen = demo.choose_learning_rates(pts, "frame_auc")
+    chosen = sweep.choose_learning_rates(pts, "frame_auc")
     assert chosen == {"fmsd": 2e-3, "full": 2e-4}  # a tie goes to the earlier (smaller) lr
     table = report.sweep_table(pts, chosen)
     header, body = _table(table)
@@ -277,7 +278,7 @@ def test_sweep_scores_only_the_validation_split(quick_demo, monkeypatch):
     monkeypatch.setattr(pipeline, "make_eval_loader", spy)
     cfg = demo_config("quick,sweep")
     cfg.demo.sweep.methods = ("effort",)
-    out = demo.run(cfg, workdir)
+    out = recipe.run(cfg, workdir)
     assert seen and set(seen) == {("SynBlend", "val")}
     rec = json.loads((workdir / "sweep" / demo.SWEEP_JSON).read_text())
     assert [p["lr"] for p in rec["points"]] == list(cfg.demo.sweep.lrs)

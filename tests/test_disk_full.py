@@ -64,7 +64,7 @@ def test_found_however_the_library_raised_it(tmp_path):
     assert e.value.filename == str(tmp_path / "run.json")
     # nothing names a file: the workdir
     assert f"writing {tmp_path} (" in str(errors.disk_full(OSError(errno.ENOSPC, ENOSPC),
-                                                            tmp_path))
+                                                           tmp_path))
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from fmsd_jax import atomic, report
-from fmsd_jax.model.checkpoint import save_hf_clip_vision
+from fmsd_jax import atomic
+from fmsd_jax.evaluators import result_files
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
 
 RESULT = {"SynBlend": {"frame_auc": 0.5, "video_auc": 0.5, "acc": 0.5, "ap": 0.5, "eer": 0.5,
                        "num_frames": 4, "num_videos": 2}}
@@ -31,14 +32,14 @@ def mode(path: Path) -> int:
 def test_every_atomic_writer_respects_the_umask(tmp_path, umask):
     assert atomic.current_umask() == umask
     atomic.write_json(tmp_path / "a.json", {"x": 1})
-    json_path, md_path = report.write_results(tmp_path, RESULT)
+    json_path, md_path = result_files.write_results(tmp_path, RESULT)
     cfg = ViTConfig(width=16, layers=1, heads=2, patch_size=8, mlp_dim=32, proj_dim=None,
                     image_size=16)
     save_hf_clip_vision(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), tmp_path / "hf")
     written = [tmp_path / "a.json", json_path, md_path, tmp_path / "hf" / "model.safetensors",
                tmp_path / "hf" / "config.json"]
     assert {p.name: oct(mode(p)) for p in written} == {p.name: oct(0o666 & ~umask)
-                                                        for p in written}
+                                                       for p in written}
     assert not list(tmp_path.rglob("*.tmp"))  # no temporary file left behind
 
 
@@ -89,13 +90,13 @@ def test_claims_never_share_a_name_and_the_record_says_new_or_replaced(tmp_path)
 
 
 def test_throughput_counts_training_steps_only(monkeypatch):
-    from fmsd_jax import feedback
+    from fmsd_jax.run import progress
 
     clock = iter([0.0, 1.0, 6.0, 7.0])  # start, pause 1..6 s (validation), report at 7 s
-    monkeypatch.setattr(feedback.time, "perf_counter", lambda: next(clock))
-    progress = feedback.Progress(total_steps=40, start_step=0, batch_size=4)
-    with progress.paused():
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    meter = progress.Progress(total_steps=40, start_step=0, batch_size=4)
+    with meter.paused():
         pass
-    line = progress.update(20, {"loss": 0.5})
-    assert progress.steps_per_s == 10.0 and progress.images_per_s == 40.0  # 20 steps in 2 s
+    line = meter.update(20, {"loss": 0.5})
+    assert meter.steps_per_s == 10.0 and meter.images_per_s == 40.0  # 20 steps in 2 s
     assert line.startswith("step 20/40 | 10.00 steps/s 40.0 img/s | ETA 0:00:02")

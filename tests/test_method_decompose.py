@@ -25,7 +25,8 @@ from fmsd_jax.method.decompose import (
 )
 from fmsd_jax.method.decompose import _decompose_stacked as _decompose_stacked
 from fmsd_jax.model.detector import Detector, HeadParam
-from fmsd_jax.model.vit import CLIPVisionTower, Dense, ViTConfig
+from fmsd_jax.model.layers import Dense
+from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
 
 # Smaller than the 'tiny' variant (same structure): compile time dominates these tests.
 CFG = ViTConfig(width=32, layers=2, heads=2, patch_size=8, mlp_dim=48, proj_dim=None, image_size=16)

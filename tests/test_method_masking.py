@@ -81,10 +81,10 @@ def test_known_answer_consistent_vs_noise_layers():
     gsnr_out = dict(out, score=out["gsnr"])
     np.testing.assert_array_equal(select_layers(gsnr_out, top_k=4), consistent)
     # Pure-noise cells score about the level layer_mask.noise_floor reports, 1/(T-1).
-    from fmsd_jax import layer_mask
     from fmsd_jax.config_base import base_config
+    from fmsd_jax.run import layer_selection
 
-    floor = layer_mask.noise_floor(base_config(), out)
+    floor = layer_selection.noise_floor(base_config(), out)
     np.testing.assert_allclose(floor, 1 / (T - 1))
     np.testing.assert_allclose(out["score"][~consistent].mean(), floor, rtol=0.1)
 
@@ -169,10 +169,11 @@ _SHARDED = textwrap.dedent("""
     for k in ("bias", "variance", "score", "gsnr"):
         np.testing.assert_allclose(many[k], one[k], rtol=2e-4, err_msg=k)
     # A run's placement: data 4 x fsdp 2, every weight split over fsdp and gathered per layer.
-    from fmsd_jax import layer_mask, sharding
-    sharding.FSDP_MIN_SIZE = 0
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), sharding.BATCH_AXES)
-    placement = layer_mask.estimator_placement(mesh, c, r)
+    from fmsd_jax import parallel
+    from fmsd_jax.run import layer_selection
+    parallel.FSDP_MIN_SIZE = 0
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), parallel.BATCH_AXES)
+    placement = layer_selection.estimator_placement(mesh, c, r)
     assert "fsdp" in str(jax.tree.leaves(placement[0])[0].spec)
     fsdp = estimate_layer_scores(g, c, r, batches, loss_fn=make_loss_fn(CROSS_ENTROPY), mesh=mesh,
                                  placement=placement)

@@ -1,4 +1,4 @@
-"""Masked optimizer on the production train step (`train.make_train_step`, one-device mesh):
+"""Masked optimizer on the production train step (`train_step.make_train_step`, one-device mesh):
 state only for trainable leaves, masked-out layers bit-identical after many steps, a new mask
 without recompiling, frozen leaves not differentiated, torch-Adam equivalence, schedules and
 per-group settings, and the settings read from config_base's one default table."""
@@ -15,7 +15,7 @@ import pytest
 from conftest import counting_compiles, objective_settings, optim_settings, production_step
 from flax import nnx
 
-from fmsd_jax import assemble, config_base
+from fmsd_jax import config_base
 from fmsd_jax.method.decompose import decompose
 from fmsd_jax.method.objective import ObjectiveConfig
 from fmsd_jax.method.optimizer import (
@@ -27,6 +27,7 @@ from fmsd_jax.method.optimizer import (
 )
 from fmsd_jax.model.detector import Detector, HeadParam
 from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+from fmsd_jax.run import factory
 
 CFG = ViTConfig(width=32, layers=3, heads=2, patch_size=8, mlp_dim=48, proj_dim=None, image_size=16)
 BATCH = dict(
@@ -242,23 +243,23 @@ def test_the_method_layer_has_no_defaults_and_reads_config_base():
                         or f.default_factory is not dataclasses.MISSING]
         assert with_default == [], (cls.__name__, with_default)
     base = config_base.base_config()
-    assert dataclasses.asdict(assemble.optim_section(base)) == base.optim.to_dict()
-    objective = dataclasses.asdict(assemble.objective_section(base))
+    assert dataclasses.asdict(factory.optim_section(base)) == base.optim.to_dict()
+    objective = dataclasses.asdict(factory.objective_section(base))
     assert objective == {k: base.method[k] for k in objective}
     assert set(objective) == {"lambda_orth", "lambda_spec", "spectral_form"}
     # The defaults a test gets are those too (the review found head_lr, grad_clip and
     # spectral_form disagreeing between two tables).
-    assert optim_settings() == assemble.optim_section(base)
-    assert objective_settings() == assemble.objective_section(base)
+    assert optim_settings() == factory.optim_section(base)
+    assert objective_settings() == factory.objective_section(base)
     with pytest.raises(ValueError, match=r"unknown optim field\(s\) \['learning_rate'\]"):
         bad = base.optim.to_dict() | {"learning_rate": 1.0}
         from ml_collections import ConfigDict
 
-        assemble.optim_section(ConfigDict({"optim": bad}))
+        factory.optim_section(ConfigDict({"optim": bad}))
     with pytest.raises(ValueError, match=r"config.method lacks \['spectral_form'\]"):
         from ml_collections import ConfigDict
 
-        assemble.objective_section(ConfigDict({"method": {"lambda_orth": 0.0,
-                                                          "lambda_spec": 0.0}}))
+        factory.objective_section(ConfigDict({"method": {"lambda_orth": 0.0,
+                                                         "lambda_spec": 0.0}}))
     with pytest.raises(ValueError, match="optim.schedule='linear'"):
         optim_settings(schedule="linear")

@@ -1,4 +1,5 @@
-"""fmsd_jax.metrics against scikit-learn, DeepfakeBench's code path, and hand-computed cases."""
+"""fmsd_jax.evaluators.metrics against scikit-learn, DeepfakeBench's code path, and
+hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fmsd_jax.metrics import (
+from fmsd_jax.evaluators.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
     UndefinedMetricWarning,

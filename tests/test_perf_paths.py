@@ -16,12 +16,8 @@ from flax import nnx
 
 from fmsd_jax.method.decompose import ArtifactFactor, decompose
 from fmsd_jax.model.detector import Detector
-from fmsd_jax.model.vit import (
-    CLIPVisionTower,
-    ViTConfig,
-    einsum_attention,
-    resolve_attention_impl,
-)
+from fmsd_jax.model.layers import einsum_attention, resolve_attention_impl
+from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
 
 
 def _reference(q, k, v):

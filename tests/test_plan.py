@@ -21,8 +21,11 @@ import pytest
 from conftest import compilation_cache_off, tiny_cfg, train_losses
 from jax.sharding import PartitionSpec as P
 
-from fmsd_jax import build, config_base, plan, sharding, train
+from fmsd_jax import config_base, parallel
 from fmsd_jax.method import decompose as decomp
+from fmsd_jax.modes import plan
+from fmsd_jax.run import rebuild, train_step
+from fmsd_jax.tpu import hlo, topology
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,10 +71,10 @@ def test_plan_compiles_the_three_programs_for_a_tpu_slice(tiny_plan):
 def test_train_step_batch_is_split_over_the_data_axes_on_tpu():
     """The compiled TPU program takes the batch split over (data, fsdp) and replicated state."""
     cfg = plan.resolve_for_tpu(tiny_cfg(**{"mesh.fsdp": 2}))
-    _, devices = plan.topology_devices("v5e:2x2")
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    run = build.prepare(cfg, None, mesh, abstract=True)
-    parts = train.assemble_step(cfg, run, steps=1)
+    _, devices = topology.topology_devices("v5e:2x2")
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    run = rebuild.open_run(cfg, None, mesh, abstract=True)
+    parts = train_step.assemble_step(cfg, run, steps=1)
     compiled = parts["step_fn"].lower(parts["state"], run.frozen, parts["sample"],
                                       parts["metric_sums"]).compile()
     batch_in = compiled.input_shardings[0][2]
@@ -100,7 +103,7 @@ def fsdp_plans():
     fsdp, per regime. FSDP_MIN_SIZE 4096 splits the stacked kernels and the patch embedding but
     not the vectors, as the real threshold does at real sizes (the tiny ones are below it)."""
     plans = {}
-    min_size, sharding.FSDP_MIN_SIZE = sharding.FSDP_MIN_SIZE, 4096
+    min_size, parallel.FSDP_MIN_SIZE = parallel.FSDP_MIN_SIZE, 4096
     try:
         for regime in ("fmsd", "full", "linear_probe"):
             cfg = tiny_cfg(**{"mesh.fsdp": 2, "method.regime": regime,
@@ -110,7 +113,7 @@ def fsdp_plans():
             which = ("train_step", "mask_update") if regime == "fmsd" else ("train_step",)
             plans[regime] = plan.plan(cfg, "v5e:2x2", which=which, suggest=False)
     finally:
-        sharding.FSDP_MIN_SIZE = min_size
+        parallel.FSDP_MIN_SIZE = min_size
     return plans
 
 
@@ -123,7 +126,7 @@ def _dims(shape: str) -> list[int]:
                                             ("full", "train_step"),
                                             ("linear_probe", "train_step")])
 def test_fsdp_gathers_weights_per_layer_and_keeps_activations_split(fsdp_plans, regime,
-                                                                     program):
+                                                                    program):
     """With fsdp > 1 the compiled step is FSDP: every layer's split weights are all-gathered
     where used (forward, and again in the backward where remat recomputes them), gradients
     of split weights come back as reduce-scatters, and no activation (whose leading dimension
@@ -150,24 +153,25 @@ def test_layer_gather_and_fp32_gradient_vjps_leave_cpu_programs_unchanged():
     dtype the fp32-gradient VJPs are plain autodiff: single-device runs compile as before."""
     from jax.sharding import Mesh
 
-    from fmsd_jax.model import vit
+    from fmsd_jax import parallel
+    from fmsd_jax.model import layers
 
     x = jnp.ones((4, 4))
-    assert vit.gather_weights(x) is x
-    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES)
-    assert vit.on_mesh(vit.fsdp_size, mesh)() == 1
-    assert vit.on_mesh(vit.gather_weights, mesh)(x) is x
-    text = str(jax.make_jaxpr(lambda x, w, b: vit.add_bias(vit.matmul(x, w, jnp.float32), b))(
+    assert parallel.gather_weights(x) is x
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), parallel.BATCH_AXES)
+    assert parallel.on_mesh(parallel.fsdp_size, mesh)() == 1
+    assert parallel.on_mesh(parallel.gather_weights, mesh)(x) is x
+    text = str(jax.make_jaxpr(lambda x, w, b: layers.add_bias(layers.matmul(x, w, jnp.float32), b))(
         x, x, x[0]))
     assert "custom_vjp" not in text and "sharding_constraint" not in text
-    text16 = str(jax.make_jaxpr(lambda x, w: vit.matmul(x, w, jnp.bfloat16))(x, x))
+    text16 = str(jax.make_jaxpr(lambda x, w: layers.matmul(x, w, jnp.bfloat16))(x, x))
     assert "custom_vjp" in text16
 
 
 def test_fp32_gradient_vjps_equal_autodiff():
     """The bf16 matmul and bias VJPs give autodiff's gradients (up to bf16 rounding of the
     inputs), with the weight and bias gradients in float32."""
-    from fmsd_jax.model import vit
+    from fmsd_jax.model import layers
 
     k = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(k[0], (3, 5, 16)).astype(jnp.bfloat16)
@@ -178,7 +182,8 @@ def test_fp32_gradient_vjps_equal_autodiff():
         return x @ w.astype(x.dtype) + b.astype(x.dtype)
 
     want = jax.vjp(plain, x.astype(jnp.float32), w, b)[1](g.astype(jnp.float32))
-    got = jax.vjp(lambda x, w, b: vit.add_bias(vit.matmul(x, w, jnp.bfloat16), b), x, w, b)[1](g)
+    got = jax.vjp(lambda x, w, b: layers.add_bias(layers.matmul(x, w, jnp.bfloat16), b),
+                  x, w, b)[1](g)
     assert [a.dtype for a in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
     for a, b_ in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), b_, rtol=2e-2, atol=5e-2)
@@ -206,7 +211,7 @@ def test_artifact_path_gradients_equal_autodiff():
 
 
 def test_hlo_collectives_count_loop_bodies_by_trip_count():
-    hlo = """
+    program = """
 %body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
   %ag = bf16[8,16]{1,0} all-gather(bf16[2,16]{1,0} %w), dimensions={0}
   ROOT %t = (s32[], f32[4]) tuple(%i, %x)
@@ -223,7 +228,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 }
 """
     trip = 'backend_config={"known_trip_count":{"n":"24"}}'
-    got = plan.hlo_collectives(hlo.replace("TRIP", trip))
+    got = hlo.hlo_collectives(program.replace("TRIP", trip))
     assert got["all-gather"] == {"count": 24, "bytes": 24 * 8 * 16 * 2, "dtypes": ["bf16"],
                                  "shapes": ["bf16[8,16]"]}
     assert got["all-reduce"] == {"count": 1, "bytes": 4096, "dtypes": ["f32"],
@@ -239,16 +244,16 @@ def test_counted_flops_match_an_unrolled_compile(monkeypatch):
     cfg = tiny_cfg(**{"model.dtype": "float32", "model.variant": "B/16",
                       "model.image_size": 64, "train.batch_size": 2})
     cfg.model.attention_impl = "einsum"
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
 
     def compiled_flops(unroll: bool) -> tuple[float, float]:
         if unroll:
             scan = jax.lax.scan
             monkeypatch.setattr(jax.lax, "scan", lambda *a, **k: scan(*a, **k, unroll=True))
-        run = build.prepare(cfg, None, mesh, abstract=True)
-        parts = train.assemble_step(cfg, run, steps=1)
+        run = rebuild.open_run(cfg, None, mesh, abstract=True)
+        parts = train_step.assemble_step(cfg, run, steps=1)
         args = (parts["state"], run.frozen, parts["sample"], parts["metric_sums"])
-        counted = plan.jaxpr_flops(jax.make_jaxpr(parts["step_fn"])(*args))
+        counted = hlo.jaxpr_flops(jax.make_jaxpr(parts["step_fn"])(*args))
         cost = parts["step_fn"].lower(*args).compile().cost_analysis()
         monkeypatch.undo()
         return counted, float(cost["flops"])
@@ -261,18 +266,18 @@ def test_counted_flops_match_an_unrolled_compile(monkeypatch):
 
 
 def test_parse_topology_names():
-    assert plan.parse_topology("v5e-256") == ("v5e", "v5e:16x16", 256)
-    assert plan.parse_topology("v5litepod-8") == ("v5e", "v5e:2x4", 8)
-    assert plan.parse_topology("v4-128") == ("v4", "v4:4x4x4", 64)
-    assert plan.parse_topology("v5p-512") == ("v5p", "v5p:4x8x8", 256)
-    assert plan.parse_topology("v5e:2x2") == ("v5e", "v5e:2x2", 4)
-    assert plan.parse_topology("v5p-8") == ("v5p", "v5p:2x2x1", 4)  # not 1x2x2: libtpu refuses
-    assert plan.parse_topology("v4-32") == ("v4", "v4:2x2x4", 16)
-    assert plan.slice_name("v4", 64) == "v4-128"
-    with pytest.raises(plan.PlanError, match="v5e-256"):
-        plan.parse_topology("tpu8")
-    with pytest.raises(plan.PlanError, match="power-of-two"):
-        plan.parse_topology("v5e-12")
+    assert topology.parse_topology("v5e-256") == ("v5e", "v5e:16x16", 256)
+    assert topology.parse_topology("v5litepod-8") == ("v5e", "v5e:2x4", 8)
+    assert topology.parse_topology("v4-128") == ("v4", "v4:4x4x4", 64)
+    assert topology.parse_topology("v5p-512") == ("v5p", "v5p:4x8x8", 256)
+    assert topology.parse_topology("v5e:2x2") == ("v5e", "v5e:2x2", 4)
+    assert topology.parse_topology("v5p-8") == ("v5p", "v5p:2x2x1", 4)  # not 1x2x2: libtpu refuses
+    assert topology.parse_topology("v4-32") == ("v4", "v4:2x2x4", 16)
+    assert topology.slice_name("v4", 64) == "v4-128"
+    with pytest.raises(topology.PlanError, match="v5e-256"):
+        topology.parse_topology("tpu8")
+    with pytest.raises(topology.PlanError, match="power-of-two"):
+        topology.parse_topology("v5e-12")
 
 
 @needs_libtpu
@@ -280,17 +285,17 @@ def test_parse_topology_names():
                                   "v5p-8", "v5p-8192"])
 def test_cloud_tpu_slice_names_give_libtpu_topologies(name):
     """Every size Cloud TPU sells must reach libtpu in a shape it accepts (v5p-8 once did not)."""
-    _, devices = plan.topology_devices(name)
-    assert len(devices) == plan.parse_topology(name)[2]
+    _, devices = topology.topology_devices(name)
+    assert len(devices) == topology.parse_topology(name)[2]
 
 
 def test_without_libtpu_the_planner_says_how_to_install_it(monkeypatch):
-    real = plan.importlib.util.find_spec
-    monkeypatch.setattr(plan.importlib.util, "find_spec",
+    real = topology.importlib.util.find_spec
+    monkeypatch.setattr(topology.importlib.util, "find_spec",
                         lambda n, *a: None if n == "libtpu" else real(n, *a))
-    with pytest.raises(plan.PlanError) as e:
-        plan.topology_devices("v5e-8")
-    assert str(e.value) == plan.INSTALL_HINT and "\n" not in str(e.value)
+    with pytest.raises(topology.PlanError) as e:
+        topology.topology_devices("v5e-8")
+    assert str(e.value) == topology.INSTALL_HINT and "\n" not in str(e.value)
     assert "pip install -r requirements-tpu.txt" in str(e.value)
 
 

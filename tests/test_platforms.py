@@ -87,7 +87,7 @@ def test_the_lookup_agrees_with_jaxs_own_on_every_tree(tmp_path, monkeypatch):
 
 
 def test_tpu_backend_is_kept_from_starting_only_where_no_chip_is(tmp_path, registrations,
-                                                                  platforms_config):
+                                                                 platforms_config):
     platforms_config(None)
     assert platforms.skip_absent_tpu(tpu_vm(tmp_path / "vm")) is False
     assert registrations == []  # a TPU VM: jax's own TPU factory finds the chips

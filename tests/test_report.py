@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 from conftest import draw, overlapping_tick_labels, too_small
 
-from fmsd_jax import errors, report
-from fmsd_jax.metrics import compute_metrics, roc
-from fmsd_jax.report import (
-    DemoRow,
+from fmsd_jax import errors
+from fmsd_jax.demo.report import DemoRow, compare_to_baselines, demo_table, write_demo_report
+from fmsd_jax.evaluators import plots, result_files
+from fmsd_jax.evaluators.metrics import compute_metrics, roc
+from fmsd_jax.evaluators.plots import (
     adaptation_figure,
-    compare_to_baselines,
-    demo_table,
-    held_out_mean,
     layer_scores_figure,
     plot_layer_scores,
     plot_roc,
+    roc_figure,
+)
+from fmsd_jax.evaluators.result_files import (
+    held_out_mean,
     read_results,
     results_table,
-    roc_figure,
-    write_demo_report,
     write_results,
 )
 
@@ -146,7 +146,7 @@ def test_results_md_marks_the_training_family_and_gives_the_held_out_mean(tmp_pa
     assert list(by_name) == ["CDF-v1 (training family)", "CDF-v2", "DFDC",
                              "**held-out mean** (2 test sets)",
                              "all-sets mean (3 test sets, training family included)"]
-    for i, (key, _) in enumerate(report._RESULT_COLUMNS):
+    for i, (key, _) in enumerate(result_files._RESULT_COLUMNS):
         held = _num(by_name["**held-out mean** (2 test sets)"][3 + i])
         every = _num(by_name["all-sets mean (3 test sets, training family included)"][3 + i])
         assert held == pytest.approx(np.mean([results[d][key] for d in ("CDF-v2", "DFDC")]),
@@ -221,9 +221,9 @@ def test_roc_legend_marks_the_training_family():
 
 
 def test_run_title_names_the_method_and_the_run():
-    assert report.run_title("fmsd", "/runs/w1") == "FMSD (w1)"
-    assert report.run_title("effort", "runs/demo/effort") == "Effort (K=1, d=1, no mask)"
-    assert report.run_title("linear_probe") == "Linear probe"
+    assert result_files.run_title("fmsd", "/runs/w1") == "FMSD (w1)"
+    assert result_files.run_title("effort", "runs/demo/effort") == "Effort (K=1, d=1, no mask)"
+    assert result_files.run_title("linear_probe") == "Linear probe"
 
 
 def _layer_scores(rng, n_layers=12, n_targets=4):
@@ -254,7 +254,7 @@ def test_plot_layer_scores_png(tmp_path):
 
 
 def test_plot_layer_scores_accepts_the_mask_record(tmp_path):
-    # train.py passes the whole record it saves as JSON: extra keys, a GSNR score.
+    # layer_mask.json holds the whole record: extra keys: extra keys, a GSNR score.
     rng = np.random.default_rng(5)
     scores, mask = _layer_scores(rng)
     record = {
@@ -322,13 +322,13 @@ def test_log_ticks_are_spaced_for_any_range():
     finest tier's 5 -> 7), whatever the range."""
     for lo in np.geomspace(1e-9, 1e3, 37):
         for decades in (0.02, 0.1, 0.3, 0.5, 0.8, 1.0, 1.4, 2.0, 3.0, 5.0, 9.0, 20.0):
-            ticks = report._log_tick_values(lo, lo * 10**decades)
+            ticks = plots._log_tick_values(lo, lo * 10**decades)
             assert len(ticks) >= 2, (lo, decades)
             assert all(lo * (1 - 1e-9) <= t <= lo * 10**decades * (1 + 1e-9) for t in ticks)
             if len(ticks) >= 3 and decades >= 0.3:
                 assert np.min(np.diff(np.log10(ticks))) > 0.14, (lo, decades, ticks)
             assert len(ticks) <= 12, (lo, decades, ticks)
-    assert report._sci(2e-3) == "$2\\times10^{-3}$" and report._sci(1e-4) == "$10^{-4}$"
+    assert plots._sci(2e-3) == "$2\\times10^{-3}$" and plots._sci(1e-4) == "$10^{-4}$"
 
 
 def _diag(before, after):
@@ -504,16 +504,18 @@ def test_layering_no_model_code_no_pyplot_no_jax():
     # Reports are regenerated from a workdir on any machine: importing them must not pull in
     # the model stack, JAX, or pyplot (which would pick a GUI backend in a user's session).
     # Asserted as absence, so a new leaf helper (stdlib only) does not break it.
-    code = ("import json, sys, fmsd_jax.report, fmsd_jax.metrics; "
+    code = ("import json, sys, fmsd_jax.evaluators.result_files, fmsd_jax.evaluators.metrics, "
+            "fmsd_jax.evaluators.plots; "
             "print(json.dumps(list(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout)
-    assert "fmsd_jax.report" in loaded and "matplotlib.figure" in loaded  # the probe worked
+    # the probe worked
+    assert "fmsd_jax.evaluators.result_files" in loaded and "matplotlib.figure" in loaded
     heavy = [m for m in loaded if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax")
              or m == "matplotlib.pyplot"
              or m.startswith(("fmsd_jax.model", "fmsd_jax.method", "fmsd_jax.data"))
-             or m in ("fmsd_jax.train", "fmsd_jax.build", "fmsd_jax.evaluate",
-                      "fmsd_jax.sharding", "fmsd_jax.checkpointing")]
+             or m in ("fmsd_jax.modes.train", "fmsd_jax.run.rebuild", "fmsd_jax.modes.evaluate",
+                      "fmsd_jax.parallel", "fmsd_jax.run.checkpoints")]
     assert heavy == [], heavy
 
 
@@ -525,18 +527,19 @@ def test_a_report_pointing_at_a_file_protects_it(tmp_path):
     (tmp_path / "report.md").write_text("ROC: [fmsd/roc.png](fmsd/roc.png); numbers "
                                         "`fmsd/results.json`\n")
     (row / "results.md").write_text("Chart: roc.png\n")
-    assert report.reports_pointing_at(row / "roc.png") == [row / "results.md",
-                                                           tmp_path / "report.md"]
-    assert report.reports_pointing_at(row / "roc.png", own=[row / "results.md"]) == [
+    assert result_files.reports_pointing_at(row / "roc.png") == [row / "results.md",
+                                                                 tmp_path / "report.md"]
+    assert result_files.reports_pointing_at(row / "roc.png", own=[row / "results.md"]) == [
         tmp_path / "report.md"]
     (tmp_path / "old.md").write_text("see fmsd/roc.png.bak and xfmsd/results.md\n")
-    assert report.reports_pointing_at(row / "results.md") == []  # a name inside another is not
+    # a name inside another is not a reference to it
+    assert result_files.reports_pointing_at(row / "results.md") == []
     with pytest.raises(errors.AlreadyExists, match=r"report.md points at .*fmsd/results.json; "
-                                                  r"--mode evaluate would replace it.*--overwrite"):
-        report.refuse_replacing_reported([row / "results.json", row / "results.md"],
-                                         own=[row / "results.md"], what="--mode evaluate",
-                                         allow="--overwrite")
+                       r"--mode evaluate would replace it.*--overwrite"):
+        result_files.refuse_replacing_reported([row / "results.json", row / "results.md"],
+                                               own=[row / "results.md"], what="--mode evaluate",
+                                               allow="--overwrite")
     (tmp_path / "report.md").unlink()
-    report.refuse_replacing_reported([row / "results.json", row / "roc.png"],
-                                     own=[row / "results.md"], what="--mode evaluate",
-                                     allow="--overwrite")  # nothing else points at them
+    result_files.refuse_replacing_reported([row / "results.json", row / "roc.png"],
+                                           own=[row / "results.md"], what="--mode evaluate",
+                                           allow="--overwrite")  # nothing else points at them

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from conftest import draw, make_cfg, too_small
 
-from fmsd_jax import robustness, train
 from fmsd_jax.data import perturbations as pt
 from fmsd_jax.data import pipeline
+from fmsd_jax.evaluators import robustness_report
+from fmsd_jax.modes import robustness, train
 
 
 def fake_scores(cfg, datasets=("A",)):
     """Per-evaluation metric dicts with AUCs that encode (type index, level)."""
-    items = robustness.plan(cfg)
+    items = robustness.perturbation_grid(cfg)
     keys = list(dict.fromkeys(p.key for p in items))
     clean = {d: {"frame_auc": 0.9, "video_auc": 0.95, "num_frames": 10, "num_videos": 2}
              for d in datasets}
@@ -37,25 +38,25 @@ def cfg(tiny_clip_checkpoint, tiny_benchmark):
 
 
 def test_plan_checks_the_config_before_any_work(cfg):
-    assert [(p.key, p.level) for p in robustness.plan(cfg)] == [
+    assert [(p.key, p.level) for p in robustness.perturbation_grid(cfg)] == [
         ("CS", 1), ("CS", 5), ("GB", 1), ("GB", 5), ("VC", 1), ("VC", 5)]
     cfg.robustness.types = ("CS", "XX")
     with pytest.raises(ValueError, match=r"config.robustness.types: \['XX'\]"):
-        robustness.plan(cfg)
+        robustness.perturbation_grid(cfg)
     cfg.robustness.types = ("RS",)
     with pytest.raises(ValueError, match="RS"):  # a GenD type under the DeeperForensics protocol
-        robustness.plan(cfg)
+        robustness.perturbation_grid(cfg)
     cfg.robustness.protocol = "gend"
     cfg.robustness.levels = (4,)
     with pytest.raises(ValueError, match=r"levels: \[4\] out of range for type 'RS'.*1\.\.3"):
-        robustness.plan(cfg)
+        robustness.perturbation_grid(cfg)
     cfg.robustness.protocol = "lipforensics"
     with pytest.raises(ValueError, match="config.robustness.protocol"):
-        robustness.plan(cfg)
+        robustness.perturbation_grid(cfg)
     cfg.robustness.protocol = "deeperforensics"
     cfg.robustness.types = ()
     cfg.robustness.levels = ()
-    assert len(robustness.plan(cfg)) == 35  # 7 types x 5 levels
+    assert len(robustness.perturbation_grid(cfg)) == 35  # 7 types x 5 levels
 
 
 def test_an_unknown_dataset_fails_before_the_model_is_built(cfg, tmp_path):
@@ -88,7 +89,7 @@ def test_schema_means_and_flags_from_known_numbers(cfg, tmp_path):
     assert result["types"]["GB"]["levels"]["5"]["seen_in_training"] is False
     json.dumps(result, allow_nan=False)
 
-    js, md, png = robustness.write_outputs(tmp_path, result)
+    js, md, png = robustness_report.write_outputs(tmp_path, result)
     assert json.loads(js.read_text())["datasets"]["A"]["mean"] == a["mean"]
     text = md.read_text()
     frame = text[text.index("### Frame AUC"):text.index("### Video AUC")]
@@ -106,7 +107,7 @@ def test_chart_names_the_method_and_the_types_and_nothing_collides(cfg):
     clean, scores = fake_scores(cfg, datasets=("SynBlend",))
     result = robustness.summarise(cfg, clean, scores)
     assert result["regime"] == "effort" and result["train_families"] == ["SynBlend"]
-    fig = robustness.figure(result, workdir="/runs/e1")
+    fig = robustness_report.figure(result, workdir="/runs/e1")
     assert fig.get_suptitle() == ("Robustness: Effort (K=1, d=1, no mask) (e1) — "
                                   "DeeperForensics-1.0 perturbations")
     # The key spells out every abbreviation and the parameter its levels step through.
@@ -130,7 +131,7 @@ def test_chart_names_the_method_and_the_types_and_nothing_collides(cfg):
         assert not title.overlaps(panel) and not legend.overlaps(panel)
     # A robustness.json written before the method was recorded still draws, unnamed.
     old = {k: v for k, v in result.items() if k not in ("regime", "train_families")}
-    assert robustness.figure(old).get_suptitle() == "DeeperForensics-1.0 perturbations"
+    assert robustness_report.figure(old).get_suptitle() == "DeeperForensics-1.0 perturbations"
 
 
 def test_gend_identity_levels_are_left_out_of_the_means(cfg):

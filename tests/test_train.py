@@ -27,20 +27,11 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import counting_compiles, flat_arrays, make_cfg, overrides, trainable_at
 
-from fmsd_jax import (
-    atomic,
-    build,
-    checkpointing,
-    diagnostics,
-    errors,
-    evaluate,
-    export,
-    predict,
-    sharding,
-    train,
-    workdir_lock,
-)
+from fmsd_jax import atomic, errors, parallel
+from fmsd_jax.evaluators import adaptation, scoring
 from fmsd_jax.method import decompose as decomp
+from fmsd_jax.modes import evaluate, export, mask, predict, train
+from fmsd_jax.run import checkpoints, rebuild, train_step, workdir_files, workdir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +69,10 @@ def trained(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark):
     lines.setLevel(logging.INFO)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            for name in ("validate", "evaluate"):  # how many XLA compiles each call made
-                patch.setattr(evaluate, name, counting_compiles(getattr(evaluate, name),
-                                                                COMPILES_IN.setdefault(name, [])))
+            # how many XLA compiles each call made
+            for module, name in ((scoring, "validate"), (evaluate, "evaluate")):
+                patch.setattr(module, name, counting_compiles(getattr(module, name),
+                                                              COMPILES_IN.setdefault(name, [])))
             results = train.train(cfg, workdir)
     finally:
         lines.removeHandler(keep)
@@ -118,20 +110,20 @@ def test_the_steps_between_log_points_make_no_implicit_transfer(tmp_path, tiny_c
                 return fn(*args, **kwargs)
         return call
 
-    real = train.assemble_step
+    real = train_step.assemble_step
 
     def assemble(*args, **kwargs):
         parts = real(*args, **kwargs)
         parts["step_fn"] = guarded(parts["step_fn"])
         return parts
 
-    monkeypatch.setattr(train, "assemble_step", assemble)
-    monkeypatch.setattr(sharding, "global_batch", guarded(sharding.global_batch))
+    monkeypatch.setattr(train_step, "assemble_step", assemble)
+    monkeypatch.setattr(parallel, "global_batch", guarded(parallel.global_batch))
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{
         "train.total_steps": "4", "train.log_every": "4", "train.eval_every": "4",
         "train.eval_after_training": "False"})
     train.train(cfg, tmp_path)
-    assert checkpointing.latest_saved_step(tmp_path) == 4
+    assert checkpoints.latest_saved_step(tmp_path) == 4
 
 
 def test_the_eval_step_compiles_once_per_run(trained):
@@ -181,11 +173,11 @@ def test_train_writes_everything_a_user_reads(trained):
     # set, scored again here through the production scorer.
     from sklearn.metrics import roc_auc_score
 
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    trainable = rebuild.restore_trainable(cfg, workdir, run)
     for name, metrics in saved.items():
         assert {"frame_auc", "video_auc", "acc", "ap", "eer"} <= set(metrics)
-        _, probs, labels = evaluate.score_dataset(cfg, run, trainable, name, "test")
+        _, probs, labels = scoring.score_dataset(cfg, run, trainable, name, "test")
         assert len(probs) == metrics["num_frames"] and len(set(labels.tolist())) == 2
         np.testing.assert_allclose(metrics["frame_auc"], roc_auc_score(labels, probs),
                                    rtol=0, atol=1e-12, err_msg=name)
@@ -202,7 +194,7 @@ def test_masked_out_layers_keep_their_pretrained_factors(trained, tiny_clip_chec
     """Artifact factors of layers the mask left out are bit-identical to step 0's."""
     cfg, workdir, _ = trained
     mask = np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"], bool)
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
     initial = flat_arrays(run.trainable)
     final = trainable_at(workdir)
     targets = list(cfg.method.targets)
@@ -229,8 +221,8 @@ def test_diagnostics_measure_the_adapted_layers_and_the_contribution(trained):
     assert np.all(rel[~mask] == 0.0) and np.all(rel[mask] > 0.0)
     # The diagnostics describe the checkpoint evaluation uses: the best one (validation ran at
     # steps 4 and 6), by its step.
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    _, step, which = build.restore_evaluated(cfg, workdir, run)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    _, step, which = rebuild.restore_for_eval(cfg, workdir, run)
     assert (diag["step"], diag["checkpoint"]) == (step, which) and which == "best"
     assert step in set(ocp.step.checkpoint_steps(workdir / "best"))
     c = diag["contribution"]
@@ -239,8 +231,8 @@ def test_diagnostics_measure_the_adapted_layers_and_the_contribution(trained):
     assert "Did the backbone adapt?" in (workdir / "results.md").read_text()
 
     initial = flat_arrays(run.trainable)
-    trainable = build.restore_trainable(cfg, workdir, run)
-    reference = diagnostics.pretrained_backbone(run, trainable)
+    trainable = rebuild.restore_trainable(cfg, workdir, run)
+    reference = adaptation.pretrained_backbone(run, trainable)
     ref, got = flat_arrays(reference), flat_arrays(trainable)
     for key in initial:
         if "head" in key:  # the trained head is kept
@@ -248,8 +240,8 @@ def test_diagnostics_measure_the_adapted_layers_and_the_contribution(trained):
         else:  # the backbone is back at the pretrained factors
             np.testing.assert_array_equal(ref[key], initial[key])
     assert any(not np.array_equal(got[k], initial[k]) for k in initial if "head" not in k)
-    reset_ref = diagnostics.pretrained_backbone(run, reference)
-    zero, _ = diagnostics.backbone_contribution(cfg, run, reference, reset_ref)
+    reset_ref = adaptation.pretrained_backbone(run, reference)
+    zero, _ = adaptation.backbone_contribution(cfg, run, reference, reset_ref)
     assert zero["frame_auc"] == 0.0 and zero["video_auc"] == 0.0 and zero["within_noise"]
 
 
@@ -282,24 +274,24 @@ def test_a_restored_train_state_runs_the_compiled_step_without_recompiling(train
     """What orbax gives back on resume is a TrainState with the pytree type, shardings and
     committedness of the state the step was compiled for, so resuming never recompiles it."""
     cfg, workdir, _ = trained
-    mesh = sharding.make_mesh(cfg.mesh)
-    run = build.prepare(cfg, workdir, mesh, estimate=False)
-    parts = train.assemble_step(cfg, run, 6)
-    abstract = sharding.abstract_tree(mesh, parts["state"])
+    mesh = parallel.make_mesh(cfg.mesh)
+    run = rebuild.open_run(cfg, workdir, mesh, estimate=False)
+    parts = train_step.assemble_step(cfg, run, 6)
+    abstract = parallel.abstract_tree(mesh, parts["state"])
     size = cfg.model.image_size
-    batch = sharding.global_batch(mesh, {
+    batch = parallel.global_batch(mesh, {
         "image": np.zeros((cfg.train.batch_size, size, size, 3), np.uint8),
         "label": np.zeros((cfg.train.batch_size,), np.int32)}, ("image", "label"))
     compiles: list[int] = []
     step = counting_compiles(parts["step_fn"], compiles)
     _, sums = step(parts["state"], run.frozen, batch, parts["metric_sums"])
-    ckpts = checkpointing.RunCheckpoints(workdir)
+    ckpts = checkpoints.RunCheckpoints(workdir)
     try:
         restored = ckpts.restore_latest(abstract, None)
     finally:
         ckpts.close()
-    assert type(restored) is train.TrainState and int(restored.step) == 6
-    out, _ = step(restored, run.frozen, batch, train.zero_metric_sums(sums.keys(), mesh))
+    assert type(restored) is train_step.TrainState and int(restored.step) == 6
+    out, _ = step(restored, run.frozen, batch, train_step.zero_metric_sums(sums.keys(), mesh))
     assert compiles[0] >= 1 and compiles[1:] == [0]
     assert int(out.step) == 7
 
@@ -320,14 +312,14 @@ def test_a_restore_runs_no_svd_and_scores_exactly_as_the_svd_rebuild(trained, mo
     restore used to build (the mask from layer_mask.json, a new SVD of the pretrained weights),
     and so do the scores of every test frame."""
     cfg, workdir, _ = trained
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
     with monkeypatch.context() as before:  # the checkpoint's record ignored: the old path
-        before.setattr(build, "_checkpoint_record", lambda *_a, **_k: None)
-        by_svd = build.prepare(cfg, workdir, mesh, estimate=False)
-        svd_trainable = build.restore_trainable(cfg, workdir, by_svd)
+        before.setattr(rebuild, "_checkpoint_record", lambda *_a, **_k: None)
+        by_svd = rebuild.open_run(cfg, workdir, mesh, estimate=False)
+        svd_trainable = rebuild.restore_trainable(cfg, workdir, by_svd)
     no_svd(monkeypatch)
-    run = build.prepare(cfg, workdir, mesh, estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    run = rebuild.open_run(cfg, workdir, mesh, estimate=False)
+    trainable = rebuild.restore_trainable(cfg, workdir, run)
     assert run.spec == by_svd.spec
     np.testing.assert_array_equal(run.mask, by_svd.mask)
     for new, old in ((run.frozen, by_svd.frozen), (trainable, svd_trainable),
@@ -337,8 +329,8 @@ def test_a_restore_runs_no_svd_and_scores_exactly_as_the_svd_rebuild(trained, mo
         assert [k for k in new if not np.array_equal(new[k], old[k])] == []
     assert any("semantic" in k for k in flat_arrays(run.frozen))
     for name in cfg.data.test_dataset:
-        _, probs, _ = evaluate.score_dataset(cfg, run, trainable, name, "test")
-        _, svd_probs, _ = evaluate.score_dataset(cfg, by_svd, svd_trainable, name, "test")
+        _, probs, _ = scoring.score_dataset(cfg, run, trainable, name, "test")
+        _, svd_probs, _ = scoring.score_dataset(cfg, by_svd, svd_trainable, name, "test")
         assert len(probs) == 8 and np.array_equal(probs, svd_probs), name
 
 
@@ -354,7 +346,7 @@ def test_checkpoints_hold_their_record_and_best_holds_the_trained_leaves_only(tr
                                                               *record_items}
     saved = ocp.StandardCheckpointer().metadata(best / "trainable").item_metadata.tree
     assert set(flat_arrays(saved)) == set(trainable_at(workdir))  # no optimizer state
-    ckpts = checkpointing.RunCheckpoints(workdir)
+    ckpts = checkpoints.RunCheckpoints(workdir)
     try:
         which, step, record = ckpts.read_record(for_eval=True)
     finally:
@@ -388,8 +380,8 @@ def test_evaluate_export_and_predict_read_no_svd_and_no_optimizer_state(
     assert requested and all("state" not in items for items in requested)
     shutil.rmtree(workdir / "best")  # no best: evaluation reads the latest training checkpoint
     requested.clear()
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    trainable, step, which = build.restore_evaluated(cfg, workdir, run)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    trainable, step, which = rebuild.restore_for_eval(cfg, workdir, run)
     assert (step, which) == (6, "latest")
     got, want = flat_arrays(trainable), trainable_at(workdir, 6)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
@@ -408,17 +400,17 @@ def test_mode_mask_on_a_trained_workdir_cannot_change_what_its_checkpoints_evalu
     folder = str(tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000")
     before = predict.predict(cfg, workdir, [folder], tmp_path / "before.json")["inputs"]
     with pytest.raises(errors.AlreadyExists, match="they keep their own copy"):
-        train.mask_only(cfg, workdir)
+        mask.mask_only(cfg, workdir)
     aside = tmp_path / "aside"
     aside.mkdir()
     for name in ("checkpoints", "best"):
         (workdir / name).rename(aside / name)
     other = make_cfg(cfg.model.init_from, tiny_benchmark, **{"method.mask.top_k": "5"})
-    new_mask = train.mask_only(other, workdir)
+    new_mask = mask.mask_only(other, workdir)
     for name in ("checkpoints", "best"):
         (aside / name).rename(workdir / name)
-    trained_mask = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh),
-                                 estimate=False).mask
+    trained_mask = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh),
+                                    estimate=False).mask
     assert new_mask.sum() == 5 and trained_mask.sum() == 2
     assert np.asarray(json.loads((workdir / "layer_mask.json").read_text())["mask"]).sum() == 5
     (workdir / "decomposition.json").unlink()
@@ -430,7 +422,7 @@ def test_mode_mask_on_a_trained_workdir_cannot_change_what_its_checkpoints_evalu
     after = predict.predict(cfg, workdir, [folder], tmp_path / "after.json")["inputs"]
     assert after == before
     assert not (workdir / "decomposition.json").exists()  # modes that only read write none
-    resumed = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh))  # as training resumes
+    resumed = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh))  # as training resumes
     np.testing.assert_array_equal(resumed.mask, trained_mask)
 
 
@@ -482,14 +474,14 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_copy, tin
             f"checkpoint {best} holds a decomposition, but config.method.regime="
             "'linear_probe' uses none")):
         evaluate.evaluate(probe, workdir)
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    other = checkpointing.RunRecord(1.0 - run.mask, run.spec.to_dict(), None)
-    ckpts = checkpointing.RunCheckpoints(workdir)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    other = checkpoints.RunRecord(1.0 - run.mask, run.spec.to_dict(), None)
+    ckpts = checkpoints.RunCheckpoints(workdir)
     try:
         with pytest.raises(errors.BadInput, match=re.escape(
                 f"checkpoint {best} holds another layer mask or decomposition than the one "
                 "read from this workdir a moment earlier")):
-            ckpts.restore_for_eval(sharding.abstract_tree(run.mesh, run.trainable),
+            ckpts.restore_for_eval(parallel.abstract_tree(run.mesh, run.trainable),
                                    expect=other)
     finally:
         ckpts.close()
@@ -513,8 +505,8 @@ def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path, t
 
     cfg, workdir, _ = trained
     out = export.export(cfg, workdir, tmp_path / "export")
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    trainable = build.restore_trainable(cfg, workdir, run)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    trainable = rebuild.restore_trainable(cfg, workdir, run)
     ours = nnx.merge(run.graphdef, trainable, run.frozen)
     images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
     want = np.asarray(ours(images))
@@ -551,8 +543,8 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
 
     from fmsd_jax.data.transforms import read_rgb
 
-    run = build.prepare(cfg, workdir, sharding.make_mesh(cfg.mesh), estimate=False)
-    model = nnx.merge(run.graphdef, build.restore_trainable(cfg, workdir, run), run.frozen)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    model = nnx.merge(run.graphdef, rebuild.restore_trainable(cfg, workdir, run), run.frozen)
     pixels = read_rgb(str(frames[0]))
     assert pixels.shape == (32, 32, 3)
     logits = np.asarray(model(pixels[None]), np.float64)[0]
@@ -578,7 +570,7 @@ def wait_for_lock_holder(path: Path, proc: subprocess.Popen, timeout: float = 24
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(trained, tmp_path,
-                                                         tiny_clip_checkpoint, tiny_benchmark):
+                                                          tiny_clip_checkpoint, tiny_benchmark):
     """Killed after step 3 (checkpoint at 2), resumed: same data order, same final state.
 
     While the first run holds the workdir, a second command on it is refused at once, in one
@@ -625,8 +617,8 @@ def test_a_resumed_run_scores_the_step_whose_best_save_was_lost(trained_copy, mo
     cfg, workdir, _ = trained_copy
     shutil.rmtree(workdir / "best")
     scored = []
-    validate = evaluate.validate
-    monkeypatch.setattr(evaluate, "validate", lambda *a: scored.append(1) or validate(*a))
+    validate = scoring.validate
+    monkeypatch.setattr(scoring, "validate", lambda *a: scored.append(1) or validate(*a))
     train.train(cfg, workdir)
     assert scored == [1]
     assert list(ocp.step.checkpoint_steps(workdir / "best")) == [6]
@@ -643,7 +635,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_clip_checkpoint, tiny_be
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_checkpoint,
-                                                          tiny_benchmark):
+                                                           tiny_benchmark):
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"train.total_steps": "2"})
     train.train(cfg, tmp_path)
     good = trainable_at(tmp_path, 2)
@@ -651,7 +643,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
                                                             "optim.head_lr": "1e30"})
     # The run diverging later under its own settings: its config.json is the diverging one
     # (resuming under a changed lr is refused; tests/test_cli_errors.py).
-    atomic.write_json(tmp_path / checkpointing.CONFIG_JSON, bad.to_dict())
+    atomic.write_json(tmp_path / workdir_files.CONFIG_JSON, bad.to_dict())
     with pytest.raises(FloatingPointError, match="last good checkpoint was kept"):
         train.train(bad, tmp_path)
     assert latest_step(tmp_path) == 2
@@ -660,14 +652,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_clip_c
 
 
 def test_clear_errors_before_any_step_is_compiled(tmp_path, tiny_clip_checkpoint,
-                                                 tiny_benchmark, monkeypatch):
+                                                  tiny_benchmark, monkeypatch):
     """A missing checkpoint and an empty training set fail before XLA compiles anything; a
     geometry mismatch is found once the checkpoint is read (its eager weight conversions
     compile small programs), still before the train step is built."""
     compiles: list[int] = []
     built: list[int] = []
-    assemble_step = train.assemble_step
-    monkeypatch.setattr(train, "assemble_step",
+    assemble_step = train_step.assemble_step
+    monkeypatch.setattr(train_step, "assemble_step",
                         lambda *a, **k: built.append(1) or assemble_step(*a, **k))
     run = counting_compiles(train.train, compiles)
     missing = make_cfg(tmp_path / "nope.safetensors", tiny_benchmark)
@@ -744,7 +736,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_the_moved_workdir_resumes(
         # Step 4's unfinished saves are orbax temporaries, not checkpoints; the last finalized
         # one (2 on this disk; 4 only if its best save failed after its latest save finished)
         # restores.
-        step = checkpointing.latest_saved_step(workdir)
+        step = checkpoints.latest_saved_step(workdir)
         assert step in (2, 4)
         trainable_at(workdir, step)
         shutil.copytree(workdir, moved)
@@ -767,7 +759,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, {tests!r})
 from conftest import make_cfg, trainable_at
-from fmsd_jax import train
+from fmsd_jax.modes import train
 from pathlib import Path
 ckpt, bench, out = Path({ckpt!r}), Path({bench!r}), Path({out!r})
 assert jax.device_count() == 8
@@ -855,7 +847,7 @@ def test_two_processes_on_localhost_train_checkpoint_and_share_a_preemption(
 
     cut = tmp_path / "preempted"
     cut.mkdir()  # with the mask estimated already, as after --mode mask (saves its estimate)
-    shutil.copy(whole / checkpointing.MASK_JSON, cut / checkpointing.MASK_JSON)
+    shutil.copy(whole / workdir_files.MASK_JSON, cut / workdir_files.MASK_JSON)
     t0 = time.monotonic()
     _, outs = two_processes(cut, tiny_clip_checkpoint, tiny_benchmark,
                             "--config.train.total_steps=4", "--config.train.checkpoint_every=4",
@@ -899,9 +891,9 @@ def trained_copy(trained, tmp_path):
 
 
 def test_modes_that_read_a_run_replace_nothing_it_needs(trained_copy, tmp_path,
-                                                       tiny_clip_checkpoint):
+                                                        tiny_clip_checkpoint):
     cfg, workdir, _ = trained_copy
-    spec = workdir / checkpointing.SPEC_JSON
+    spec = workdir / workdir_files.SPEC_JSON
     before = spec.stat().st_mtime_ns
     atomic.forget_written()
     out = export.export(cfg, workdir, tmp_path / "export")
@@ -917,11 +909,11 @@ def test_modes_that_read_a_run_replace_nothing_it_needs(trained_copy, tmp_path,
                                                    r"\(no detector.json\)"):
         export.export(cfg, workdir, pretrained)  # a CLIP checkpoint's folder, by mistake
     assert (pretrained / "model.safetensors").read_bytes() == weights
-    mask = (workdir / checkpointing.MASK_JSON).read_bytes()
+    saved_mask = (workdir / workdir_files.MASK_JSON).read_bytes()
     with pytest.raises(errors.AlreadyExists, match="checkpoints trained under its "
                                                    "layer_mask.json"):
-        train.mask_only(cfg, workdir)
-    assert (workdir / checkpointing.MASK_JSON).read_bytes() == mask
+        mask.mask_only(cfg, workdir)
+    assert (workdir / workdir_files.MASK_JSON).read_bytes() == saved_mask
     atomic.forget_written()
     best = next((workdir / "best").iterdir())
     shutil.rmtree(best / "trainable")  # a copy that lost some files
@@ -983,7 +975,7 @@ def test_the_same_run_twice_gives_bit_identical_results(trained, tmp_path, tiny_
 
 
 def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tiny_benchmark,
-                                                              capsys, tmp_path):
+                                                               capsys, tmp_path):
     cfg, workdir, _ = trained_copy
     folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
     result = predict.predict(cfg, workdir, [str(folder)])
@@ -1031,7 +1023,7 @@ def test_predict_per_image_scores_each_image_of_a_folder(trained, tiny_benchmark
 
 
 def test_predict_exits_nonzero_when_an_input_could_not_be_scored(trained, tiny_benchmark,
-                                                                  tmp_path):
+                                                                 tmp_path):
     cfg, workdir, _ = trained
     good = sorted((tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000").glob("*.png"))[0]
     truncated = tmp_path / "truncated.png"  # a PNG header, then nothing decodable

@@ -1,4 +1,5 @@
-"""One run per workdir (fmsd_jax/workdir_lock.py): a second holder is refused at once with a line
+"""One run per workdir (fmsd_jax/run/workdir_lock.py): a second holder is refused at once with
+a line
 naming the first, the lock dies with its process, and one run's processes lock files of their
 own. The same through the CLI: tests/test_train.py (the SIGKILL and two-process tests)."""
 
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from fmsd_jax import demo, errors, workdir_lock
+from fmsd_jax import errors
+from fmsd_jax.demo import recipe
+from fmsd_jax.run import workdir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +49,7 @@ def test_a_second_holder_is_refused_at_once_naming_the_first(tmp_path):
 
 HOLD = """
 import sys, time
-from fmsd_jax import workdir_lock
+from fmsd_jax.run import workdir_lock
 with workdir_lock.exclusive(sys.argv[1], "train"):
     print("held", flush=True)
     time.sleep(600)
@@ -124,7 +127,7 @@ def test_the_demo_locks_every_row_before_any_work(tmp_path):
     root = tmp_path / "demo"
     with workdir_lock.exclusive(root / "effort", "train"), \
             pytest.raises(errors.WorkdirInUse, match=f"{root / 'effort'} is in use"):
-        demo.run(cfg, root)
+        recipe.run(cfg, root)
     assert not (root / "data").exists()  # refused before the benchmark was written
 
 
@@ -133,15 +136,15 @@ def test_a_best_checkpoint_replaced_while_it_is_read_is_read_again(tmp_path):
     delete the one they are reading; they then read the new one instead of failing."""
     import numpy as np
 
-    from fmsd_jax import checkpointing
+    from fmsd_jax.run import checkpoints
 
     def state(v: float) -> dict:
         return {"x": np.full((3,), v, np.float32)}
 
-    trainer = checkpointing.RunCheckpoints(tmp_path)
+    trainer = checkpoints.RunCheckpoints(tmp_path)
     trainer.save_best(1, state(1.0), {"frame_auc": 0.5})
     trainer.wait()
-    reader = checkpointing.RunCheckpoints(tmp_path)
+    reader = checkpoints.RunCheckpoints(tmp_path)
     real_restore = reader.best.restore
     calls = []
 

@@ -33,7 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fmsd_jax import config_base, plan  # noqa: E402
+from fmsd_jax import config_base  # noqa: E402
+from fmsd_jax.modes import plan  # noqa: E402
+from fmsd_jax.tpu import topology  # noqa: E402
 
 GiB = 2**30
 SLOPE_FACTOR = 8  # the slope compile runs at this multiple of the row's per-chip batch
@@ -136,7 +138,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     res = Results(args.out, cached_only=args.cached_only)
-    chips = {s: plan.parse_topology(s)[2] for s in args.slices}
+    chips = {s: topology.parse_topology(s)[2] for s in args.slices}
     cells = [(v, s, f) for v in args.variants for s in args.slices
              for f in sorted({min(f, chips[s]) for f in args.fsdp})]
     rows, missing = [], []

@@ -93,7 +93,7 @@ def _videos_of(split_dict: Mapping, compression: str, where: str) -> Mapping:
     if keys and keys <= COMPRESSION_KEYS:
         if compression not in split_dict:
             raise UnknownName(f'{where}: compression {compression!r} not present '
-                           f'(have {sorted(keys)}); set --config.data.compression.')
+                              f'(have {sorted(keys)}); set --config.data.compression.')
         return split_dict[compression]
     return split_dict
 
@@ -113,13 +113,13 @@ def deepfakebench_records(data_cfg, dataset: str, split: str, *,
     if missing_split:
         have = sorted({s for g in groups.values() for s in g})
         raise UnknownName(f'{path}: dataset {dataset!r} has no split {split!r} in label '
-                       f'group(s) {missing_split}; splits present: {have}.')
+                          f'group(s) {missing_split}; splits present: {have}.')
     out: list[dict] = []
     for group in sorted(groups):
         if group not in label_dict:
             raise UnknownName(f'{path}: label group {group!r} of dataset {dataset!r} is not in '
-                           'config.data.label_dict; add it in the config '
-                           f"(c.data.label_dict['{group}'] = 0 or 1).")
+                              'config.data.label_dict; add it in the config '
+                              f"(c.data.label_dict['{group}'] = 0 or 1).")
         label = int(label_dict[group])
         where = f'{path} [{dataset}/{group}/{split}]'
         videos = _videos_of(groups[group][split], data_cfg.compression, where)

@@ -23,7 +23,7 @@ def _label_of(name: str, data_cfg, where: str) -> int:
         if name in table:
             return int(table[name])
     raise UnknownName(f'{where}: no label for class folder {name!r}; name it real/fake or add '
-                   f"c.data.folder.labels['{name}'] = 0 or 1 in the config.")
+                      f"c.data.folder.labels['{name}'] = 0 or 1 in the config.")
 
 
 def hash_split(key: str, fractions: tuple[float, ...]) -> str:
@@ -52,7 +52,7 @@ def folder_records(data_cfg, dataset: str, split: str, *, frame_num: int | None,
     root = os.path.join(os.fspath(data_cfg.dataset_root), dataset)
     if not os.path.isdir(root):
         raise InputNotFound(f'{data_cfg.source} dataset {dataset!r}: folder {root} does '
-                                'not exist; set --config.data.dataset_root.')
+                            'not exist; set --config.data.dataset_root.')
     by_dir = os.path.isdir(os.path.join(root, split))
     base = os.path.join(root, split) if by_dir else root
     if not by_dir and any(os.path.isdir(os.path.join(root, s)) for s in SPLITS):
@@ -87,5 +87,5 @@ def folder_records(data_cfg, dataset: str, split: str, *, frame_num: int | None,
                 out.append(rec.make_record(full, label, dataset, cls, video_id))
     if not out:
         raise BadInput(f'{base}: no {"videos" if videos else "images"} found for split '
-                         f'{split!r} of dataset {dataset!r}.')
+                       f'{split!r} of dataset {dataset!r}.')
     return out

@@ -308,7 +308,7 @@ PROTOCOLS: dict[str, dict[str, PerturbationType]] = {
     "gend": {t.key: t for t in (
         PerturbationType("JPEG", "JPEG", (100, 80, 60, 40, 20, 10), "quality", _no_rng(jpeg)),
         PerturbationType("GB", "Gaussian blur", ((0, 0), (5, 0.5), (7, 1), (11, 1.5), (13, 2),
-                                                  (19, 3)), "kernel×σ", _gend_blur),
+                                                 (19, 3)), "kernel×σ", _gend_blur),
         PerturbationType("RS", "resize", (224, 112, 64), "px of 224", _no_rng(resize_and_back)),
         PerturbationType("GN", "Gaussian noise (RGB)", (0, 0.01, 0.03, 0.05, 0.1, 0.2),
                          "σ of [0, 1]", gaussian_noise_rgb),
@@ -345,7 +345,7 @@ def get_type(protocol: str, key: str) -> PerturbationType:
     types = PROTOCOLS[protocol]
     if key not in types:
         raise BadInput(f"protocol {protocol!r} has no perturbation type {key!r}; its types: "
-                         f"{list(types)}")
+                       f"{list(types)}")
     return types[key]
 
 

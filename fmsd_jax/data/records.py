@@ -79,5 +79,5 @@ def summarise(records: Sequence[dict]) -> dict[str, int]:
     """Counts that a trainer logs and uses for steps per epoch."""
     labels = np.array([r['label'] for r in records], np.int64)
     return {'frames': len(records), 'videos': len({(r['dataset'], r['video_id'])
-                                                     for r in records}),
+                                                   for r in records}),
             'real': int((labels == 0).sum()), 'fake': int((labels != 0).sum())}

@@ -193,7 +193,7 @@ def tfds_data_source(data_cfg, dataset: str, split: str):
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
         raise UnknownName(f'{path}: dataset {dataset!r} has no split {split!r} '
-                       f'(have {sorted(builder.info.splits)}).')
+                          f'(have {sorted(builder.info.splits)}).')
     source = builder.as_data_source(split=split)
     counts_path = os.path.join(path, COUNTS_FILE)
     n = len(source)

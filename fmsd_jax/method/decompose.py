@@ -49,7 +49,8 @@ import numpy as np
 from flax import nnx
 
 from fmsd_jax.model.detector import HeadParam
-from fmsd_jax.model.vit import ATTN_PROJECTIONS, MLP_PROJECTIONS, Dense, add_bias
+from fmsd_jax.model.layers import Dense, add_bias
+from fmsd_jax.model.vit import ATTN_PROJECTIONS, MLP_PROJECTIONS
 
 
 class SemanticWeight(nnx.Variable):

@@ -47,7 +47,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fmsd_jax.method.decompose import target_of_path
-from fmsd_jax.model.vit import ATTN_PROJECTIONS, on_mesh
+from fmsd_jax.model.vit import ATTN_PROJECTIONS
+from fmsd_jax.parallel import on_mesh
 
 SCORES = ("bias_variance", "gsnr")
 
@@ -232,7 +233,7 @@ def estimate_layer_scores(
         raise ValueError("estimate_layer_scores got no batches; give T >= 2 mini-batches")
 
     bias, var, gsnr = jax.device_get(_reduce_moments(acc, tuple(cols), L,
-                                                      len(targets), float(eps)))
+                                                     len(targets), float(eps)))
     bias, var, gsnr = (np.asarray(a, np.float64) for a in (bias, var, gsnr))
     bv = bias / (var + eps)
     return dict(

@@ -1,6 +1,6 @@
 """The FMSD training objective L = CE + λ_orth·L_orth + λ_spec·L_spec (DESIGN.md §1.5).
 
-Settings (`ObjectiveConfig`, built from `config.method` by `fmsd_jax.assemble.objective_section`;
+Settings (`ObjectiveConfig`, built from `config.method` by `fmsd_jax.run.factory.objective_section`;
 config_base.py holds the defaults and their reasons, this module none):
 
     lambda_orth, lambda_spec: float >= 0

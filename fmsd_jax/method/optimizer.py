@@ -1,6 +1,6 @@
 """The masked optimizer: Adam(W) over the trainable state only, the layer mask applied last.
 
-Settings (`OptimConfig`, built from `config.optim` by `fmsd_jax.assemble.optim_section`;
+Settings (`OptimConfig`, built from `config.optim` by `fmsd_jax.run.factory.optim_section`;
 config_base.py holds every default and its reason, this module none):
 
     name: 'adam' | 'adamw'   Effort uses torch Adam, whose weight decay is an L2 term added to

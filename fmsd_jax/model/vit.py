@@ -15,13 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+
+from fmsd_jax.model.layers import (
+    ATTENTION_IMPLS,
+    SKINNY_CONTRACTION,
+    LayerNorm,
+    LinearFactory,
+    activation,
+    dense_factory,
+    einsum_attention,
+    matmul,
+    resolve_attention_impl,
+)
+from fmsd_jax.parallel import gather_weights
 
 # Architectures of the public CLIP vision towers; `tiny` is for tests and the demo.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -33,12 +44,8 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 ATTN_PROJECTIONS = ("q", "k", "v", "out")
-FSDP_AXIS = "fsdp"  # the mesh axis that splits the weights (fmsd_jax/sharding.py)
 MLP_PROJECTIONS = ("fc1", "fc2")
 REMAT_POLICIES = ("dots", "none", "full")
-# A matmul that contracts over at most this many elements costs no more per output element than
-# the elementwise ops remat='dots' recomputes: the artifact path's up-projection (K*r of them).
-SKINNY_CONTRACTION = 16
 
 
 def save_wide_dots(prim: Any, *avals: Any, **params: Any) -> bool:
@@ -124,223 +131,6 @@ class ViTConfig:
         return jnp.dtype(self.dtype)
 
 
-class Dense(nnx.Module):
-    """y = x W + b with W stored (in, out) in float32 and applied in the compute dtype."""
-
-    def __init__(self, in_features: int, out_features: int, *, dtype: Any, use_bias: bool = True,
-                 rngs: nnx.Rngs):
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
-        self.dtype = dtype
-
-    @property
-    def in_features(self) -> int:
-        return self.kernel.shape[-2]
-
-    @property
-    def out_features(self) -> int:
-        return self.kernel.shape[-1]
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x, self.kernel[...], self.dtype)
-        if self.bias is not None:
-            y = add_bias(y, self.bias[...])
-        return y
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter gradients summed in float32, and weights gathered per layer under fsdp.
-#
-# Why: under a bf16 compute dtype, autodiff forms a weight's gradient as a bf16 dot (x^T g) or
-# bf16 reduce (sum of g, for a bias) over the batch, and on a sharded batch XLA sums those bf16
-# partial results across chips before the cast back to the fp32 parameter (seen in compiled
-# TPU steps, tests/test_plan.py). These VJPs form the batch contractions in float32, so every
-# cross-chip sum of a parameter gradient is float32. Under a float32 compute dtype they are
-# plain autodiff (the CPU programs are unchanged).
-
-
-def matmul(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
-    """x @ w in `dtype`; w's gradient is summed over the batch in float32."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return x.astype(dtype) @ w.astype(dtype)
-    return _matmul_f32_grad(x.astype(dtype), w)
-
-
-@jax.custom_vjp
-def _matmul_f32_grad(x: jax.Array, w: jax.Array) -> jax.Array:
-    return x @ w.astype(x.dtype)
-
-
-def _matmul_fwd(x, w):
-    # symbolic_zeros: the backward forms only the gradients that are needed (a frozen weight
-    # gets none), so the program's jaxpr, whose matmuls plan.py counts, holds no dead dots.
-    # The flags travel as the residuals' structure (None: needed, (): not), never as arrays.
-    flags = tuple(None if a.perturbed else () for a in (x, w))
-    x, w = x.value, w.value
-    return x @ w.astype(x.dtype), (x, w, flags)
-
-
-def _matmul_bwd(res, g):
-    x, w, (x_flag, w_flag) = res
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        g = jnp.zeros(g.shape, g.dtype)
-    dx = dw = None
-    if x_flag is None:
-        dx = (g @ w.astype(g.dtype).T).astype(x.dtype)
-    if w_flag is None:
-        dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
-        dw = dw.astype(w.dtype)
-    return dx, dw
-
-
-_matmul_f32_grad.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
-
-
-def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
-    """y + b in y's dtype; b's gradient is summed over the batch in float32."""
-    if y.dtype == jnp.float32:
-        return y + b.astype(y.dtype)
-    return _bias_f32_grad(y, b)
-
-
-@jax.custom_vjp
-def _bias_f32_grad(y: jax.Array, b: jax.Array) -> jax.Array:
-    return y + b.astype(y.dtype)
-
-
-def _bias_fwd(y, b):
-    return y + b.astype(y.dtype), b
-
-
-def _bias_bwd(b, g):
-    db = jnp.sum(g, axis=tuple(range(g.ndim - 1)), dtype=jnp.float32)
-    return g, db.astype(b.dtype)
-
-
-_bias_f32_grad.defvjp(_bias_fwd, _bias_bwd)
-
-
-def fsdp_size() -> int:
-    """Size of the `fsdp` axis of the mesh the program is traced under (1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or FSDP_AXIS not in mesh.axis_names:
-        return 1
-    return int(mesh.shape[FSDP_AXIS])
-
-
-def gather_weights(tree: Any) -> Any:
-    """A layer's weights replicated for use: FSDP's per-layer all-gather.
-
-    Weights are stored split over the `fsdp` mesh axis (sharding.param_sharding). Left to
-    itself, XLA keeps a split weight in place and instead moves the activations: for a weight
-    split on the axis the matmul contracts, an all-reduce of every layer's activations
-    (DESIGN.md §6). Constraining each layer's weights to be replicated where they are used
-    makes the cost a weight all-gather per layer (forward, and again in the backward, where
-    remat recomputes it) while activations stay split over the batch. The gradient is left
-    unconstrained, so XLA sums it straight into the split layout (a reduce-scatter).
-    A no-op unless the program is traced under a mesh whose fsdp axis is larger than one
-    (`on_mesh`): single-device and data-only programs are unchanged.
-    """
-    if fsdp_size() == 1:
-        return tree
-    return jax.tree.map(_replicate, tree)
-
-
-@jax.custom_vjp
-def _replicate(w: jax.Array) -> jax.Array:
-    return jax.lax.with_sharding_constraint(w, P())
-
-
-_replicate.defvjp(lambda w: (_replicate(w), None), lambda _, g: (g,))
-
-
-def on_mesh(fn: Callable, mesh: Any) -> Callable:
-    """`fn`, traced with `mesh` as the context mesh: what lets `gather_weights` act.
-
-    Wrap the function handed to jax.jit (the train step, the evaluation step, the mask
-    estimator's update); None: `fn` unchanged."""
-    if mesh is None:
-        return fn
-
-    def traced(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
-
-    return traced
-
-
-LinearFactory = Callable[..., nnx.Module]
-
-
-def dense_factory(in_features: int, out_features: int, *, name: str, dtype: Any,
-                  rngs: nnx.Rngs) -> nnx.Module:
-    """The default linear layer; `name` (q, k, v, out, fc1, fc2) lets a custom factory choose."""
-    del name
-    return Dense(in_features, out_features, dtype=dtype, rngs=rngs)
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm computed in float32 whatever the compute dtype (bf16 statistics drift)."""
-
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
-
-
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"unknown activation {name!r}; use 'quick_gelu' (CLIP) or 'gelu'")
-
-
-ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn")
-
-
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     num_valid: int | None = None) -> jax.Array:
-    """softmax(q kᵀ / √d) v for (batch, tokens, heads, head_dim) inputs, as explicit matmuls.
-
-    Why it exists: on CPU, XLA's lowering of `jax.nn.dot_product_attention` is slower than
-    this form, mostly in the backward (bench/vs_pytorch.py, issue 7: ViT-B/16 batch 8, one
-    thread, attention fwd+bwd per block 102 → 71 ms, interleaved). What makes it faster: heads
-    are moved in front of tokens once, so all four matmuls of forward and backward are plain
-    batched (b·h) matmuls without per-dot transposes, and the 1/√d scale is folded into q (a
-    (t × d) multiply instead of a (t × t) one). Numerics follow the XLA path: scores and
-    softmax in float32, probabilities cast back to the value dtype; equal to it to float32
-    rounding (tests/test_perf_paths.py). Keys at positions >= num_valid are masked out.
-    """
-    dt = v.dtype
-    scale = q.shape[-1] ** -0.5
-    q = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # (b, h, t, d)
-    k = k.transpose(0, 2, 1, 3)
-    v = v.transpose(0, 2, 1, 3)
-    s = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-    if num_valid is not None and num_valid < s.shape[-1]:
-        s = jnp.where(jnp.arange(s.shape[-1]) < num_valid, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(dt)
-    return jnp.matmul(p, v).transpose(0, 2, 1, 3)
-
-
-def resolve_attention_impl(impl: str | None) -> str | None:
-    """The implementation `Attention` runs for a config value (None picks by backend)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {impl!r}; use one of {ATTENTION_IMPLS}")
-    if impl is None and jax.default_backend() == "cpu":
-        return "einsum"
-    return impl
-
-
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q, k, v, out projections (each decomposable)."""
 
@@ -377,7 +167,7 @@ class MLP(nnx.Module):
         dt = cfg.compute_dtype
         self.fc1 = factory(cfg.width, cfg.mlp_dim, name="fc1", dtype=dt, rngs=rngs)
         self.fc2 = factory(cfg.mlp_dim, cfg.width, name="fc2", dtype=dt, rngs=rngs)
-        self.act = _activation(cfg.activation)
+        self.act = activation(cfg.activation)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.act(self.fc1(x)))
