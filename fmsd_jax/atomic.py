@@ -119,7 +119,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def jsonable(obj: Any) -> Any:
     """`obj` with tuples as lists, keys as str and arrays (numpy or jax, anything with a dtype
     and `tolist`) as nested lists or Python scalars: what json.dumps takes. Duck-typed, so
-    this module imports neither numpy nor jax (report.py must stay importable without jax)."""
+    this module imports neither numpy nor jax (evaluators/result_files.py must stay
+    importable without jax)."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
