@@ -306,6 +306,18 @@ def _decompose_stacked(
     return semantic_part(w, ua, sa, va), ref, basis, ua, sa, va
 
 
+
+def _dense_layer(blocks: nnx.Module, target: str) -> tuple[nnx.Module, Dense]:
+    """(the block holding `target`, its `Dense`): a candidate layer not yet decomposed."""
+    parent = _parent(blocks, target)
+    layer = getattr(parent, target)
+    if not isinstance(layer, Dense):
+        raise TypeError(
+            f"blocks.{target} is a {type(layer).__name__}, not a Dense; was the model "
+            "already decomposed? merge() it first"
+        )
+    return parent, layer
+
 def decompose(
     model: nnx.Module,
     *,
@@ -328,13 +340,7 @@ def decompose(
     blocks = _blocks(model)
     shapes, sem_rank, num_layers = {}, {}, None
     for t in targets:
-        parent = _parent(blocks, t)
-        layer = getattr(parent, t)
-        if not isinstance(layer, Dense):
-            raise TypeError(
-                f"blocks.{t} is a {type(layer).__name__}, not a Dense; was the model "
-                "already decomposed? merge() it first"
-            )
+        parent, layer = _dense_layer(blocks, t)
         w = layer.kernel[...]
         if w.ndim != 3:
             raise ValueError(f"expected a stacked (L, in, out) kernel for {t}, got {w.shape}")
@@ -424,13 +430,7 @@ def decompose_from_reference(
     blocks = _blocks(model)
     want = reference_shapes(spec)
     for t in spec.targets:
-        parent = _parent(blocks, t)
-        layer = getattr(parent, t)
-        if not isinstance(layer, Dense):
-            raise TypeError(
-                f"blocks.{t} is a {type(layer).__name__}, not a Dense; was the model "
-                "already decomposed? merge() it first"
-            )
+        parent, layer = _dense_layer(blocks, t)
         w = layer.kernel[...]
         if tuple(w.shape) != (spec.num_layers, *spec.shapes[t]):
             raise ValueError(f"{t}: the weight is {tuple(w.shape)}, the decomposition was made "
