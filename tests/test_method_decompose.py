@@ -276,3 +276,28 @@ def test_decompose_from_reference_rebuilds_the_svd_decomposition_bit_for_bit(mon
     with pytest.raises(ValueError, match=r"q: the weight is \(2, 48, 48\), the decomposition "
                                          r"was made of \(2, 32, 32\)"):
         decomp.decompose_from_reference(make_detector(11, wide), spec, host)
+
+
+def test_a_reference_refuses_other_weights_of_the_same_geometry():
+    """Same shapes, other weights (another seed's tower, or the trained ones edited by 5 %):
+    W_s would be W' − U₀ diag(s₀) V₀ᵀ, a model the run never trained. The check measures
+    ~1e-7 on the right weights, ~1 on unrelated ones and ~the edit on an edited copy."""
+    from fmsd_jax.method import decompose as decomp
+
+    targets = ("q", "v", "fc1")
+    by_svd = make_detector(11)
+    spec = decompose(by_svd, targets=targets, num_subspaces=2, rank=2)
+    ref = decomp.spectral_reference(by_svd, targets)
+    pretrained = decomp._blocks(make_detector(11))
+    w = {t: np.asarray(decomp._dense_layer(pretrained, t)[1].kernel[...]) for t in targets}
+    for t in targets:
+        same = float(decomp.reference_mismatch(w[t], ref[t]["u0"], ref[t]["s0"], ref[t]["v0"]))
+        edited = w[t] * (1 + 0.05 * np.random.default_rng(0).standard_normal(w[t].shape))
+        assert same < 1e-5, (t, same)
+        assert 0.01 < float(decomp.reference_mismatch(edited, ref[t]["u0"], ref[t]["s0"],
+                                                      ref[t]["v0"])) < 0.2, t
+    host = jax.tree.map(np.asarray, ref)
+    with pytest.raises(ValueError, match="q: these are not the weights the reference was "
+                                         "taken from"):
+        decomp.decompose_from_reference(make_detector(12), spec, host)
+    decomp.decompose_from_reference(make_detector(11), spec, host)  # the right ones pass

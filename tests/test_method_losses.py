@@ -200,7 +200,7 @@ def test_zero_lambda_is_not_traced():
 
 def test_objective_config_fields():
     """The typed settings refuse what the objective cannot do, and the loss weights each term
-    by its λ (the config section → ObjectiveConfig step is assemble.objective_section's,
+    by its λ (the config section → ObjectiveConfig step is factory.objective_section's,
     tested in test_method_optimizer.py)."""
     oc = ObjectiveConfig(lambda_orth=0.5, lambda_spec=0.1, spectral_form="per_subspace")
     with pytest.raises(ValueError, match="spectral_form"):

@@ -458,9 +458,24 @@ def test_checkpoints_from_before_records_restore_the_old_way_and_resume(
     assert {"layer_mask", "decomposition", "reference", "state"} <= items
 
 
-def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_copy, tiny_benchmark):
+def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_copy, tiny_benchmark,
+                                                               tmp_path):
     cfg, workdir, _ = trained_copy
     (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    # Another CLIP of the same geometry: every shape fits, the weights are not the run's.
+    from flax import nnx
+
+    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+    from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
+
+    tower = ViTConfig(width=32, layers=2, heads=2, patch_size=8, mlp_dim=64, proj_dim=None,
+                      image_size=32)  # conftest's tiny CLIP, another seed
+    save_hf_clip_vision(CLIPVisionTower(tower, rngs=nnx.Rngs(8)), tmp_path / "other")
+    other = tmp_path / "other" / "model.safetensors"
+    with pytest.raises(errors.BadInput, match=re.escape(
+            f"config.model.init_from='{other}' does not fit checkpoint {best} (q: these are "
+            "not the weights the reference was taken from")):
+        evaluate.evaluate(make_cfg(other, tiny_benchmark), workdir)
     same_shapes = make_cfg(cfg.model.init_from, tiny_benchmark, **{
         "method.num_subspaces": "2", "method.rank": "2"})  # K·d = 4 as trained: orbax would
     with pytest.raises(errors.BadInput, match=re.escape(  # restore it without complaint

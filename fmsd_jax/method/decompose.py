@@ -412,6 +412,29 @@ def reference_shapes(spec: DecompositionSpec) -> dict[str, dict[str, tuple[int, 
     return out
 
 
+# `reference_mismatch` above which a weight is not the one the reference was taken from: the
+# same weights give ~1e-6 in float32 (rounding), an unrelated weight ~1, and a weight changed
+# by a relative ε about ε (a fine-tuned or otherwise edited copy of the checkpoint's weights).
+REFERENCE_TOLERANCE = 1e-2
+
+
+@jax.jit
+def reference_mismatch(w: jax.Array, u0: jax.Array, s0: jax.Array, v0: jax.Array) -> jax.Array:
+    """How far `w` (L, in, out) is from being the weight whose SVD gave the tail triplets
+    (u0, s0, v0): ‖U₀ᵀW − diag(s₀)V₀ᵀ‖_F, the largest over layers, relative to the
+    ‖W‖_F·sqrt(K·d / in) that the projection of an unrelated weight onto K·d directions has.
+
+    A decomposition rebuilt without an SVD takes W_s = W − U₀ diag(s₀) V₀ᵀ on trust; pointing
+    `model.init_from` at another checkpoint of the same geometry would otherwise pass every
+    shape check and silently score with a W_s the run never trained with."""
+    w32, u32, v32 = (x.astype(jnp.float32) for x in (w, u0, v0))
+    resid = jnp.einsum("lik,lio->lko", u32, w32) - s0.astype(jnp.float32)[..., None] * \
+        jnp.swapaxes(v32, 1, 2)
+    kd, n_in = u0.shape[-1], w.shape[1]
+    scale = jnp.linalg.norm(w32, axis=(1, 2)) * jnp.sqrt(kd / n_in)
+    return jnp.max(jnp.linalg.norm(resid, axis=(1, 2)) / jnp.maximum(scale, 1e-30))
+
+
 def decompose_from_reference(
     model: nnx.Module,
     spec: DecompositionSpec,
@@ -441,6 +464,12 @@ def decompose_from_reference(
             raise ValueError(f"{t}: the saved reference holds {got}, a decomposition as "
                              f"{spec.num_subspaces}x{spec.rank} needs {want[t]}")
         u0, s0, v0 = (jnp.asarray(ref[k]) for k in ("u0", "s0", "v0"))
+        mismatch = float(reference_mismatch(w, u0, s0, v0))
+        if mismatch > REFERENCE_TOLERANCE:
+            raise ValueError(
+                f"{t}: these are not the weights the reference was taken from (their tail "
+                f"subspace leaves a residual of {mismatch:.2g} of what an unrelated weight "
+                f"would, above {REFERENCE_TOLERANCE:g})")
         basis = {k[-1]: jnp.asarray(ref[k]) for k in ("semantic_u", "semantic_v") if k in ref}
         new = DecomposedDense(
             semantic_part(w, u0, s0, v0),

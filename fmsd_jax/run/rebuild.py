@@ -4,7 +4,7 @@ Training, evaluation, export, prediction and the benches all start from the same
 structure: the pretrained detector named by `model.init_from`, the layer mask, the
 decomposition and the (trainable, frozen) split by Variable type. A workdir with checkpoints
 is rebuilt from the checkpoint's own record (the mask it trained under, its decomposition spec
-and the tail's singular triplets, checkpointing.RunRecord), with no SVD and whatever the JSON
+and the tail's singular triplets, checkpoints.RunRecord), with no SVD and whatever the JSON
 files beside it now say; a new run estimates the mask (or reads the one `--mode mask` wrote)
 and decomposes by SVD. Evaluation-type modes then restore the trained leaves.
 """
