@@ -97,8 +97,7 @@ def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
 def latest_saved_step(workdir: str | os.PathLike) -> int | None:
     """The latest finalized training checkpoint in WORKDIR, read without a CheckpointManager
     (which would create directories) and ignoring orbax's unfinished temporary ones."""
-    steps = ocp.step.checkpoint_steps(Path(workdir) / workdir_files.CHECKPOINTS_DIR)
-    return max(steps, default=None)
+    return max(saved_steps(workdir)["latest"], default=None)
 
 
 _READ_ATTEMPTS = 3  # a checkpoint replaced while it was read is read again, this many times
@@ -154,6 +153,17 @@ def _has_item(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
     return (mngr.directory / str(step) / item).is_dir()
 
 
+def _record_json_args(mngr: ocp.CheckpointManager, step: int) -> dict[str, ocp.args.JsonRestore]:
+    """Restore args of the record's JSON items that checkpoint `step` holds: none for a
+    checkpoint from before records, the mask alone for a regime that decomposes nothing."""
+    if not _has_item(mngr, step, MASK_ITEM):
+        return {}
+    items = {MASK_ITEM: ocp.args.JsonRestore()}
+    if _has_item(mngr, step, SPEC_ITEM):
+        items[SPEC_ITEM] = ocp.args.JsonRestore()
+    return items
+
+
 def _reference_target(spec: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """Host arrays shaped as the reference of a model decomposed as `spec` (restore target):
     restored to the host, the reference then meets the pretrained weights on the device they
@@ -166,8 +176,8 @@ def _reference_target(spec: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
 def saved_steps(workdir: str | os.PathLike) -> dict[str, list[int]]:
     """{'best': steps, 'latest': steps} of finalized checkpoints, read without a manager."""
     workdir = Path(workdir)
-    return {"best": sorted(ocp.step.checkpoint_steps(workdir / "best")),
-            "latest": sorted(ocp.step.checkpoint_steps(workdir / "checkpoints"))}
+    return {"best": sorted(ocp.step.checkpoint_steps(workdir / workdir_files.BEST_DIR)),
+            "latest": sorted(ocp.step.checkpoint_steps(workdir / workdir_files.CHECKPOINTS_DIR))}
 
 
 class RunCheckpoints:
@@ -243,10 +253,8 @@ class RunCheckpoints:
                 items[STATE_ITEM] = ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True)
-            if expect is not None and _has_item(mngr, step, MASK_ITEM):
-                items[MASK_ITEM] = ocp.args.JsonRestore()
-                if _has_item(mngr, step, SPEC_ITEM):
-                    items[SPEC_ITEM] = ocp.args.JsonRestore()
+            if expect is not None:
+                items |= _record_json_args(mngr, step)
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
             if MASK_ITEM in items and not expect.same_model(
                     restored[MASK_ITEM]["mask"], restored.get(SPEC_ITEM)):
@@ -278,11 +286,9 @@ class RunCheckpoints:
 
     @staticmethod
     def _record_at(mngr: ocp.CheckpointManager, step: int) -> RunRecord | None:
-        if not _has_item(mngr, step, MASK_ITEM):
+        items = _record_json_args(mngr, step)
+        if not items:
             return None
-        items = {MASK_ITEM: ocp.args.JsonRestore()}
-        if _has_item(mngr, step, SPEC_ITEM):
-            items[SPEC_ITEM] = ocp.args.JsonRestore()
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
         spec = restored.get(SPEC_ITEM)
         reference = None

@@ -126,7 +126,8 @@ def _checkpoint_record(cfg: mlc.ConfigDict, workdir: Path | None, *, for_eval: b
     if found is None:
         return None
     which, step, record = found
-    where = str(Path(workdir) / ("best" if which == "best" else "checkpoints") / str(step))
+    folder = workdir_files.BEST_DIR if which == "best" else workdir_files.CHECKPOINTS_DIR
+    where = str(Path(workdir) / folder / str(step))
     if record is None:
         log.warning("checkpoint %s predates checkpoints that hold their layer mask and "
                     "decomposition: rebuilding it as before, from %s and an SVD of the "
