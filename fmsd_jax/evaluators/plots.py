@@ -3,7 +3,6 @@ charts. Drawn with matplotlib's object API on an Agg canvas (no pyplot state, no
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -168,7 +167,7 @@ def plot_layer_mask(workdir: str | os.PathLike[str], regime: str) -> Path | None
         return None
     if chart.is_file() and chart.stat().st_mtime_ns >= record_path.stat().st_mtime_ns:
         return chart
-    record = json.loads(record_path.read_text())
+    record = atomic.read_json(record_path)
     return plot_layer_scores(record, record["targets"], np.asarray(record["mask"], bool), chart,
                              title="Forgery-aware layer scores: " + run_title(regime, workdir))
 
