@@ -136,19 +136,24 @@ def without_compilation_cache() -> Iterator[None]:
 # Fixtures
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_checkpoint(tmp_path_factory) -> Path:
-    """A random tiny CLIP vision tower written as HF `model.safetensors` + `config.json`."""
+def write_tiny_clip(out: Path, seed: int = 7) -> Path:
+    """A random tiny CLIP vision tower (width 32, 2 layers, patch 8, 32 px) written to `out` as
+    HF `model.safetensors` + `config.json`; another `seed` gives other weights, same shapes."""
     from flax import nnx
 
     from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
     from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
 
-    out = tmp_path_factory.mktemp("tiny_clip")
     cfg = ViTConfig(width=32, layers=2, heads=2, patch_size=8, mlp_dim=64, proj_dim=None,
                     image_size=32)
-    save_hf_clip_vision(CLIPVisionTower(cfg, rngs=nnx.Rngs(7)), out)
+    save_hf_clip_vision(CLIPVisionTower(cfg, rngs=nnx.Rngs(seed)), out)
     return out / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
+    """The suite's tiny CLIP (`write_tiny_clip`, seed 7)."""
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="session")

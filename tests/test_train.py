@@ -25,7 +25,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import counting_compiles, flat_arrays, make_cfg, overrides, trainable_at
+from conftest import (
+    counting_compiles,
+    flat_arrays,
+    make_cfg,
+    overrides,
+    trainable_at,
+    write_tiny_clip,
+)
 
 from fmsd_jax import atomic, errors, parallel
 from fmsd_jax.evaluators import adaptation, scoring
@@ -463,15 +470,7 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_copy, tin
     cfg, workdir, _ = trained_copy
     (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
     # Another CLIP of the same geometry: every shape fits, the weights are not the run's.
-    from flax import nnx
-
-    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
-    from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
-
-    tower = ViTConfig(width=32, layers=2, heads=2, patch_size=8, mlp_dim=64, proj_dim=None,
-                      image_size=32)  # conftest's tiny CLIP, another seed
-    save_hf_clip_vision(CLIPVisionTower(tower, rngs=nnx.Rngs(8)), tmp_path / "other")
-    other = tmp_path / "other" / "model.safetensors"
+    other = write_tiny_clip(tmp_path / "other", seed=8)
     with pytest.raises(errors.BadInput, match=re.escape(
             f"config.model.init_from='{other}' does not fit checkpoint {best} (q: these are "
             "not the weights the reference was taken from")):
