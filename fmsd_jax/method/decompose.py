@@ -306,7 +306,6 @@ def _decompose_stacked(
     return semantic_part(w, ua, sa, va), ref, basis, ua, sa, va
 
 
-
 def _dense_layer(blocks: nnx.Module, target: str) -> tuple[nnx.Module, Dense]:
     """(the block holding `target`, its `Dense`): a candidate layer not yet decomposed."""
     parent = _parent(blocks, target)
@@ -317,6 +316,7 @@ def _dense_layer(blocks: nnx.Module, target: str) -> tuple[nnx.Module, Dense]:
             "already decomposed? merge() it first"
         )
     return parent, layer
+
 
 def decompose(
     model: nnx.Module,
