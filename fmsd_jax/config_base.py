@@ -124,6 +124,11 @@ def base_config() -> mlc.ConfigDict:
     c.predict.video_frames = 32  # frames sampled evenly per video file
     c.predict.threshold = 0.5  # label 'fake' when P(fake) > threshold (DeepfakeBench's ACC@0.5)
     c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
+    # True: each input also gets its artifact subspaces' Δ fake logit and a patch map of what
+    # drives the fake logit (evaluators/subspaces.py, evaluators/saliency.py), PNG overlays
+    # beside the predictions file. Off by default: the maps cost explain_steps backward passes.
+    c.predict.explain = False
+    c.predict.explain_steps = 16  # integrated-gradient steps per map (saliency.py: why 16)
     return c
 
 
