@@ -7,6 +7,7 @@ WORKDIR/
   tb/                                                         TensorBoard events
   results.json  results.md  roc.png                           --mode evaluate (and train)
   layer_scores.png  diagnostics.json  adaptation.png          what the method did
+  subspaces.png                                               what each subspace does
   robustness.json  robustness.md  robustness.png              --mode robustness
   predictions.json  plan.json  export/                        predict, plan, export
   .lock                                                       one run at a time
@@ -35,6 +36,7 @@ ROC_PNG = "roc.png"
 LAYER_SCORES_PNG = "layer_scores.png"
 DIAGNOSTICS_JSON = "diagnostics.json"  # written by evaluators.adaptation, shown in results.md
 ADAPTATION_PNG = "adaptation.png"
+SUBSPACES_PNG = "subspaces.png"  # the artifact-subspace ablation (evaluators/subspace_report)
 ROBUSTNESS = "robustness"  # the outputs' stem; another grid goes beside as robustness-N
 ROBUSTNESS_JSON = f"{ROBUSTNESS}.json"
 ROBUSTNESS_MD = f"{ROBUSTNESS}.md"
