@@ -128,7 +128,7 @@ def base_config() -> mlc.ConfigDict:
     # drives the fake logit (evaluators/subspaces.py, evaluators/saliency.py), PNG overlays
     # beside the predictions file. Off by default: the maps cost explain_steps backward passes.
     c.predict.explain = False
-    c.predict.explain_steps = 16  # integrated-gradient steps per map (saliency.py: why 16)
+    c.predict.explain_steps = 32  # integrated-gradient steps per map (saliency.py: why 32)
     return c
 
 

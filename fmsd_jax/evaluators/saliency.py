@@ -15,9 +15,11 @@ then sees only its class token and position embeddings, no content.
 
 Why the steps crowd near α = 0 (the midpoint rule in t with α = t²): there the patch tokens
 α e_p + pos are dominated by the position embeddings and ln_pre's normalisation makes the
-logit change fastest with α. On the trained box detector of tests/test_saliency.py, S = 16
-leaves a gap of at most 7.6 % of the change this way and 83 % with evenly spaced α (evenly
-spaced α needs S = 64 for 7.6 %; Gauss-Legendre at 16 nodes: 103 %).
+logit change fastest with α. Measured by `python bench/saliency_methods.py` on the trained box
+detector of tests/test_saliency.py (largest gap over 32 images, as a share of the change):
+α = t² leaves 13.9 % at S = 16 and 0.6 % at S = 32; evenly spaced α 56.4 % at 16 and 0.5 % at
+64; 16 Gauss-Legendre nodes 24.7 %. Hence S = 32 (`config.predict.explain_steps`): the maps
+then add up to the logit's change, at half the passes evenly spaced steps need.
 
 Why this one, and not the cheaper alternatives:
 
@@ -25,13 +27,12 @@ Why this one, and not the cheaper alternatives:
   token's attention whatever the head does with it) and so says what the tower looks at, not
   what drives 'fake';
 * plain gradient × input (one backward pass) diluted the map too much to be read: on the box
-  fixture of tests/test_saliency.py (fakes carry a checkerboard in a 2×2-patch box, 25 % of
-  the image) it put 34 % of the positive mass in the box and its largest patch in the box for
-  47 % of the fakes; |gradient| 34 % / 69 %; integrated gradients with S = 16 put 89 % in the
-  box and its largest patch in the box for every fake (the same trained detector and images);
+  fixture (fakes carry a checkerboard in a 2×2-patch box, 25 % of the image) it put 46.7 % of
+  the positive mass in the box and its largest patch in the box for 69 % of the fakes;
+  |gradient| 35.5 % / 75 %; integrated gradients 89.1 % / 100 % (same bench, same detector
+  and images; every integration rule above localises alike, they differ in completeness);
 * it costs S forward and backward passes, run inside one jitted function (a scan over α, so
   memory is one pass's), built once per (graphdef, mesh, S) like scoring.make_predict_fn;
-  `config.predict.explain_steps` sets S;
 * it needs no hook inside the scanned blocks: CLIP's patch embedding is linear and has no
   bias (e_p = x_p·W_conv, so e(αx) = α e(x)), hence integrated gradients on the normalised
   pixels x from the zero baseline, summed over each patch's pixels, *is* integrated gradients
