@@ -92,6 +92,12 @@ def base_config() -> mlc.ConfigDict:
     c.eval.batch_size = 64
     c.eval.splits_from_train = "val"  # checkpoint selection split (never a test set)
     c.eval.select_metric = "frame_auc"
+    # A video's P(fake) from its frames' (evaluators/metrics.py AGGREGATIONS): 'mean' is
+    # DeepfakeBench's; 'mean_logit', 'max' and 'topk' (mean of the video_topk highest) are
+    # options. results.json reports video AUC under every one; this one is what predict prints
+    # and what the video-level operating points are chosen under.
+    c.eval.video_aggregation = "mean"
+    c.eval.video_topk = 4
 
     c.mesh = mlc.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -122,7 +128,12 @@ def base_config() -> mlc.ConfigDict:
     c.predict = mlc.ConfigDict()
     c.predict.batch_size = 32
     c.predict.video_frames = 32  # frames sampled evenly per video file
-    c.predict.threshold = 0.5  # label 'fake' when P(fake) > threshold (DeepfakeBench's ACC@0.5)
+    # Label 'fake' when the calibrated P(fake) >= the threshold of this operating point, chosen
+    # on validation by --mode evaluate (WORKDIR/decision.json): 'eer', 'fpr@0.01', 'fpr@0.05',
+    # or a threshold given as a number, e.g. '0.5' (evaluators/decision.py).
+    c.predict.operating_point = "eer"
+    # True: also each subspace's share of the fake logit and a patch heatmap per frame.
+    c.predict.explain = False
     c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
     # True: each input also gets its artifact subspaces' Δ fake logit and a patch map of what
     # drives the fake logit (evaluators/subspaces.py, evaluators/saliency.py), PNG overlays

@@ -239,6 +239,25 @@ def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra: str):
     return cfg
 
 
+def assert_json_close(got, want, atol: float, where: str = "") -> None:
+    """Two JSON documents (results.json, decision.json) equal in structure, their numbers
+    within `atol` (null where the other is null)."""
+    import numpy as np
+
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_json_close(got[k], want[k], atol, f"{where}/{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_json_close(g, w, atol, f"{where}[{i}]")
+    elif isinstance(want, float | int) and not isinstance(want, bool):
+        np.testing.assert_allclose(got, want, atol=atol, err_msg=where)
+    else:
+        assert got == want, where
+
+
 def flat_arrays(tree) -> dict:
     """{'[a][b]': array} with nnx's `.value` accessors dropped, so states and dicts compare."""
     import jax

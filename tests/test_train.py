@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import (
+    assert_json_close,
     counting_compiles,
     flat_arrays,
     make_cfg,
@@ -552,7 +553,8 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     assert scored[str(video)]["frames"] == 2 * len(frames)
     for r in scored.values():
         np.testing.assert_allclose(r["prob_fake"], np.mean(r["frame_probs"]), rtol=1e-6)
-    # A frame's probability is the trained detector's softmax on its pixels (32 px: no resize).
+    # A frame's probability is the trained detector's softmax on its pixels (32 px: no resize)
+    # at the run's validation temperature.
     from flax import nnx
 
     from fmsd_jax.data.transforms import read_rgb
@@ -562,8 +564,12 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     pixels = read_rgb(str(frames[0]))
     assert pixels.shape == (32, 32, 3)
     logits = np.asarray(model(pixels[None]), np.float64)[0]
+    t = json.loads((workdir / "decision.json").read_text())["temperature"]
+    assert result["temperature"] == t and t != 1.0
     np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
-                               np.exp(logits[1]) / np.exp(logits).sum(), atol=1e-6)
+                               np.exp(logits[1] / t) / np.exp(logits / t).sum(), atol=1e-6)
+    np.testing.assert_allclose(scored[str(frames[0])]["frame_logits"][0], logits[1] - logits[0],
+                               atol=1e-5)
     # The single frame scores the same alone as inside its folder.
     np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
                                scored[str(folder)]["frame_probs"][0], atol=1e-6)
@@ -760,11 +766,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_the_moved_workdir_resumes(
     for key in want:  # as in test_sigkill_then_resume_equals_the_uninterrupted_run
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
     results = [json.loads((d / "results.json").read_text()) for d in (reference, moved)]
-    assert results[0].keys() == results[1].keys()
-    for name in results[0]:
-        for metric, value in results[0][name].items():
-            np.testing.assert_allclose(results[1][name][metric], value, atol=1e-6,
-                                       err_msg=f"{name} {metric}")
+    assert_json_close(results[1], results[0], atol=1e-6)
 
 
 MULTI_DEVICE_SCRIPT = """
@@ -994,10 +996,15 @@ def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tin
     folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
     result = predict.predict(cfg, workdir, [str(folder)])
     out = capsys.readouterr().out
-    assert "P(fake)" in out and "fake if P(fake) > 0.5" in out
+    rule = json.loads((workdir / "decision.json").read_text())
+    t = rule["thresholds"]["video"]["eer"]  # the default operating point, a folder's level
+    assert result["operating_point"] == "eer" and result["thresholds"] == {"video": t}
+    assert f"# label (videos and folders): fake if P(fake) >= {t:.4g}: the video-level " \
+           "equal error rate operating point, chosen on the val split of SynBlend" in out
+    assert f"# P(fake): calibrated with T = {rule['temperature']:.4g}" in out
     r = result["inputs"][str(folder)]
     assert f"{r['prob_fake']:.4f}" in out
-    assert result["threshold"] == 0.5
+    assert r["label"] == ("fake" if r["prob_fake"] >= t else "real") and r["level"] == "video"
     assert result["model"] == {"workdir": str(workdir.absolute()), "checkpoint": "best",
                                "step": result["model"]["step"], "regime": "fmsd",
                                "train_dataset": ["SynBlend"]}
@@ -1013,14 +1020,15 @@ def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tin
     assert json.loads((workdir / "predictions.json").read_text()) == result
     with pytest.raises(errors.AlreadyExists, match="predictions.json exists"):
         predict.predict(cfg, workdir, [str(folder)], workdir / "predictions.json")
-    # config.predict.threshold decides the label: just below the input's P(fake) it is fake,
-    # just above it real.
+    # A number as the operating point is the threshold itself: just below the input's P(fake)
+    # it is fake, just above it real.
     p = r["prob_fake"]
     for threshold, label in ((p - 1e-4, "fake"), (p + 1e-4, "real")):
         at = make_cfg(cfg.model.init_from, tiny_benchmark,
-                      **{"predict.threshold": repr(threshold)})
+                      **{"predict.operating_point": repr(threshold)})
         got = predict.predict(at, workdir, [str(folder)], tmp_path / f"{label}.json")
-        assert got["threshold"] == threshold and got["inputs"][str(folder)]["label"] == label
+        assert got["thresholds"] == {"video": threshold}
+        assert got["inputs"][str(folder)]["label"] == label
 
 
 def test_predict_per_image_scores_each_image_of_a_folder(trained, tiny_benchmark, tmp_path):

@@ -6,6 +6,7 @@ WORKDIR/
   checkpoints/  best/                                         orbax checkpoints
   tb/                                                         TensorBoard events
   results.json  results.md  roc.png                           --mode evaluate (and train)
+  decision.json  calibration.png                              temperature, operating points
   layer_scores.png  diagnostics.json  adaptation.png          what the method did
   subspaces.png                                               what each subspace does
   robustness.json  robustness.md  robustness.png              --mode robustness
@@ -33,6 +34,8 @@ TENSORBOARD_DIR = "tb"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 ROC_PNG = "roc.png"
+DECISION_JSON = "decision.json"  # temperature and thresholds fitted on validation
+CALIBRATION_PNG = "calibration.png"  # reliability diagrams, before and after the temperature
 LAYER_SCORES_PNG = "layer_scores.png"
 DIAGNOSTICS_JSON = "diagnostics.json"  # written by evaluators.adaptation, shown in results.md
 ADAPTATION_PNG = "adaptation.png"
