@@ -29,36 +29,12 @@ from flax import nnx
 
 from fmsd_jax import parallel
 from fmsd_jax.data import sources
-from fmsd_jax.evaluators import subspace_report, subspaces
+from fmsd_jax.evaluators import scoring, subspace_report, subspaces
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.detector import HeadParam
 from fmsd_jax.run import factory, rebuild
 
-ONE = np.float32(1.0)
-
-
-def predict_fn(run):
-    """scoring.make_predict_fn as decision_api.md specifies it (temperature argument, 'prob'
-    and 'logit' outputs). TEMPORARY until main lands it: then this is
-    `scoring.make_predict_fn(run.graphdef, run.mesh)`."""
-    from fmsd_jax.evaluators import scoring
-
-    fn = scoring.make_predict_fn(run.graphdef, run.mesh)
-    try:
-        import inspect
-
-        if "temperature" in inspect.signature(fn).parameters:
-            return fn
-    except (TypeError, ValueError):
-        pass
-    graphdef, mesh = run.graphdef, run.mesh
-
-    def predict(trainable, frozen, images, temperature):
-        logits = nnx.merge(graphdef, trainable, frozen)(images).astype(jnp.float32)
-        return {"prob": jax.nn.softmax(logits / temperature, axis=-1)[:, 1],
-                "logit": logits[:, 1] - logits[:, 0]}
-
-    return jax.jit(parallel.on_mesh(predict, mesh), out_shardings=parallel.batch_sharding(mesh))
+ONE = scoring.temperature_arg(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +45,7 @@ def fmsd(tiny_clip_checkpoint, tiny_benchmark, tmp_path_factory):
     run = rebuild.open_run(cfg, tmp_path_factory.mktemp("wd"), parallel.make_mesh(cfg.mesh),
                            estimate=False)
     assert subspaces.subspace_count(run) == 4 and run.spec.rank == 1
-    return cfg, run, moved(run, range(4), seed=0), predict_fn(run)
+    return cfg, run, moved(run, range(4), seed=0), scoring.make_predict_fn(run.graphdef, run.mesh)
 
 
 def moved(run, ks, *, seed: int, head: bool = True):

@@ -40,13 +40,13 @@ from flax import nnx
 
 from fmsd_jax import parallel
 from fmsd_jax.data import pipeline
-from fmsd_jax.evaluators import metrics
+from fmsd_jax.evaluators import metrics, scoring
 from fmsd_jax.evaluators.scoring import _process_local
 from fmsd_jax.method import decompose as decomp
 
-# The temperature the ablation scores at: Δ and AUC are on the uncalibrated margin, which no
-# temperature changes; passing 1 keeps the predict call the one evaluation compiled.
-_UNIT_TEMPERATURE = np.float32(1.0)
+# The temperature the ablation passes: Δ and AUC are on the uncalibrated margin ('logit'), which
+# no temperature changes; any float32 scalar keeps the predict call the one evaluation compiled.
+_UNIT_TEMPERATURE = scoring.temperature_arg(1.0)
 
 
 def subspace_count(run: Any) -> int:
@@ -148,7 +148,8 @@ def ablations(run: Any, trainable: Any) -> Ablations:
 
 
 def fake_logit(predict: Any, trainable: Any, frozen: Any, images: jax.Array) -> jax.Array:
-    """The fake logit (margin l1 − l0 of the uncalibrated logits) that scoring's predict gives."""
+    """The fake logit (margin l1 − l0 of the uncalibrated logits) of scoring.make_predict_fn's
+    predict."""
     return predict(trainable, frozen, images, _UNIT_TEMPERATURE)["logit"]
 
 
