@@ -202,6 +202,12 @@ def test_reading_says_whether_families_lean_on_different_subspaces():
                                     for s in r["subspaces"]]} for n, r in apart.items()}
     assert "0.2 standard errors, within noise" in subspace_report.reading(noisy)
     assert subspace_report.reading({"A": apart["A"]}).startswith("With one test set")
+    # A set without fakes (its Δ fake is null once results.json is read back) is left out.
+    no_fakes = {**record("C", [(None, 0.0), (None, 0.0)]), "num_fake": 0}
+    assert subspace_report.reading({**apart, "C": no_fakes}) == subspace_report.reading(apart)
+    assert subspace_report.reading({"C": no_fakes}).startswith("No test set holds both")
+    assert "| subspace 0 | n/a / +0.000 · 0.700 |" in subspace_report.subspace_markdown(
+        {"C": no_fakes})
 
 
 def test_markdown_table_and_chart(tmp_path):
@@ -217,8 +223,13 @@ def test_markdown_table_and_chart(tmp_path):
     path = subspace_report.plot_subspaces(table, tmp_path / "subspaces.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["subspaces.png"]  # no temporary left
+    with pytest.raises(ValueError, match="at least one measured"):
+        subspace_report.plot_subspaces({"A": {"dataset": "A", "skipped": "why"}}, tmp_path / "x")
     fig = subspace_report.subspace_figure(table)
     assert too_small(fig) == [] and overlapping_tick_labels(fig) == []
+    nulls = {**table["SynBlend"], "trained_frame_auc": None,
+             "subspaces": [{**s, "delta_fake": None} for s in table["SynBlend"]["subspaces"]]}
+    subspace_report.plot_subspaces({"SynBlend": nulls}, tmp_path / "nulls.png")  # draws
 
 
 def test_report_imports_no_jax():

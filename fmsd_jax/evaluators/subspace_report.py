@@ -40,13 +40,18 @@ def separation(rec: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(K,) Δ fake − Δ real of each subspace on one set and its (K,) standard error."""
     sep, se = [], []
     for s in rec["subspaces"]:
-        sep.append(s["delta_fake"] - s["delta_real"])
+        sep.append(_num(s["delta_fake"]) - _num(s["delta_real"]))
         var = 0.0
         for key, n in (("delta_fake_sd", rec["num_fake"]), ("delta_real_sd", rec["num_real"])):
-            sd = s[key]
-            var += sd * sd / n if n > 1 and sd is not None and math.isfinite(sd) else math.nan
+            sd = _num(s[key])
+            var += sd * sd / n if n > 1 else math.nan
         se.append(math.sqrt(var) if math.isfinite(var) else math.nan)
     return np.asarray(sep, float), np.asarray(se, float)
+
+
+def _num(value: float | None) -> float:
+    """A record's number as a float; NaN for None (results.json stores NaN as null)."""
+    return math.nan if value is None else float(value)
 
 
 def reading(table: Mapping[str, Mapping[str, Any]]) -> str:
@@ -170,8 +175,8 @@ def subspace_figure(table: Mapping[str, Mapping[str, Any]]) -> Figure:
     for i, n in enumerate(names):
         for key, style, label in (("trained_frame_auc", "-", "all trained"),
                                   ("none_trained_frame_auc", ":", "none trained")):
-            ax_a.hlines(measured[n][key], i - 0.45, i + 0.45, colors="black", linestyles=style,
-                        label=label if i == 0 else None)
+            ax_a.hlines(_num(measured[n][key]), i - 0.45, i + 0.45, colors="black",
+                        linestyles=style, label=label if i == 0 else None)
     ax_d.axhline(0.0, color="0.5", linewidth=0.8)
     ax_d.set_title("Δ fake logit when the subspace is undone\n(bars: fake frames ± s.e.; "
                    "dash: real frames)", fontsize=10)
