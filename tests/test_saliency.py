@@ -155,5 +155,14 @@ def test_overlays_are_pngs_named_after_their_inputs(tmp_path):
         colour = (peak - (1 - saliency.OVERLAY_ALPHA) * orig_peak) / saliency.OVERLAY_ALPHA
         assert np.ptp(colour.reshape(-1, 3), axis=0).max() <= 2.0  # one flat colour
         assert np.abs(half - image[3 * PATCH:, 3 * PATCH:]).mean() > 1.0
+    # A map that mostly pushes towards 'real' (largest |score| negative) shows faint heat;
+    # one scale for every image (scale=1: its positive patch is at full colour) shows more.
+    real_like = np.zeros((GRID, GRID), np.float32)
+    real_like[0, 0], real_like[2, 2] = 1.0, -4.0
+    patch = (slice(0, PATCH), slice(0, PATCH))
+    faint = saliency.overlay(images[0], real_like)[patch].astype(float)
+    full = saliency.overlay(images[0], real_like, scale=1.0)[patch].astype(float)
+    orig = images[0][patch].astype(float)
+    assert 0 < np.abs(faint - orig).mean() < 0.5 * np.abs(full - orig).mean()
     with pytest.raises(ValueError, match="share a file name"):
         saliency.write_overlays(images[:2], maps[:2], out_dir, ["same", "same"])

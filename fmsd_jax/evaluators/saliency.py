@@ -42,7 +42,7 @@ Its limit: the map attributes the logit relative to a flat mean-colour image; it
 logit's change splits among patches along that path, not what removing one patch would do.
 
 Maps are written as PNG overlays (`write_overlays`): the positive part of the map, scaled by
-the image's largest patch score, in a heat colour map over the scored crop (patch-sized
+the map's largest |patch score|, in a heat colour map over the scored crop (patch-sized
 blocks, nearest-neighbour: the map's resolution is the patch grid, and smoothing it would
 show detail it does not have).
 """
@@ -136,8 +136,12 @@ def positive_share(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         return np.where(total > 0, inside / total, np.nan)
 
 
-def overlay(image: np.ndarray, patch_map: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8: `image` with the positive part of `patch_map` as heat over it."""
+def overlay(image: np.ndarray, patch_map: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: `image` with the positive part of `patch_map` as heat over it, full
+    colour at `scale` (logit units; default: the map's largest |score|, positive or negative,
+    so a real image whose patches mostly push towards 'real' shows faint heat, not the full
+    colour its largest positive patch would get if scaled on its own). Pass one scale for
+    several images to compare them on one colour scale."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
@@ -145,9 +149,9 @@ def overlay(image: np.ndarray, patch_map: np.ndarray) -> np.ndarray:
     gh, gw = patch_map.shape
     if h % gh or w % gw:
         raise ValueError(f"a {gh}x{gw} map does not tile a {h}x{w} image")
-    pos = np.maximum(np.asarray(patch_map, np.float64), 0.0)
-    peak = pos.max()
-    heat = pos / peak if peak > 0 else pos
+    patch_map = np.asarray(patch_map, np.float64)
+    peak = float(np.abs(patch_map).max()) if scale is None else float(scale)
+    heat = np.clip(patch_map / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(patch_map)
     heat = np.repeat(np.repeat(heat, h // gh, axis=0), w // gw, axis=1)
     colour = colormaps[COLOUR_MAP](heat)[..., :3] * 255.0
     a = (OVERLAY_ALPHA * heat)[..., None]
@@ -173,10 +177,10 @@ def overlay_dir(predictions_path: str | os.PathLike) -> Path:
 
 
 def write_overlays(images: np.ndarray, maps: np.ndarray, out_dir: str | os.PathLike,
-                   names: Sequence[str]) -> list[Path]:
+                   names: Sequence[str], scale: float | None = None) -> list[Path]:
     """One PNG overlay per image in `out_dir` (made if missing), named by `overlay_name` of
-    each of `names` (the inputs the images came from); each written atomically. Returns the
-    paths, in order."""
+    each of `names` (the inputs the images came from); each written atomically. `scale`: as
+    in `overlay` (default: each map its own). Returns the paths, in order."""
     images, maps = np.asarray(images), np.asarray(maps)
     if not (len(images) == len(maps) == len(names)):
         raise ValueError(f"{len(images)} images, {len(maps)} maps and {len(names)} names")
@@ -188,7 +192,7 @@ def write_overlays(images: np.ndarray, maps: np.ndarray, out_dir: str | os.PathL
     for image, patch_map, file in zip(images, maps, files, strict=True):
         path = Path(out_dir) / file
         with atomic.replacing(path) as tmp:
-            Image.fromarray(overlay(image, patch_map)).save(tmp, format="PNG")
+            Image.fromarray(overlay(image, patch_map, scale)).save(tmp, format="PNG")
         out.append(path)
     return out
 
