@@ -52,9 +52,10 @@ def temperature_arg(temperature: float = 1.0) -> np.ndarray:
 
 
 def score_dataset(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
-                  predict=None, reader_wrapper=None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics plus the (probability, label) arrays of the valid frames, for ROC curves."""
-    acc = score_split(cfg, run, trainable, name, split, predict, reader_wrapper)
+                  predict=None, reader_wrapper=None, temperature: float = 1.0
+                  ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics plus the (probability at `temperature`, label) arrays of the valid frames."""
+    acc = score_split(cfg, run, trainable, name, split, predict, reader_wrapper, temperature)
     probs, labels = acc.arrays()
     return acc.result(), probs, labels
 
