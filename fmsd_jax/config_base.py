@@ -132,12 +132,12 @@ def base_config() -> mlc.ConfigDict:
     # on validation by --mode evaluate (WORKDIR/decision.json): 'eer', 'fpr@0.01', 'fpr@0.05',
     # or a threshold given as a number, e.g. '0.5' (evaluators/decision.py).
     c.predict.operating_point = "eer"
-    c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
-    # True: each input also gets its artifact subspaces' Δ fake logit and a patch map of what
-    # drives the fake logit (evaluators/subspaces.py, evaluators/saliency.py), PNG overlays
-    # beside the predictions file. Off by default: the maps cost explain_steps backward passes.
+    # True: also each subspace's share of the fake logit and a patch heatmap per frame.
     c.predict.explain = False
-    c.predict.explain_steps = 32  # integrated-gradient steps per map (saliency.py: why 32)
+    # Integrated-gradient steps per patch map (evaluators/saliency.py: why 32; each costs a
+    # forward and a backward pass).
+    c.predict.explain_steps = 32
+    c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
     return c
 
 
