@@ -65,7 +65,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from fmsd_jax import atomic, parallel
-from fmsd_jax.evaluators.scoring import _process_local
+from fmsd_jax.evaluators.scoring import process_local
 from fmsd_jax.parallel import on_mesh
 from fmsd_jax.pathnames import shown
 
@@ -199,4 +199,4 @@ def write_overlays(images: np.ndarray, maps: np.ndarray, out_dir: str | os.PathL
 
 def _host_rows(global_array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in order."""
-    return np.asarray(global_array) if jax.process_count() == 1 else _process_local(global_array)
+    return np.asarray(global_array) if jax.process_count() == 1 else process_local(global_array)
