@@ -4,8 +4,9 @@
       --config.preprocess.raw_root=/data/raw/FaceForensics++
 
 WORKDIR (OUT) becomes a DeepfakeBench dataset root: frames and landmarks under the raw tree's
-own relative paths (fmsd_jax/data/raw_videos.py), `dataset_json/<dataset>.json`, the list of
-videos with no face, and a summary. Train on it with configs/clip_b16.py unchanged:
+own relative paths (fmsd_jax/data/raw_videos.py), `dataset_json/<dataset>.json`, and in
+`<dataset>/` the list of videos with no face and a summary. Both datasets may share one WORKDIR
+(then one dataset_root serves training and testing). Train on it with configs/clip_b16.py unchanged:
 `--config.data.dataset_root=OUT --config.data.dataset_json_folder=OUT/dataset_json`.
 
 Videos are processed in parallel over `config.preprocess.workers` processes (spawned: the
@@ -68,7 +69,7 @@ def resolve_workers(n: int) -> int:
 
 def preprocess(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     """Preprocesses every video of `config.preprocess.raw_root` into WORKDIR; returns the
-    summary it writes (WORKDIR/preprocess_summary.json)."""
+    summary it writes (WORKDIR/<dataset>/preprocess_summary.json)."""
     p = cfg.preprocess
     workdir = Path(workdir)
     if not p.raw_root:
@@ -147,7 +148,7 @@ def _finish(workdir: Path, dataset: str, root: str, videos, statuses: dict, left
                                                          wf.FRAMES_DIR))
     by = {k: [v for v in videos if statuses.get(v.key, {}).get("status") == k]
           for k in ("done", "no_face", "unreadable")}
-    no_face_path = workdir / wf.NO_FACE_TXT
+    no_face_path = workdir / dataset / wf.NO_FACE_TXT
     atomic.write_text(no_face_path, "".join(
         f"{v.path}\t{statuses[v.key].get('decoded', 0)} frames decoded, none with a face\n"
         for v in by["no_face"]))
@@ -165,7 +166,7 @@ def _finish(workdir: Path, dataset: str, root: str, videos, statuses: dict, left
                      "frames_per_s_per_process": round(frames / seconds / workers, 2)
                      if seconds > 0 else 0.0},
         "dataset_json": os.fspath(json_path), "no_face_list": os.fspath(no_face_path)}
-    atomic.write_json(workdir / wf.PREPROCESS_SUMMARY_JSON, summary, sort_keys=False)
+    atomic.write_json(workdir / dataset / wf.PREPROCESS_SUMMARY_JSON, summary, sort_keys=False)
     log.info("preprocess: %d of %d videos done (%d frames stored), %d with no face (listed in "
              "%s), %d unreadable, %d in no split file; %s written", summary["done"],
              len(videos), summary["frames_stored"], summary["no_face"], no_face_path,
@@ -174,9 +175,10 @@ def _finish(workdir: Path, dataset: str, root: str, videos, statuses: dict, left
     if skipped:
         parts = ([f"{summary['no_face']} with no face (listed in {no_face_path})"]
                  if summary["no_face"] else []) + \
-            [f"{len(summary['unreadable'])} unreadable ({', '.join(summary['unreadable'])})"] \
+            [f"{len(summary['unreadable'])} unreadable (" + ", ".join(
+                f"{k} ({v})" if v else k for k, v in summary["unreadable"].items()) + ")"] \
             * bool(summary["unreadable"]) + \
-            [f"{len(left_out)} in no split file ({', '.join(left_out)})"] * bool(left_out)
+            [f"{len(left_out)} left out ({', '.join(left_out)})"] * bool(left_out)
         raise BadInput(f"preprocess skipped {skipped} of {len(videos) + len(left_out)} "
                        f"videos: {'; '.join(parts)}; {json_path} holds the "
                        f"{summary['done']} others")

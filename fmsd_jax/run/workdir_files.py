@@ -11,7 +11,8 @@ WORKDIR/
   robustness.json  robustness.md  robustness.png              --mode robustness
   predictions.json  plan.json  export/                        predict, plan, export
   <dataset>/.../frames/ landmarks/  dataset_json/             --mode preprocess (its own
-  no_face_videos.txt  preprocess_summary.json  .preprocess/   workdir: a DeepfakeBench root)
+  <dataset>/no_face_videos.txt, preprocess_summary.json       workdir: a DeepfakeBench
+  .preprocess/                                                dataset root)
   .lock                                                       one run at a time
 
 The demo's root (its rows, data, pretrained backbone and sweep) is named in fmsd_jax/demo/.
@@ -56,6 +57,6 @@ DETECTOR_JSON = "detector.json"
 FRAMES_DIR = "frames"  # DeepfakeBench's names, beside each dataset folder's videos
 LANDMARKS_DIR = "landmarks"
 DATASET_JSON_DIR = "dataset_json"  # config.data.dataset_json_folder for training on it
-NO_FACE_TXT = "no_face_videos.txt"
+NO_FACE_TXT = "no_face_videos.txt"  # in WORKDIR/<dataset>/, as the summary
 PREPROCESS_SUMMARY_JSON = "preprocess_summary.json"
 PREPROCESS_STATUS_DIR = ".preprocess"  # one status file per finished video (resuming)
