@@ -240,6 +240,13 @@ def test_a_killed_run_resumes_skipping_finished_videos(tmp_path, tiny_clip_check
     assert pngs == sorted(p.relative_to(ref) for p in (ref / "Celeb-DF-v2").rglob("*.png"))
     for p in pngs:
         assert (out / p).read_bytes() == (ref / p).read_bytes()
+    # Other face settings make every finished video stale: all redone, none mixed in.
+    import cv2
+
+    small = preprocess.preprocess(pre_cfg(tiny_clip_checkpoint, out, raw_cdf,
+                                          **{"data.face.size": "128"}), out)
+    assert small["this_run"]["videos"] == 5 and small["done"] == 5
+    assert {cv2.imread(str(out / p)).shape for p in pngs} == {(128, 128, 3)}
 
 
 def test_bad_layouts_and_missing_split_files_are_one_line(tmp_path, tiny_clip_checkpoint,

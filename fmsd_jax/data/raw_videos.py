@@ -198,6 +198,14 @@ def sample_indices(count: int, num_frames: int) -> list[int]:
                                                dtype=int)})
 
 
+def settings(cropper: faces.FaceCropper, num_frames: int) -> dict:
+    """What decides a video's stored frames; a status file made with other settings is stale
+    (its video is redone), so one tree never mixes two crops."""
+    return {'num_frames': int(num_frames), 'detector': cropper.detector,
+            'landmarks': cropper.landmark_model, 'size': cropper.size, 'scale': cropper.scale,
+            'upsample': cropper.upsample}
+
+
 def preprocess_video(video: RawVideo, out_root: str, status_path: str, num_frames: int,
                      cropper: faces.FaceCropper, frames_dir: str = 'frames',
                      landmarks_dir: str = 'landmarks') -> dict:
@@ -238,7 +246,8 @@ def preprocess_video(video: RawVideo, out_root: str, status_path: str, num_frame
     else:
         for d in partial.values():
             shutil.rmtree(d, ignore_errors=True)
-    result = {'video': video.path, 'status': status, 'frames': saved,
+    result = {'video': video.path, 'settings': settings(cropper, num_frames),
+              'status': status, 'frames': saved,
               'no_face_frames': no_face, 'decoded': decoded, 'asked': len(wanted),
               'frame_count': count, 'seconds': round(time.perf_counter() - t0, 3)}
     if status == 'unreadable':
@@ -248,16 +257,18 @@ def preprocess_video(video: RawVideo, out_root: str, status_path: str, num_frame
     return result
 
 
-def read_status(status_path: str, video: RawVideo, out_root: str,
+def read_status(status_path: str, video: RawVideo, out_root: str, want: dict,
                 frames_dir: str = 'frames') -> dict | None:
     """The finished video's status, or None when it must be (re)done: no status file, a
-    damaged one, or a 'done' whose frames folder is gone."""
+    damaged one, one made with other `settings` than `want`, or a 'done' whose frames folder
+    is gone."""
     try:
         with open(status_path, encoding='utf-8') as f:
             status = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(status, dict) or status.get('video') != video.path:
+    if not isinstance(status, dict) or status.get('video') != video.path or \
+            status.get('settings') != want:
         return None
     if status.get('status') == 'done' and not os.path.isdir(
             os.path.join(out_root, video.where, frames_dir, video.name)):

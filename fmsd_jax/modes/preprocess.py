@@ -12,7 +12,8 @@ own relative paths (fmsd_jax/data/raw_videos.py), `dataset_json/<dataset>.json`,
 Videos are processed in parallel over `config.preprocess.workers` processes (spawned: the
 parent may have started JAX, which a fork would copy half-initialised). Each finished video
 leaves a status file under WORKDIR/.preprocess/, written last, so a killed run resumes by
-skipping the finished videos and redoing a half-written one. The run ends with a summary and
+skipping the finished videos and redoing a half-written one (and any video finished with
+other frame or face settings, so one tree never mixes two crops). The run ends with a summary and
 exits 2 when any video was skipped (no face, unreadable, in no split file), after writing the
 dataset JSON of the others.
 """
@@ -50,7 +51,8 @@ def _work(video: raw_videos.RawVideo, out: str, status: str, num_frames: int) ->
         return raw_videos.preprocess_video(video, out, status, num_frames, _CROPPER,
                                            wf.FRAMES_DIR, wf.LANDMARKS_DIR)
     except cv2.error as e:  # a container OpenCV chokes on: the video's problem, not ours
-        result = {"video": video.path, "status": "unreadable", "reason": str(e).strip(),
+        result = {"video": video.path, "settings": raw_videos.settings(_CROPPER, num_frames),
+                  "status": "unreadable", "reason": str(e).strip(),
                   "frames": [], "no_face_frames": [], "decoded": 0, "seconds": 0.0}
         atomic.write_json(status, result)
         return result
@@ -88,10 +90,12 @@ def preprocess(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
                        "layout; set --config.preprocess.dataset='' (told by the layout)")
     videos, left_out = raw_videos.list_videos(root, dataset, cfg.data.compression)
     cropper = faces.FaceCropper.from_config(cfg.data)  # a missing model is named before work
+    want = raw_videos.settings(cropper, int(p.num_frames))
     statuses: dict[str, dict] = {}
     todo = []
     for v in videos:
-        s = raw_videos.read_status(status_path(workdir, v), v, os.fspath(workdir), wf.FRAMES_DIR)
+        s = raw_videos.read_status(status_path(workdir, v), v, os.fspath(workdir), want,
+                                   wf.FRAMES_DIR)
         if s is None:
             todo.append(v)
         else:
