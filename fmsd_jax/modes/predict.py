@@ -6,12 +6,13 @@ its images is scored on its own (a folder of separate face photos). A video file
 evenly (`config.predict.video_frames` frames) and each frame's face cut as DeepfakeBench
 cuts its training frames (fmsd_jax/data/faces.py: dlib detection, five-point alignment, scale
 1.3); a frame without a face is left out and listed (`config.data.face.if_none='skip'`) or
-scored as its centre square and counted (`'centre'`). Every frame gets P(fake), softmax(logits / T)[fake] with the
-run's validation temperature (WORKDIR/decision.json, evaluators/decision.py); a video's score
-is `config.eval.video_aggregation` of its frames' (default their mean, as DeepfakeBench's
-video-level AUC averages them); the printed label is 'fake' when that score reaches the
-threshold of `config.predict.operating_point`, chosen on validation at video level for a
-video or a folder and at frame level for an image (or a number given as the threshold).
+scored as its centre square and counted (`'centre'`). Every frame gets P(fake),
+softmax(logits / T)[fake] with the run's validation temperature (WORKDIR/decision.json,
+evaluators/decision.py); a video's score is `config.eval.video_aggregation` of its frames'
+(default their mean, as DeepfakeBench's video-level AUC averages them); the printed label is
+'fake' when that score reaches the threshold of `config.predict.operating_point`, chosen on
+validation at video level for a video or a folder and at frame level for an image (or a
+number given as the threshold).
 
 Every input is checked (exists, is an image OpenCV can decode, a video with frames) before the
 model is loaded; an input that still cannot be scored makes the command exit non-zero, after
