@@ -138,6 +138,14 @@ def base_config() -> mlc.ConfigDict:
     # forward and a backward pass).
     c.predict.explain_steps = 32
     c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
+
+    # --mode preprocess: a raw FaceForensics++ / Celeb-DF-v2 tree -> a DeepfakeBench tree in
+    # WORKDIR (fmsd_jax/modes/preprocess.py); faces as config.data.face says.
+    c.preprocess = mlc.ConfigDict()
+    c.preprocess.raw_root = ""  # the raw dataset's folder (FaceForensics++/ or Celeb-DF-v2/)
+    c.preprocess.dataset = ""  # '' tells it by the layout; or 'FaceForensics++', 'Celeb-DF-v2'
+    c.preprocess.num_frames = 32  # DeepfakeBench's default, evenly over the video (0: every)
+    c.preprocess.workers = -1  # processes; -1: one per core this process may use
     return c
 
 

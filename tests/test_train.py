@@ -572,9 +572,13 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     for f in frames * 2:
         writer.write(cv2.imread(str(f)))
     writer.release()
-    result = predict.predict(cfg, workdir, [str(folder), str(frames[0]), str(video)],
+    # The synthetic frames hold no face: their centre squares are scored, and counted.
+    centre = make_cfg(cfg.model.init_from, tiny_benchmark, **{"data.face.if_none": "centre"})
+    result = predict.predict(centre, workdir, [str(folder), str(frames[0]), str(video)],
                              tmp_path / "pred.json")
     scored = result["inputs"]
+    assert scored[str(video)]["frames_without_face"] == 2 * len(frames)
+    assert "frames_without_face" not in scored[str(folder)]
     assert scored[str(folder)]["frames"] == len(frames)
     assert scored[str(frames[0])]["frames"] == 1
     assert scored[str(video)]["frames"] == 2 * len(frames)
@@ -1125,7 +1129,8 @@ def test_predict_scores_byte_named_inputs_as_their_plain_copies(trained, tiny_be
     shutil.copy(video, plain[2])
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
     monkeypatch.setattr(sys, "stdout", stdout)
-    result = predict.predict(cfg, workdir, [image, frames, video, *plain], tmp_path / "p.json")
+    centre = make_cfg(cfg.model.init_from, tiny_benchmark, **{"data.face.if_none": "centre"})
+    result = predict.predict(centre, workdir, [image, frames, video, *plain], tmp_path / "p.json")
     stdout.flush()
     printed = stdout.buffer.getvalue().decode("utf-8")
     scored = result["inputs"]

@@ -3,13 +3,16 @@
 An image is one frame. A folder is one video made of its images (sorted by their integer
 names, as DeepfakeBench stores frames), unless `config.predict.per_image` is set: then each of
 its images is scored on its own (a folder of separate face photos). A video file is sampled
-evenly (`config.predict.video_frames` frames) and each frame's face cropped with
-DeepfakeBench's 1.3 margin. Every frame gets P(fake), softmax(logits / T)[fake] with the
-run's validation temperature (WORKDIR/decision.json, evaluators/decision.py); a video's score
-is `config.eval.video_aggregation` of its frames' (default their mean, as DeepfakeBench's
-video-level AUC averages them); the printed label is 'fake' when that score reaches the
-threshold of `config.predict.operating_point`, chosen on validation at video level for a
-video or a folder and at frame level for an image (or a number given as the threshold).
+evenly (`config.predict.video_frames` frames) and each frame's face cut as DeepfakeBench
+cuts its training frames (fmsd_jax/data/faces.py: dlib detection, five-point alignment, scale
+1.3); a frame without a face is left out and listed (`config.data.face.if_none='skip'`) or
+scored as its centre square and counted (`'centre'`). Every frame gets P(fake),
+softmax(logits / T)[fake] with the run's validation temperature (WORKDIR/decision.json,
+evaluators/decision.py); a video's score is `config.eval.video_aggregation` of its frames'
+(default their mean, as DeepfakeBench's video-level AUC averages them); the printed label is
+'fake' when that score reaches the threshold of `config.predict.operating_point`, chosen on
+validation at video level for a video or a folder and at frame level for an image (or a
+number given as the threshold).
 
 Every input is checked (exists, is an image OpenCV can decode, a video with frames) before the
 model is loaded; an input that still cannot be scored makes the command exit non-zero, after
@@ -108,9 +111,11 @@ def what_is_scored(data_cfg: mlc.ConfigDict, video_frames: int, per_image: bool,
     """What predict does to each kind of input given (`kinds`: 'image', 'folder', 'video'),
     in the words of its header: analysts must know whether a face was looked for."""
     size = int(data_cfg.image_size)
-    face = (f"the largest face cropped (a square {data_cfg.video.face_margin:g} x its box, "
-            "the centre square when no face is found)" if data_cfg.video.detect_faces
-            else "its centre square")
+    f = data_cfg.face
+    face = (f"the largest face aligned and cropped as DeepfakeBench does (dlib {f.detector}, "
+            f"five points, scale {f.scale:g}; a frame with no face "
+            + ("left out)" if f.if_none == "skip" else "taken as its centre square, counted)")
+            if f.enabled else "its centre square (no face detection)")
     parts = []
     if kinds & {"image", "folder"}:
         parts.append("an image is taken whole as a face crop, as DeepfakeBench stores frames "
@@ -166,7 +171,8 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     failed = [k for k in keys if k not in result["inputs"]]
     if failed:
         raise BadInput(f"{len(failed)} of {len(keys)} input(s) could not be scored (their frames "
-                       f"did not decode): {', '.join(failed)}; the others are in {out}")
+                       f"did not decode, or held no face: {out} lists them under 'unreadable' "
+                       f"and 'no_face'): {', '.join(failed)}; the others are in {out}")
     return result
 
 
@@ -188,13 +194,14 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     temperature = scoring.temperature_arg(rule.temperature)
     reader = transforms.ImageReader.from_config(cfg.data)
 
-    probs, margins, readable = [], [], []
+    probs, margins, readable, hows = [], [], [], []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
         images = []
         for record in chunk:
-            image = reader(record)
+            image, how = reader.frame(record)
             readable.append(image is not None)
+            hows.append(how)
             if image is None:  # scored as a blank frame, then dropped below
                 image = np.zeros((cfg.data.image_size,) * 2 + (3,), np.uint8)
             images.append(image)  # uint8: the detector normalises on the device
@@ -206,13 +213,16 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     probs, margins = np.concatenate(probs), np.concatenate(margins)
 
     per_input: dict[str, list[int]] = {}
-    unreadable = []
-    for i, (record, ok) in enumerate(zip(frames, readable, strict=True)):
+    unreadable, no_face, centre = [], [], {}
+    for i, (record, ok, how) in enumerate(zip(frames, readable, hows, strict=True)):
+        name = (f"{record['path']}#{record['frame_index']}" if record["frame_index"] >= 0
+                else record["path"])
         if ok:
             per_input.setdefault(record["video_id"], []).append(i)
+            if how == "centre" and cfg.data.face.enabled:
+                centre[record["video_id"]] = centre.get(record["video_id"], 0) + 1
         else:
-            unreadable.append(f"{record['path']}#{record['frame_index']}"
-                              if record["frame_index"] >= 0 else record["path"])
+            (no_face if how == "no_face" else unreadable).append(name)
     point = cfg.predict.operating_point
     model = {"workdir": os.fspath(workdir.absolute()), "checkpoint": which,
              "step": step, "regime": cfg.method.regime,
@@ -223,7 +233,8 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
               "prob": f"P(fake): softmax(logits / T)[fake] with T = {rule.temperature:.4g} "
                       f"fitted on validation ({rule.note or 'decision.json'}); an input's is "
                       f"the {rule.aggregation} of its frames'",
-              "model": model, "processing": processing, "inputs": {}, "unreadable": unreadable}
+              "model": model, "processing": processing, "inputs": {}, "unreadable": unreadable,
+              "no_face": no_face}
     first_of = {r["video_id"]: r for r in reversed(frames)}
     for key, rows in per_input.items():
         level = level_of(first_of[key])
@@ -234,6 +245,8 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
                                  "label": "fake" if prob >= thresholds[level] else "real",
                                  "frames": len(rows), "frame_probs": p.tolist(),
                                  "frame_logits": margins[rows].astype(np.float64).tolist()}
+        if key in centre:
+            result["inputs"][key]["frames_without_face"] = centre[key]
     print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
           f"{result_files.method_name(cfg.method.regime)} trained on "
           f"{', '.join(model['train_dataset'])}")
@@ -250,5 +263,5 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
             print(f"{r['prob_fake']:.4f}   {r['label']:<4}  {shown(key)}  "
                   f"({n} frame{'s' * (n > 1)})")
         else:
-            print(f"  n/a    -     {shown(key)}  (unreadable)")
+            print(f"  n/a    -     {shown(key)}  (unreadable, or no face in any frame)")
     return result
