@@ -39,7 +39,7 @@ from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
 from fmsd_jax.errors import AlreadyExists, BadInput
-from fmsd_jax.evaluators import decision, metrics, result_files, scoring
+from fmsd_jax.evaluators import decision, explain, metrics, result_files, saliency, scoring
 from fmsd_jax.pathnames import shown
 from fmsd_jax.run import rebuild, workdir_files
 
@@ -160,7 +160,8 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
     out = claim_output(workdir, out_path) if jax.process_index() == 0 else None
     try:
-        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image, rule, thresholds)
+        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image, rule, thresholds,
+                        out)
     except BaseException:
         if out is not None:
             atomic.release_unfilled(out)
@@ -178,9 +179,11 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
 
 def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[dict],
            keys: list[str], mesh, per_image: bool, rule: decision.Decision,
-           thresholds: dict[str, float]) -> dict:
+           thresholds: dict[str, float], out: Path | None = None) -> dict:
     """Scores the frames, prints the table (one row per input of `keys`, in input order) and
-    returns what predictions.json holds."""
+    returns what predictions.json holds. With `config.predict.explain`, each frame also gets
+    its per-subspace Δ fake logit and a patch map, written as a PNG overlay into the folder
+    beside `out` (`saliency.overlay_dir`; process 0 writes, `out` None elsewhere)."""
     batch_size = cfg.predict.batch_size
     run = rebuild.open_run(cfg, workdir, mesh, estimate=False)
     trainable, step, which = rebuild.restore_for_eval(cfg, workdir, run, "scoring inputs with")
@@ -193,6 +196,11 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     predict_fn = scoring.make_predict_fn(run.graphdef, mesh)
     temperature = scoring.temperature_arg(rule.temperature)
     reader = transforms.ImageReader.from_config(cfg.data)
+    explainer = (explain.Explainer.for_run(run, trainable, predict_fn,
+                                           cfg.predict.explain_steps)
+                 if cfg.predict.explain else None)
+    overlays = saliency.overlay_dir(out) if explainer and out is not None else None
+    per_frame: list[dict] = []  # explain: one dict per frame, in order
 
     probs, margins, readable, hows = [], [], [], []
     for start in range(0, len(frames), batch_size):
@@ -210,6 +218,9 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
         scored = predict_fn(trainable, run.frozen, batch["image"], temperature)
         probs.append(np.asarray(scored["prob"])[:len(chunk)])
         margins.append(np.asarray(scored["logit"])[:len(chunk)])
+        if explainer is not None:
+            per_frame += _explain_chunk(explainer, batch["image"], chunk, images,
+                                        readable[start:], overlays)
     probs, margins = np.concatenate(probs), np.concatenate(margins)
 
     per_input: dict[str, list[int]] = {}
@@ -247,6 +258,9 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
                                  "frame_logits": margins[rows].astype(np.float64).tolist()}
         if key in centre:
             result["inputs"][key]["frames_without_face"] = centre[key]
+        if explainer is not None:
+            result["inputs"][key]["explain"] = _input_explanation(
+                [per_frame[i] for i in rows], explainer, overlays)
     print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
           f"{result_files.method_name(cfg.method.regime)} trained on "
           f"{', '.join(model['train_dataset'])}")
@@ -255,6 +269,16 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
           + (f" ({rule.note})" if rule.note else ""))
     for level, text in rules.items():
         print(f"# label ({'images' if level == 'frame' else 'videos and folders'}): {text}")
+    if explainer is not None:
+        result["explain"] = {
+            "subspaces": "Δ fake logit (l1 - l0, uncalibrated) when each artifact subspace's "
+                         "training is undone (trained minus undone: positive pushes towards "
+                         "'fake')" if explainer.variants is not None else explainer.subspaces_note,
+            "heatmap": f"integrated gradients of the fake logit per patch "
+                       f"({explainer.steps} steps, evaluators/saliency.py), PNG overlays"
+                       + (f" in {os.fspath(overlays)}" if overlays else "")}
+        print(f"# explain: {result['explain']['heatmap']}; per-subspace numbers: "
+              + ("in the JSON" if explainer.variants is not None else explainer.subspaces_note))
     print(f"P(fake)  label (operating point {point})  input")
     for key in keys:
         if key in result["inputs"]:
@@ -265,3 +289,40 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
         else:
             print(f"  n/a    -     {shown(key)}  (unreadable, or no face in any frame)")
     return result
+
+
+def _explain_chunk(explainer: explain.Explainer, device_images, chunk: list[dict],
+                   images: list[np.ndarray], readable: list[bool], overlays: Path | None
+                   ) -> list[dict]:
+    """The explanation of each frame of one batch (padding dropped); overlays written for the
+    frames that decoded."""
+    got = explainer(device_images)
+    rows = []
+    names = [f"{r['path']}#{r['frame_index']}" if r["frame_index"] >= 0 else r["path"]
+             for r in chunk]
+    ok = [i for i in range(len(chunk)) if readable[i]]
+    paths = (saliency.write_overlays(np.stack([images[i] for i in ok]), got["map"][ok],
+                                     overlays, [names[i] for i in ok])
+             if overlays is not None and ok else [])
+    where = dict(zip(ok, paths, strict=False))
+    for i in range(len(chunk)):
+        rows.append({
+            "subspaces": None if got["subspaces"] is None else got["subspaces"][i].tolist(),
+            "completeness_gap": float(got["completeness_gap"][i]),
+            "heatmap": os.fspath(where[i]) if i in where else None})
+    return rows
+
+
+def _input_explanation(frames: list[dict], explainer: explain.Explainer,
+                       overlays: Path | None) -> dict:
+    """An input's explanation: the mean per-subspace Δ over its frames, and each frame's."""
+    out: dict = {"heatmaps": [f["heatmap"] for f in frames],
+                 "completeness_gap": [f["completeness_gap"] for f in frames]}
+    if explainer.variants is None:
+        out["subspaces"] = None
+    else:
+        per = np.asarray([f["subspaces"] for f in frames], np.float64)
+        out["subspaces"] = [{"subspace": k, "delta_logit": float(per[:, k].mean())}
+                            for k in range(per.shape[1])]
+        out["frame_subspaces"] = per.tolist()
+    return out
