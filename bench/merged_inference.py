@@ -303,6 +303,12 @@ def report(args: argparse.Namespace, threads: int, workdir: Path, export_dir: Pa
                   f"{ms_spread(t)} | {len(t)} | {ratio} | {first[r, b]:.2f} |")
     print(f"\nload average {load()} at the end; bench wall time "
           f"{time.perf_counter() - started:.0f} s")
+    busiest = max(float(load_before.split("/")[0]), os.getloadavg()[0])
+    if busiest > len(os.sched_getaffinity(0)):
+        print(f"the machine was oversubscribed (load {busiest:.1f} on "
+              f"{len(os.sched_getaffinity(0))} cores): every row is slowed, and thread pools "
+              "suffer unequally from lost cores, so the ratios may move too; rerun on a quiet "
+              "machine for figures to quote")
 
 
 def ms_spread(times: list[float]) -> str:
