@@ -184,7 +184,7 @@ def onnx_path(onnx_file: Path, threads: int) -> Predict:
 def serve(kind: str, spec: dict[str, Any], conn: Any) -> None:
     """A worker process's loop: build `kind`'s rows ('jax': decomposed + merged, 'torch',
     'onnx'), answer ('ready', rows, versions), then serve requests until ('stop',):
-      ('probs', images)              -> {row: P(fake)}
+      ('call', row, images)          -> (seconds, P(fake)) of one call
       ('time', row, images, seconds) -> [seconds of each call], calls run until `seconds`
                                         have passed (at least one call)
     An exception is sent back as ('error', traceback) so the bench fails with the cause."""
@@ -198,8 +198,11 @@ def serve(kind: str, spec: dict[str, Any], conn: Any) -> None:
             msg = conn.recv()
             if msg[0] == "stop":
                 break
-            if msg[0] == "probs":
-                conn.send(("ok", {row: fn(msg[1]) for row, fn in paths.items()}))
+            if msg[0] == "call":
+                _, row, images = msg
+                t0 = time.perf_counter()
+                probs = paths[row](images)
+                conn.send(("ok", (time.perf_counter() - t0, probs)))
             elif msg[0] == "time":
                 _, row, images, seconds = msg
                 fn, times = paths[row], []
