@@ -160,9 +160,10 @@ def overlay(image: np.ndarray, patch_map: np.ndarray, scale: float | None = None
 
 def overlay_name(name: str) -> str:
     """A safe PNG file name for an input (a path as given, perhaps with '#frame'): its last
-    two path parts (folder_file) with every character outside [A-Za-z0-9._-] as '_' (undecodable bytes first
-    shown as \\xNN), cut to 80 characters, and 10 hex digits of the SHA-1 of the whole name's
-    bytes, so two inputs of one base name (a/x.png, b/x.png) never share a file."""
+    two path parts (folder_file) with every character outside [A-Za-z0-9._-] as '_'
+    (undecodable bytes first shown as \\xNN), cut to 80 characters, and 10 hex digits of the
+    SHA-1 of the whole name's bytes, so two inputs of one base name (a/x.png, b/x.png) never
+    share a file."""
     raw = os.fsencode(name) if isinstance(name, str) else bytes(name)
     path = os.fsdecode(raw)
     last = os.path.basename(path)
