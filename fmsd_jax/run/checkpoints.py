@@ -77,6 +77,11 @@ RESUME_MAY_CHANGE = ("train.total_steps", "train.num_epochs", "train.log_every",
                      "preprocess.", "serve.", "diagnostics.")
 
 
+# Sources whose frames are stored face crops: the face pipeline (data.face.*) never touched
+# what such a run trained on, so a run trained before it changed resumes.
+STORED_CROP_SOURCES = ("deepfakebench", "tfds")
+
+
 def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
     """Refuse, before any work, to resume WORKDIR's checkpoints under another experiment's
     config, or checkpoints whose config.json is gone (e.g. a directory deleted while its
@@ -89,7 +94,10 @@ def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
         raise AlreadyExists(
             f"{workdir} holds checkpoints but no {workdir_files.CONFIG_JSON}, so what they "
             "trained is unknown; delete the directory or use another --workdir")
-    blocking = [k for k in diff if not k.startswith(RESUME_MAY_CHANGE)]
+    may_change = RESUME_MAY_CHANGE
+    if cfg.data.source in STORED_CROP_SOURCES:  # training read stored crops: no face crop
+        may_change += ("data.face.", "data.video.")  # (data.video.*: the retired cascade's)
+    blocking = [k for k in diff if not k.startswith(may_change)]
     if blocking:
         raise AlreadyExists(
             f"{workdir} holds a run trained with a different config (differs in "
