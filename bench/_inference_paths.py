@@ -77,10 +77,12 @@ def jax_paths(workdir: Path) -> dict[str, Predict]:
     run = rebuild.open_run(cfg, Path(workdir), mesh, estimate=False)
     trainable = rebuild.restore_trainable(cfg, Path(workdir), run, "benchmarking")
 
+    unit = scoring.temperature_arg(1.0)  # the uncalibrated softmax, as torch and onnx give
+
     def on_host(fn: Callable, first: Any, second: Any) -> Predict:
         def predict(images: np.ndarray) -> np.ndarray:
             batch = parallel.global_batch(mesh, {"image": images}, ("image",))
-            return np.asarray(fn(first, second, batch["image"]))
+            return np.asarray(fn(first, second, batch["image"], unit)["prob"])
         return predict
 
     paths = {"decomposed": on_host(scoring.make_predict_fn(run.graphdef, mesh), trainable,
