@@ -474,3 +474,27 @@ def overlapping_tick_labels(fig: Figure) -> list[tuple[str, str, str]]:
                         bad.append((f"{ax.get_title()[:30]!r}.{name}", labels[i].get_text(),
                                     labels[j].get_text()))
     return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# The detection service (tests/test_serve.py, tests/test_serve_page.py)
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark) -> Path:
+    """A tiny trained FMSD run for the service tests to serve: 4 steps, validated at step 4,
+    so `best/4` holds the checkpoint the service restores (about 15 s on two cores)."""
+    from fmsd_jax.modes import train
+
+    workdir = tmp_path_factory.mktemp("served")
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                   **{"train.total_steps": "4", "train.eval_after_training": "",
+                      "diagnostics.bootstrap": "10"})
+    train.train(cfg, workdir)
+    return workdir
+
+
+def serve_cfg(ckpt: Path, bench: Path, **extra: str):
+    """`make_cfg` for serving the tiny run: three compiled batch sizes, 6 frames per video."""
+    return make_cfg(ckpt, bench, **{"serve.batch_sizes": "(1, 4, 8)",
+                                    "predict.video_frames": "6", **extra})

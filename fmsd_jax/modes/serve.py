@@ -43,4 +43,5 @@ def serve(cfg: mlc.ConfigDict, workdir: str | Path) -> None:
         sock.close()
     if service.load_error is not None:
         raise service.load_error
-    log.info("stopped")
+    names = {2: "Ctrl-C", 15: "SIGTERM"}
+    log.info("stopped%s", "".join(f" by {names.get(s, s)}" for s in server.stopped_by[:1]))

@@ -160,17 +160,17 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         if not service.ready.is_set():
             status, reason, headers = 503, "the model is still loading; see /v1/ready", \
                 {"Retry-After": "5"}
-        elif service.pending >= int(service.cfg.serve.max_pending):
+        elif service.pending >= service.max_pending:
             status, reason = 503, (f"the service is at capacity (serve.max_pending="
-                                   f"{service.cfg.serve.max_pending} requests in progress)")
+                                   f"{service.max_pending} requests in progress)")
             headers = {"Retry-After": "1"}
         if status != 200:
             service.metrics.answered(status, time.perf_counter() - received)
             return error(status, reason, headers)
         service.pending += 1
         try:
-            async with asyncio.timeout(float(service.cfg.serve.timeout_s)):
-                body = await up.read_body(request, int(service.cfg.serve.max_bytes))
+            async with asyncio.timeout(service.timeout_s):
+                body = await up.read_body(request, service.max_bytes)
                 size = len(body.data)
                 answer = await service.score(body, explain, received,
                                              time.perf_counter() - received)
@@ -181,7 +181,7 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
             status, reason, headers = 503, e.reason, {"Retry-After": str(e.retry_after_s)}
         except TimeoutError:
             status, reason = 504, (f"the request took longer than serve.timeout_s="
-                                   f"{service.cfg.serve.timeout_s} s and was cancelled; retry "
+                                   f"{service.timeout_s:g} s and was cancelled; retry "
                                    "later or send a shorter video")
         except Exception:  # a bug: its traceback goes to the log, the client gets a line
             log.exception("score: internal error")
@@ -203,8 +203,8 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
 
 def limits(service: Service) -> dict[str, Any]:
     s = service.cfg.serve
-    return {"max_bytes": int(s.max_bytes), "max_image_pixels": int(s.max_image_pixels),
+    return {"max_bytes": service.max_bytes, "max_image_pixels": int(s.max_image_pixels),
             "max_video_pixels": int(s.max_video_pixels),
-            "max_video_frames": int(s.max_video_frames), "timeout_s": float(s.timeout_s),
-            "queue_frames": int(s.queue_frames), "max_pending": int(s.max_pending),
+            "max_video_frames": int(s.max_video_frames), "timeout_s": service.timeout_s,
+            "queue_frames": service.batcher.capacity, "max_pending": service.max_pending,
             "video_frames": int(service.cfg.predict.video_frames)}

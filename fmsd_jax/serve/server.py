@@ -14,6 +14,7 @@ every API request must then carry as `Authorization: Bearer <token>`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -93,11 +94,26 @@ def url_of(sock: socket.socket) -> str:
 def uvicorn_server(app, serve_cfg: mlc.ConfigDict):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM and Ctrl-C end it with status 0 after the
+        graceful shutdown: for a service, being stopped is its normal end (uvicorn raises
+        the signal again once it has shut down, so the process would die of it)."""
+
+        stopped_by: list[int] = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", [])
+                self.stopped_by = list(captured)
+                captured.clear()
+
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                             limit_concurrency=int(serve_cfg.max_connections),
                             timeout_keep_alive=5, timeout_graceful_shutdown=5,
                             h11_max_incomplete_event_size=64 * 1024)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 @dataclasses.dataclass
@@ -125,7 +141,8 @@ def start_in_thread(service, token: str | None = None, host: str = "127.0.0.1",
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="fmsd-uvicorn")
     thread.start()
-    service.load_in_thread()
+    if not service.ready.is_set():  # a service the caller loaded itself is served as it is
+        service.load_in_thread()
     running = Running(url_of(sock), service, server, thread)
     if wait_ready:
         deadline = time.monotonic() + wait_ready

@@ -163,6 +163,9 @@ class Service:
         self.load_s: float | None = None
         self.compiled: list[int] = []
         self.pending = 0  # requests admitted (reading, decoding, queued or on the device)
+        self.max_pending = int(cfg.serve.max_pending)
+        self.max_bytes = int(cfg.serve.max_bytes)
+        self.timeout_s = float(cfg.serve.timeout_s)
         self.pool = ThreadPoolExecutor(int(cfg.serve.workers), thread_name_prefix="fmsd-decode")
         self.batcher = Batcher(self._call_model, self.sizes, int(cfg.data.image_size),
                                capacity_frames=int(cfg.serve.queue_frames),

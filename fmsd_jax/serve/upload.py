@@ -14,6 +14,7 @@ Two ways to send a file, both kept in memory: a `multipart/form-data` body with 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -77,6 +78,18 @@ async def read_body(request, max_bytes: int) -> Upload:
     return parts.finish()
 
 
+def _param(header: bytes, key: bytes) -> bytes | None:
+    """A parameter of a Content-Disposition header exactly as sent. python-multipart's own
+    parser keeps only the last path component of a filename (an old browser's habit), which
+    would hide from the check that the sender put a path there."""
+    found = re.search(rb"(?:^|;)\s*" + re.escape(key) + rb'\s*=\s*("((?:[^"\\]|\\.)*)"|[^;]*)',
+                      header)
+    if found is None:
+        return None
+    quoted = found.group(2)  # kept raw: browsers send a backslash unescaped
+    return quoted if quoted is not None else found.group(1).strip()
+
+
 class _Parts:
     """python-multipart's streaming parser with every part kept in memory (no spooling)."""
 
@@ -115,9 +128,9 @@ class _Parts:
                                "bytes; send a smaller file")
 
     def _end(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        name = params.get(b"filename")
-        if name is not None or params.get(b"name") == b"file":
+        disposition = self._headers.get(b"content-disposition", b"")
+        field, name = _param(disposition, b"name"), _param(disposition, b"filename")
+        if name is not None or field == b"file":
             shown = name.decode("utf-8", "replace") if name is not None else None
             self.files.append((shown, self._data))
         self._data = None
