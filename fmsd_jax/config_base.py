@@ -92,6 +92,12 @@ def base_config() -> mlc.ConfigDict:
     c.eval.batch_size = 64
     c.eval.splits_from_train = "val"  # checkpoint selection split (never a test set)
     c.eval.select_metric = "frame_auc"
+    # A video's P(fake) from its frames' (evaluators/metrics.py AGGREGATIONS): 'mean' is
+    # DeepfakeBench's; 'mean_logit', 'max' and 'topk' (mean of the video_topk highest) are
+    # options. results.json reports video AUC under every one; this one is what predict prints
+    # and what the video-level operating points are chosen under.
+    c.eval.video_aggregation = "mean"
+    c.eval.video_topk = 4
 
     c.mesh = mlc.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -122,7 +128,15 @@ def base_config() -> mlc.ConfigDict:
     c.predict = mlc.ConfigDict()
     c.predict.batch_size = 32
     c.predict.video_frames = 32  # frames sampled evenly per video file
-    c.predict.threshold = 0.5  # label 'fake' when P(fake) > threshold (DeepfakeBench's ACC@0.5)
+    # Label 'fake' when the calibrated P(fake) >= the threshold of this operating point, chosen
+    # on validation by --mode evaluate (WORKDIR/decision.json): 'eer', 'fpr@0.01', 'fpr@0.05',
+    # or a threshold given as a number, e.g. '0.5' (evaluators/decision.py).
+    c.predict.operating_point = "eer"
+    # True: also each subspace's share of the fake logit and a patch heatmap per frame.
+    c.predict.explain = False
+    # Integrated-gradient steps per patch map (evaluators/saliency.py: why 32; each costs a
+    # forward and a backward pass).
+    c.predict.explain_steps = 32
     c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
 
     # --mode serve: the run behind an HTTP API and a page (fmsd_jax/serve/, README "Serving").
@@ -146,7 +160,10 @@ def base_config() -> mlc.ConfigDict:
     # upload photos, not DeepfakeBench crops); 'whole': taken whole as a face crop, as
     # --mode predict takes an image.
     c.serve.image_faces = "detect"
-    # Verdict 'uncertain' while |P(fake) - threshold| <= this: a score that close to the
+    # explain=true answers: subspace Δlogits and an integrated-gradients heatmap of the frame
+    # shown (config.predict.explain_steps steps); True compiles their programs at start.
+    c.serve.explain = True
+    # Verdict 'uncertain' while |P(fake) - threshold| < this: a score that close to the
     # operating point is one a small crop or compression change can flip.
     c.serve.uncertain_band = 0.1
     return c

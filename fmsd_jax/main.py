@@ -4,10 +4,11 @@ Modes: train (default: estimate the layer mask, decompose, train, evaluate), mas
 save the layer mask only), evaluate (from the workdir's checkpoint), robustness (every test set
 clean and under each perturbation level of config.robustness), export (merged dense CLIP
 weights + head for PyTorch), predict (score image files, folders or videos given as arguments;
-prints P(fake) per input and the label at config.predict.threshold), plan (compile the run's
-steps for a TPU slice given by --topology, from any machine; prints per-chip memory, FLOPs and
-collectives and writes WORKDIR/plan.json), serve (the run behind an HTTP API and a web page
-on config.serve.host:port, until stopped; writes nothing).
+prints the calibrated P(fake) per input and the label at config.predict.operating_point, chosen
+on validation), plan (compile the run's steps for a TPU slice given by --topology, from any
+machine; prints per-chip memory, FLOPs and collectives and writes WORKDIR/plan.json), serve
+(the run behind an HTTP API and a web page on config.serve.host:port, until stopped; writes
+nothing).
 
 Config: `--config FILE.py` or `--config FILE.py:ARGS`, where ARGS picks a variant the file
 defines, e.g. `configs/clip_b16.py:runlocal`, `configs/clip_b16.py:bf16,runlocal`,

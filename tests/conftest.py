@@ -239,6 +239,25 @@ def make_cfg(ckpt: Path, bench: Path, name: str = "clip_b16", **extra: str):
     return cfg
 
 
+def assert_json_close(got, want, atol: float, where: str = "") -> None:
+    """Two JSON documents (results.json, decision.json) equal in structure, their numbers
+    within `atol` (null where the other is null)."""
+    import numpy as np
+
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_json_close(got[k], want[k], atol, f"{where}/{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_json_close(g, w, atol, f"{where}[{i}]")
+    elif isinstance(want, float | int) and not isinstance(want, bool):
+        np.testing.assert_allclose(got, want, atol=atol, err_msg=where)
+    else:
+        assert got == want, where
+
+
 def flat_arrays(tree) -> dict:
     """{'[a][b]': array} with nnx's `.value` accessors dropped, so states and dicts compare."""
     import jax
@@ -477,19 +496,86 @@ def overlapping_tick_labels(fig: Figure) -> list[tuple[str, str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A detector whose fakes carry their artifact in a known box (tests/test_saliency.py and
+# bench/saliency_methods.py measure patch maps on it)
+
+SIZE, PATCH, GRID = 32, 8, 4  # the tiny CLIP geometry: a 4 x 4 patch grid
+BOX = 2  # patches per side of the artifact's box: 4 of 16 patches, 25 % of the image
+
+
+def box_images(n: int, rng) -> tuple:
+    """(uint8 images (n, 32, 32, 3), labels, boxes (n, GRID, GRID) bool): smooth random
+    images (bilinear 4 x 4 colour fields plus noise of sd 6); every odd one is a fake with a
+    +-25 checkerboard added in a BOX x BOX-patch box at a random patch-aligned place."""
+    import cv2
+    import numpy as np
+
+    checker = (np.indices((BOX * PATCH,) * 2).sum(0) % 2 * 2 - 1)[..., None]
+    low = rng.uniform(40, 215, (n, 4, 4, 3))
+    images = np.stack([cv2.resize(x, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for x in low])
+    images = images + rng.normal(0, 6, images.shape)
+    labels = np.arange(n) % 2
+    boxes = np.zeros((n, GRID, GRID), bool)
+    for i in np.flatnonzero(labels):
+        by, bx = rng.integers(0, GRID - BOX + 1, 2)
+        images[i, by * PATCH:(by + BOX) * PATCH, bx * PATCH:(bx + BOX) * PATCH] += 25 * checker
+        boxes[i, by:by + BOX, bx:bx + BOX] = True
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels.astype(np.int32), boxes
+
+
+def train_box_detector(steps: int = 30) -> tuple:
+    """(graphdef, trainable, frozen, one-device mesh, initial trainable): a tiny detector
+    (random tower of the tiny CLIP geometry, every Param trained) fitted by Adam on batches of
+    32 `box_images` (seed 0) for `steps` steps; it separates the held-out images perfectly."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from fmsd_jax import config_base, parallel
+    from fmsd_jax.model.detector import Detector
+    from fmsd_jax.model.vit import CLIPVisionTower, ViTConfig
+
+    cfg = ViTConfig(width=32, layers=2, heads=2, patch_size=PATCH, mlp_dim=64, proj_dim=None,
+                    image_size=SIZE)
+    det = Detector(CLIPVisionTower(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1),
+                   pixel_mean=(0.48, 0.46, 0.41), pixel_std=(0.27, 0.26, 0.28))
+    graphdef, trainable, frozen = nnx.split(det, nnx.Param, ...)
+    opt = optax.adam(1e-3)
+
+    @jax.jit
+    def step(trainable, opt_state, images, labels):
+        def loss(t):
+            logits = nnx.merge(graphdef, t, frozen)(images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        grads = jax.grad(loss)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    initial = jax.tree.map(lambda x: x.copy(), trainable)
+    rng, opt_state = np.random.default_rng(0), opt.init(trainable)
+    for _ in range(steps):
+        images, labels, _ = box_images(32, rng)
+        trainable, opt_state = step(trainable, opt_state, images, labels)
+    mesh = parallel.make_mesh(config_base.base_config().mesh, jax.devices()[:1])
+    return graphdef, trainable, frozen, mesh, initial
+
+
+# ---------------------------------------------------------------------------------------------
 # The detection service (tests/test_serve.py, tests/test_serve_page.py)
 
 
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark) -> Path:
     """A tiny trained FMSD run for the service tests to serve: 4 steps, validated at step 4,
-    so `best/4` holds the checkpoint the service restores (about 15 s on two cores)."""
+    so `best/4` holds the checkpoint the service restores, and evaluated after training, so
+    decision.json holds its temperature and operating points (about 20 s on two cores)."""
     from fmsd_jax.modes import train
 
     workdir = tmp_path_factory.mktemp("served")
     cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
-                   **{"train.total_steps": "4", "train.eval_after_training": "",
-                      "diagnostics.bootstrap": "10"})
+                   **{"train.total_steps": "4", "diagnostics.bootstrap": "10"})
     train.train(cfg, workdir)
     return workdir
 

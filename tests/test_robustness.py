@@ -179,8 +179,16 @@ def test_end_to_end_on_the_tiny_fixture(cfg, tmp_path):
         for key in ("CS", "GB", "VC"):
             for lv in ("1", "5"):
                 level = entry["types"][key]["levels"][lv]
-                assert set(level) == {"frame_auc", "video_auc", "mean_abs_prob_change"}
+                assert set(level) == {"frame_auc", "video_auc", "mean_abs_prob_change",
+                                      "alarm_tpr", "alarm_fpr"}
+                assert 0 <= level["alarm_fpr"] <= 1 and 0 <= level["alarm_tpr"] <= 1
                 assert level["mean_abs_prob_change"] > 0  # every perturbation reached the model
+    # Scored with the run's temperature, flagged at its validation 5 %-FPR frame threshold.
+    rule = json.loads((tmp_path / "decision.json").read_text())
+    assert stored["calibration"]["temperature"] == rule["temperature"]
+    assert stored["calibration"]["alarm_threshold"] == rule["thresholds"]["frame"]["fpr@0.05"]
+    assert "### False alarms and detections at the validation fpr@0.05 threshold" in \
+        (tmp_path / "robustness.md").read_text()
     assert result["datasets"]["SynBlend"]["mean"] == stored["datasets"]["SynBlend"]["mean"]
 
     # GenD's identity level (blur (0, 0)) reproduces the clean pass exactly.

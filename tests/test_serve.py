@@ -116,16 +116,32 @@ def test_scores_equal_mode_predict_and_the_answer_says_what_decided_it(
     np.testing.assert_allclose([f["prob_fake"] for f in b["frames"]],
                                want["inputs"][str(video)]["frame_probs"], atol=1e-5)
     np.testing.assert_allclose(b["prob_fake"], np.mean([f["prob_fake"] for f in b["frames"]]),
-                               rtol=1e-6)
+                               rtol=1e-6)  # the run's aggregation: the mean
+    assert b["aggregation"] == "mean" and a["aggregation"] is None
     assert [f["index"] for f in b["frames"]] == list(range(6)) and b["filename"] is None
     np.testing.assert_allclose([f["time_s"] for f in b["frames"]], np.arange(6) / 10, atol=1e-6)
-    # logit is the fake margin of the softmax: P(fake) = sigmoid(logit).
-    np.testing.assert_allclose(1 / (1 + np.exp(-a["logit"])), a["prob_fake"], rtol=1e-5)
+    # logit is the uncalibrated fake margin: P(fake) = sigmoid(logit / T).
+    t = a["operating_point"]["temperature"]
+    np.testing.assert_allclose(1 / (1 + np.exp(-a["frames"][0]["logit"] / t)), a["prob_fake"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(b["frames"][0]["logit"],
+                               want["inputs"][str(video)]["frame_logits"][0], atol=1e-5)
+    # Calibrated with the run's temperature, labelled at its validation EER threshold (frame
+    # level for an image, video level for a video), as --mode predict labels.
+    rule = json.loads((served_run / "decision.json").read_text())
     op = a["operating_point"]
-    assert op["threshold"] == 0.5 and op["temperature"] == 1.0
-    assert op["uncertain_band"] == pytest.approx([0.4, 0.6])
-    assert a["label"] == ("fake" if a["prob_fake"] > 0.5 else "real")
-    assert a["verdict"] == OperatingPoint("", 0.5, 1.0, 0.1, "").verdict(a["prob_fake"])
+    assert (op["name"], op["level"], b["operating_point"]["level"]) == ("eer", "frame", "video")
+    assert op["temperature"] == rule["temperature"] != 1.0
+    assert op["threshold"] == rule["thresholds"]["frame"]["eer"]
+    assert b["operating_point"]["threshold"] == rule["thresholds"]["video"]["eer"]
+    assert op["uncertain_band"] == pytest.approx([op["threshold"] - 0.1, op["threshold"] + 0.1])
+    assert "equal error rate" in op["rule"]
+    assert a["label"] == want["inputs"][str(png)]["label"]
+    assert b["label"] == want["inputs"][str(video)]["label"]
+    np.testing.assert_allclose(b["prob_fake"], want["inputs"][str(video)]["prob_fake"],
+                               atol=1e-5)
+    point = OperatingPoint("eer", {"frame": op["threshold"]}, 1.0, 0.1)
+    assert a["verdict"] == point.verdict(a["prob_fake"], "frame")
     model = a["model"]
     run = json.loads((served_run / "run.json").read_text())["train"]
     assert model["commit"] == run["git"]["commit"] and model["step"] == 4
@@ -136,16 +152,45 @@ def test_scores_equal_mode_predict_and_the_answer_says_what_decided_it(
     assert a["timings_ms"]["total"] >= a["timings_ms"]["model"] > 0
     crop = Image.open(io.BytesIO(base64.b64decode(a["crop"]["png_base64"])))
     assert crop.size == (32, 32)
-    explained = post(service, png.read_bytes(), params={"explain": "true"}).json()["explain"]
-    assert explained["available"] is False and "subspaces.py" in explained["reason"]
-    assert explained["subspaces"] is None and explained["heatmap_png_base64"] is None
+    assert a["explain"] == {"available": False, "subspaces": None, "heatmap_png_base64": None,
+                            "reason": "not requested (explain=true asks for it)"}
+
+
+def test_explain_gives_each_subspace_and_a_heatmap_that_add_up(service, served_run,
+                                                               tiny_benchmark):
+    """Δ fake logit per artifact subspace equals the ablation's own function on the same
+    crop, and the patch map sums to the logit's change from the baseline (completeness)."""
+    png = frame_png(tiny_benchmark)
+    a = post(service, png.read_bytes(), params={"explain": "true"}).json()
+    ex = a["explain"]
+    assert ex["available"] and ex["reason"] is None and ex["subspaces_reason"] is None
+    assert [s["k"] for s in ex["subspaces"]] == [0, 1, 2, 3]  # K = 4 in the run's config
+    svc = service.service
+    explainer = svc._explainer
+    import jax
+
+    from fmsd_jax.data.transforms import read_rgb
+    from fmsd_jax.evaluators import subspaces
+
+    image = jax.device_put(read_rgb(str(png))[None], explainer.sharding)
+    want = subspaces.per_input_subspaces(explainer.run, explainer.predict, explainer.variants,
+                                         image)[0]
+    np.testing.assert_allclose([s["delta_logit"] for s in ex["subspaces"]], want, atol=1e-5)
+    patch_map = np.asarray(ex["patch_map"])
+    assert patch_map.shape == (4, 4)  # 32 px, patch 8
+    assert abs(ex["completeness_gap"]) < 0.05 * max(abs(patch_map.sum()), 1e-3) + 1e-3
+    heat = Image.open(io.BytesIO(base64.b64decode(ex["heatmap_png_base64"])))
+    assert heat.size == (32, 32)
 
 
 def test_the_verdict_band_is_uncertain_around_the_threshold():
-    point = OperatingPoint("eer", 0.3, 1.5, 0.05, "")
-    assert [point.verdict(p) for p in (0.2, 0.25, 0.26, 0.3, 0.35, 0.36, 0.9)] == \
-        ["real", "uncertain", "uncertain", "uncertain", "uncertain", "fake", "fake"]
-    assert point.as_dict()["uncertain_band"] == pytest.approx([0.25, 0.35])
+    point = OperatingPoint("eer", {"frame": 0.3, "video": 0.6}, 1.5, 0.05)
+    assert [point.verdict(p, "frame") for p in (0.2, 0.24, 0.25, 0.3, 0.34, 0.35, 0.9)] == \
+        ["real", "real", "uncertain", "uncertain", "uncertain", "fake", "fake"]
+    assert [point.label(p, "frame") for p in (0.29, 0.3)] == ["real", "fake"]
+    assert point.verdict(0.5, "video") == "real" and point.verdict(0.5, "frame") == "fake"
+    assert point.as_dict("video")["uncertain_band"] == pytest.approx([0.55, 0.65])
+    assert OperatingPoint("t", {"frame": 0.5}, 1.0, 0.0).verdict(0.5, "frame") == "fake"
 
 
 def truncated_jpeg() -> bytes:
@@ -293,13 +338,15 @@ def test_concurrent_requests_share_batches_and_compile_nothing_after_readiness(
 
     calls: list[int] = []
     answers = counting_compiles(burst, calls)()
-    assert calls == [0]
+    explained = counting_compiles(lambda: post(service, pngs[0], params={"explain": "true"}),
+                                  calls)()
+    assert calls == [0, 0] and explained.json()["explain"]["available"]
     assert [a.status_code for a in answers] == [200] * 14
     text = httpx.get(f"{service.url}/metrics", headers=AUTH).text
     batches = metric(text, "fmsd_serve_batch_frames_count") - batches0
-    assert metric(text, "fmsd_serve_batch_frames_sum") - frames0 == 24
+    assert metric(text, "fmsd_serve_batch_frames_sum") - frames0 == 25
     assert batches < 24  # frames of different requests went through the device together
-    assert metric(text, "fmsd_serve_requests_total", outcome="ok") - ok0 == 14
+    assert metric(text, "fmsd_serve_requests_total", outcome="ok") - ok0 == 15
     assert metric(text, "fmsd_serve_queue_frames") == 0
     assert metric(text, "fmsd_serve_reserved_frames") == 0
     assert metric(text, "fmsd_serve_ready") == 1
@@ -308,7 +355,7 @@ def test_concurrent_requests_share_batches_and_compile_nothing_after_readiness(
         r'^fmsd_serve_batch_padded_size_bucket\{le="([0-9.]+)"\} ([0-9.]+)$', text, re.M)}
     assert set(padded) == {1.0, 4.0, 8.0}
     assert metric(text, "fmsd_serve_request_seconds_count", outcome="ok") - \
-        metric(text0, "fmsd_serve_request_seconds_count", outcome="ok") == 14
+        metric(text0, "fmsd_serve_request_seconds_count", outcome="ok") == 15
 
 
 @pytest.fixture

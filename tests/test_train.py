@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import (
+    assert_json_close,
     counting_compiles,
     flat_arrays,
     make_cfg,
@@ -35,7 +36,8 @@ from conftest import (
 )
 
 from fmsd_jax import atomic, errors, parallel
-from fmsd_jax.evaluators import adaptation, scoring
+from fmsd_jax.evaluators import adaptation, calibration, scoring
+from fmsd_jax.evaluators import operating_points as ops
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.modes import evaluate, export, mask, predict, train
 from fmsd_jax.run import checkpoints, rebuild, train_step, workdir_files, workdir_lock
@@ -171,7 +173,7 @@ def test_train_writes_everything_a_user_reads(trained):
     cfg, workdir, results = trained
     for name in ("config.json", "layer_mask.json", "decomposition.json", "results.json",
                  "results.md", "roc.png", "layer_scores.png", "diagnostics.json",
-                 "adaptation.png"):
+                 "adaptation.png", "decision.json", "calibration.png"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tb").iterdir()), "no TensorBoard event file"
     saved = json.loads((workdir / "results.json").read_text())
@@ -188,6 +190,26 @@ def test_train_writes_everything_a_user_reads(trained):
         assert len(probs) == metrics["num_frames"] and len(set(labels.tolist())) == 2
         np.testing.assert_allclose(metrics["frame_auc"], roc_auc_score(labels, probs),
                                    rtol=0, atol=1e-12, err_msg=name)
+    # decision.json's temperature is the NLL fit on the validation split (never a test set),
+    # and each test set's calibration and operating points are recomputed from its scores.
+    rule = json.loads((workdir / "decision.json").read_text())
+    val = scoring.score_split(cfg, run, trainable, "SynBlend", "val")
+    t, _ = calibration.fit_temperature(val.logits(), val.arrays()[1])
+    assert rule["temperature"] == t and rule["fitted_on"]["split"] == "val"
+    for name, metrics in saved.items():
+        acc = scoring.score_split(cfg, run, trainable, name, "test")
+        probs, labels = acc.arrays()
+        calibrated = calibration.probs_at(acc.logits(), t)
+        c = metrics["calibration"]
+        assert c["before"]["ece"] == pytest.approx(calibration.ece(probs, labels), abs=1e-12)
+        assert c["after"]["ece"] == pytest.approx(calibration.ece(calibrated, labels), abs=1e-12)
+        frame = metrics["operating_points"]["frame"]
+        for point, threshold in rule["thresholds"]["frame"].items():
+            assert frame[point]["threshold"] == threshold
+            assert frame[point]["fpr"] == ops.rates_at(calibrated, labels, threshold)["fpr"]
+        assert set(metrics["video_auc_by_aggregation"]) == {"mean", "mean_logit", "max",
+                                                            "top4"}
+        assert metrics["video_auc_by_aggregation"]["mean"] == metrics["video_auc"]
     mask = json.loads((workdir / "layer_mask.json").read_text())
     selected = np.asarray(mask["mask"])
     chex.assert_shape(selected, (2, 4))  # tiny tower: 2 layers x (q, k, v, out)
@@ -532,6 +554,12 @@ def test_export_loads_in_transformers_with_identical_logits(trained, tmp_path, t
         pooled = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).pooler_output
         got = head(pooled).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+    # The run's calibration travels with the export: P(fake) = softmax(logits / T)[1].
+    meta = json.loads((out / "detector.json").read_text())
+    assert json.loads((out / "decision.json").read_text()) == \
+        json.loads((workdir / "decision.json").read_text())
+    assert meta["temperature"] == json.loads((workdir / "decision.json").read_text())[
+        "temperature"] and meta["decision"] == "decision.json"
 
 
 def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_path):
@@ -552,7 +580,8 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     assert scored[str(video)]["frames"] == 2 * len(frames)
     for r in scored.values():
         np.testing.assert_allclose(r["prob_fake"], np.mean(r["frame_probs"]), rtol=1e-6)
-    # A frame's probability is the trained detector's softmax on its pixels (32 px: no resize).
+    # A frame's probability is the trained detector's softmax on its pixels (32 px: no resize)
+    # at the run's validation temperature.
     from flax import nnx
 
     from fmsd_jax.data.transforms import read_rgb
@@ -562,8 +591,12 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     pixels = read_rgb(str(frames[0]))
     assert pixels.shape == (32, 32, 3)
     logits = np.asarray(model(pixels[None]), np.float64)[0]
+    t = json.loads((workdir / "decision.json").read_text())["temperature"]
+    assert result["temperature"] == t and t != 1.0
     np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
-                               np.exp(logits[1]) / np.exp(logits).sum(), atol=1e-6)
+                               np.exp(logits[1] / t) / np.exp(logits / t).sum(), atol=1e-6)
+    np.testing.assert_allclose(scored[str(frames[0])]["frame_logits"][0], logits[1] - logits[0],
+                               atol=1e-5)
     # The single frame scores the same alone as inside its folder.
     np.testing.assert_allclose(scored[str(frames[0])]["prob_fake"],
                                scored[str(folder)]["frame_probs"][0], atol=1e-6)
@@ -760,11 +793,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_the_moved_workdir_resumes(
     for key in want:  # as in test_sigkill_then_resume_equals_the_uninterrupted_run
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
     results = [json.loads((d / "results.json").read_text()) for d in (reference, moved)]
-    assert results[0].keys() == results[1].keys()
-    for name in results[0]:
-        for metric, value in results[0][name].items():
-            np.testing.assert_allclose(results[1][name][metric], value, atol=1e-6,
-                                       err_msg=f"{name} {metric}")
+    assert_json_close(results[1], results[0], atol=1e-6)
 
 
 MULTI_DEVICE_SCRIPT = """
@@ -994,10 +1023,15 @@ def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tin
     folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
     result = predict.predict(cfg, workdir, [str(folder)])
     out = capsys.readouterr().out
-    assert "P(fake)" in out and "fake if P(fake) > 0.5" in out
+    rule = json.loads((workdir / "decision.json").read_text())
+    t = rule["thresholds"]["video"]["eer"]  # the default operating point, a folder's level
+    assert result["operating_point"] == "eer" and result["thresholds"] == {"video": t}
+    assert f"# label (videos and folders): fake if P(fake) >= {t:.4g}: the video-level " \
+           "equal error rate operating point, chosen on the val split of SynBlend" in out
+    assert f"# P(fake): calibrated with T = {rule['temperature']:.4g}" in out
     r = result["inputs"][str(folder)]
     assert f"{r['prob_fake']:.4f}" in out
-    assert result["threshold"] == 0.5
+    assert r["label"] == ("fake" if r["prob_fake"] >= t else "real") and r["level"] == "video"
     assert result["model"] == {"workdir": str(workdir.absolute()), "checkpoint": "best",
                                "step": result["model"]["step"], "regime": "fmsd",
                                "train_dataset": ["SynBlend"]}
@@ -1013,14 +1047,15 @@ def test_predict_says_what_it_prints_and_never_replaces_a_file(trained_copy, tin
     assert json.loads((workdir / "predictions.json").read_text()) == result
     with pytest.raises(errors.AlreadyExists, match="predictions.json exists"):
         predict.predict(cfg, workdir, [str(folder)], workdir / "predictions.json")
-    # config.predict.threshold decides the label: just below the input's P(fake) it is fake,
-    # just above it real.
+    # A number as the operating point is the threshold itself: just below the input's P(fake)
+    # it is fake, just above it real.
     p = r["prob_fake"]
     for threshold, label in ((p - 1e-4, "fake"), (p + 1e-4, "real")):
         at = make_cfg(cfg.model.init_from, tiny_benchmark,
-                      **{"predict.threshold": repr(threshold)})
+                      **{"predict.operating_point": repr(threshold)})
         got = predict.predict(at, workdir, [str(folder)], tmp_path / f"{label}.json")
-        assert got["threshold"] == threshold and got["inputs"][str(folder)]["label"] == label
+        assert got["thresholds"] == {"video": threshold}
+        assert got["inputs"][str(folder)]["label"] == label
 
 
 def test_predict_per_image_scores_each_image_of_a_folder(trained, tiny_benchmark, tmp_path):
@@ -1047,6 +1082,24 @@ def test_predict_exits_nonzero_when_an_input_could_not_be_scored(trained, tiny_b
         predict.predict(cfg, workdir, [str(good), str(truncated)], tmp_path / "p.json")
     written = json.loads((tmp_path / "p.json").read_text())
     assert list(written["inputs"]) == [str(good)] and written["unreadable"] == [str(truncated)]
+
+
+def test_an_operating_point_the_run_lacks_is_one_line_before_the_model_loads(
+        trained_copy, tiny_benchmark, tmp_path, monkeypatch):
+    cfg, workdir, _ = trained_copy
+    image = sorted((tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000").glob(
+        "*.png"))[0]
+    monkeypatch.setattr(predict.rebuild, "open_run", lambda *a, **k: pytest.fail("loaded"))
+    bad = make_cfg(cfg.model.init_from, tiny_benchmark,
+                   **{"predict.operating_point": "fpr@0.1"})
+    with pytest.raises(errors.BadInput, match=r"operating_point='fpr@0\.1' is not an operating "
+                                              r"point: use one of eer, fpr@0\.01, fpr@0\.05"):
+        predict.predict(bad, workdir, [str(image)], tmp_path / "a.json")
+    (workdir / "decision.json").unlink()  # a run evaluated before decision.json existed
+    with pytest.raises(errors.BadInput, match=r"operating point 'eer' is not in this run's "
+                                              r"decision.json .*does not exist.*--mode evaluate"):
+        predict.predict(cfg, workdir, [str(image)], tmp_path / "b.json")
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
 
 
 def test_predict_scores_byte_named_inputs_as_their_plain_copies(trained, tiny_benchmark,

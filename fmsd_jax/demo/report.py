@@ -15,7 +15,7 @@ import ml_collections as mlc
 import numpy as np
 
 from fmsd_jax import atomic
-from fmsd_jax.demo import SWEEP_DIR, SWEEP_JSON
+from fmsd_jax.demo import SWEEP_DIR, SWEEP_JSON, decision_section
 from fmsd_jax.demo.rows import CONFIG_FILE, ROW_NAMES, contribution, row_command
 from fmsd_jax.evaluators.result_files import fmt, held_out_mean, md_escape, to_float
 from fmsd_jax.run import workdir_files
@@ -504,7 +504,10 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
     return write_demo_report(
         workdir / "report.md", rows, train_families=list(cfg.data.train_dataset),
         ours=ROW_NAMES["fmsd"], layer_chart=layer_chart if layer_chart.exists() else None,
-        roc_charts=roc, intro=intro, sections=[_lr_section(cfg, workdir)])
+        roc_charts=roc, intro=intro, sections=[
+            _lr_section(cfg, workdir),
+            decision_section.section({ROW_NAMES[m]: (workdir / m, results[m]) for m in methods},
+                                     list(cfg.data.train_dataset))])
 
 
 def _test_size(results: Mapping[str, dict]) -> str:

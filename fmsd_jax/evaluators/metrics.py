@@ -48,15 +48,20 @@ __all__ = [
     "METRIC_KEYS",
     "MetricAccumulator",
     "UndefinedMetricWarning",
+    "AGGREGATIONS",
     "aggregate_by_video",
     "compute_metrics",
     "roc",
+    "video_auc_by_aggregation",
 ]
 
 #: The metric keys every results dict carries, in table order.
 METRIC_KEYS: tuple[str, ...] = ("frame_auc", "video_auc", "acc", "ap", "eer")
 
 MixedPolicy = Literal["error", "floor"]
+
+#: How frame probabilities become a video's (`aggregate_by_video`); the first is DFB's.
+AGGREGATIONS: tuple[str, ...] = ("mean", "mean_logit", "max", "topk")
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -160,12 +165,22 @@ def aggregate_by_video(
     video_ids: Sequence[Hashable] | np.ndarray,
     *,
     mixed_video_label: MixedPolicy = "error",
+    how: str = "mean",
+    topk: int = 4,
 ) -> tuple[np.ndarray, np.ndarray, list[Hashable]]:
-    """Per-video mean probability and label, in order of each video's first frame.
+    """Per-video probability and label, in order of each video's first frame.
+
+    ``how`` (see `AGGREGATIONS`): ``mean`` of frame probabilities (DeepfakeBench's, the
+    default and what ``video_auc`` uses), ``mean_logit`` (sigmoid of the mean log-odds: one
+    confident frame weighs more than under ``mean``), ``max`` (one fake-looking frame decides:
+    high recall, more false alarms on long real videos), ``topk`` (mean of the ``topk`` highest,
+    between the two; a video with fewer frames uses all of them).
 
     Exposed so evaluation code can write per-video predictions with exactly the numbers
     that ``video_auc`` is computed from.
     """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"video aggregation must be one of {AGGREGATIONS}, got {how!r}")
     if mixed_video_label not in ("error", "floor"):
         raise ValueError(f"mixed_video_label must be 'error' or 'floor', got {mixed_video_label!r}")
     p = _as_probs(probs)
@@ -177,7 +192,7 @@ def aggregate_by_video(
         inv[i] = index.setdefault(k, len(index))
     n_vid = len(index)
     counts = np.bincount(inv, minlength=n_vid).astype(np.float64)
-    vprob = np.bincount(inv, weights=p, minlength=n_vid) / counts
+    vprob = _video_scores(p, inv, n_vid, counts, how, topk)
     vlab_mean = np.bincount(inv, weights=y.astype(np.float64), minlength=n_vid) / counts
     mixed = (vlab_mean > 0.0) & (vlab_mean < 1.0)
     if np.any(mixed):
@@ -193,6 +208,43 @@ def aggregate_by_video(
     # DFB: ``int(label_sum / leng)``, i.e. floor of the mean label.
     vlab = np.floor(vlab_mean).astype(np.int64)
     return vprob, vlab, list(index)
+
+
+def _video_scores(p: np.ndarray, inv: np.ndarray, n_vid: int, counts: np.ndarray, how: str,
+                  topk: int) -> np.ndarray:
+    if how == "mean":
+        return np.bincount(inv, weights=p, minlength=n_vid) / counts
+    if how == "mean_logit":
+        q = np.clip(p, 1e-12, 1 - 1e-12)  # a saturated float32 frame (p == 1) stays finite
+        z = np.bincount(inv, weights=np.log(q) - np.log1p(-q), minlength=n_vid) / counts
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
+    out = np.full(n_vid, -np.inf)
+    if how == "max":
+        np.maximum.at(out, inv, p)
+        return out
+    # topk: sort by (video, -p), keep each video's first k rows
+    order = np.lexsort((-p, inv))
+    v_sorted = inv[order]
+    first = np.searchsorted(v_sorted, np.arange(n_vid))
+    rank = np.arange(p.size) - first[v_sorted]
+    keep = order[rank < topk]
+    k_counts = np.minimum(counts, topk)
+    return np.bincount(inv[keep], weights=p[keep], minlength=n_vid) / k_counts
+
+
+def video_auc_by_aggregation(probs: Any, labels: Any, video_ids: Sequence[Hashable] | np.ndarray,
+                             *, topk: int = 4, name: str = "set",
+                             mixed_video_label: MixedPolicy = "error") -> dict[str, float]:
+    """Video AUC under every aggregation of `AGGREGATIONS` (``topk`` named ``top{k}``)."""
+    out = {}
+    for how in AGGREGATIONS:
+        vp, vy, _ = aggregate_by_video(probs, labels, video_ids, how=how, topk=topk,
+                                       mixed_video_label=mixed_video_label)
+        key = f"top{topk}" if how == "topk" else how
+        # one class: compute_metrics has already warned about this set once
+        out[key] = (math.nan if vp.size == 0 or _single_class(vy) else
+                    _ranking_metrics(vp, vy, f"{name} (video level, {key})")[0])
+    return out
 
 
 def compute_metrics(
@@ -250,6 +302,7 @@ class MetricAccumulator:
         self._probs: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._vids: list[np.ndarray] = []
+        self._logits: list[np.ndarray] = []
         self._with_vids: bool | None = None
 
     def __len__(self) -> int:
@@ -257,7 +310,7 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         """Forget all batches, so one accumulator can serve consecutive datasets."""
-        self._probs, self._labels, self._vids = [], [], []
+        self._probs, self._labels, self._vids, self._logits = [], [], [], []
         self._with_vids = None
 
     def add(
@@ -266,8 +319,11 @@ class MetricAccumulator:
         labels: Any,
         video_ids: Sequence[Hashable] | np.ndarray | None = None,
         valid_mask: Any = None,
+        logits: Any = None,
     ) -> None:
-        """Append one batch; rows where ``valid_mask`` is False are padding and are dropped."""
+        """Append one batch; rows where ``valid_mask`` is False are padding and are dropped.
+        ``logits`` (the fake margin l1 - l0 per frame) ride along for calibration and the
+        subspace ablation; give them for every batch or for none."""
         p = np.asarray(probs, dtype=np.float64)
         if p.ndim == 2 and p.shape[1] == 1:
             p = p[:, 0]
@@ -301,12 +357,20 @@ class MetricAccumulator:
         # Padded rows may hold garbage (NaN logits of zero images); validate only kept rows.
         self._probs.append(_as_probs(p[keep]))
         self._labels.append(y[keep])
+        if logits is not None:
+            self._logits.append(np.asarray(logits, np.float64).reshape(n)[keep])
+        if self._logits and len(self._logits) != len(self._probs):
+            raise ValueError("logits must be given for every batch or for none")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All kept (probs, labels) so far, e.g. for ROC curves or per-frame predictions."""
         p = np.concatenate(self._probs) if self._probs else np.zeros(0)
         y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int64)
         return p, y
+
+    def logits(self) -> np.ndarray:
+        """All kept fake margins, aligned with ``arrays()`` (empty if never given)."""
+        return np.concatenate(self._logits) if self._logits else np.zeros(0)
 
     def video_ids(self) -> np.ndarray | None:
         """All kept video ids (object array), aligned with ``arrays()``; None if never given."""

@@ -55,6 +55,47 @@ def plot_roc(
                                   train_families=train_families), path)
 
 
+def plot_reliability(reliability: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                     path: str | os.PathLike[str], *, temperature: float,
+                     title: str = "Reliability of P(fake)") -> Path:
+    """Reliability diagrams, one panel per test set (``name -> {'before', 'after'}`` from
+    `calibration.reliability`): the fraction of fakes in each P(fake) bin against the bin's
+    mean P(fake), before (softmax) and after the validation temperature; the diagonal is a
+    calibrated detector, and the bars under it how many frames each bin holds."""
+    names = list(reliability) or ["(no test set)"]
+    cols = min(len(names), 3)
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 4.0 * rows), layout="constrained")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        for key, style, label in (("before", "o-", "softmax"),
+                                  ("after", "s-", f"T = {temperature:.3g}")):
+            r = reliability.get(name, {}).get(key)
+            if not r:
+                continue
+            pts = [(m, f) for m, f in zip(r["mean_prob"], r["frac_fake"], strict=True)
+                   if m is not None]
+            if pts:
+                m, f = zip(*pts, strict=True)
+                ax.plot(m, f, style, ms=3, lw=1.2, label=label)
+        r = reliability.get(name, {}).get("after")
+        if r:
+            edges = np.asarray(r["edges"])
+            counts = np.asarray(r["count"], float)
+            share = counts / max(counts.sum(), 1.0)
+            ax.bar(edges[:-1], share * 0.25 / max(share.max(), 1e-12), width=np.diff(edges),
+                   align="edge", color="0.85", zorder=0, label="frames per bin (after)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean P(fake) in bin")
+        ax.set_ylabel("fraction fake")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=SMALL_FONT, loc="upper left")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def roc_figure(
     curves: Mapping[str, tuple[Any, Any, float]],
     *,

@@ -48,6 +48,8 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("video_auc", "AUC (video)"),
 )
 _COUNT_KEYS = ("num_frames", "num_videos")
+# Per-dataset sections beside the DFB metrics (modes/evaluate.decision_numbers)
+DECISION_KEYS = ("calibration", "operating_points", "video_auc_by_aggregation")
 
 
 # --------------------------------------------------------------------------------------
@@ -243,6 +245,7 @@ def write_results(
     notes: Sequence[str] = (),
     diagnostics: Mapping[str, Any] | None = None,
     train_families: Sequence[str] | None = None,
+    decision: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``workdir/results.json`` and ``workdir/results.md``, replacing earlier ones.
 
@@ -250,17 +253,18 @@ def write_results(
     (atomically) rather than merged. JSON holds ``dataset -> metric -> value`` with the five
     DFB metric keys as floats (``null`` where undefined) and the frame/video counts as ints.
     ``diagnostics`` (the run's diagnostics.json) adds the backbone's contribution and how far
-    the adapted layers moved below the table. ``train_families`` marks the training family's
+    the adapted layers moved below the table; ``decision`` (decision.json's content) the
+    calibration and operating-point tables, from each dataset's `DECISION_KEYS` (kept in
+    results.json too). ``train_families`` marks the training family's
     row and gives the held-out mean (`results_table`); results.json stays numbers only (the
     training family is in config.json), so its readers see the same schema as before.
     """
     norm = _normalise_results(results)
     wd = Path(workdir)
     json_path, md_path = wd / RESULTS_JSON, wd / RESULTS_MD
-    serialisable = {
-        d: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
-        for d, m in norm.items()
-    }
+    serialisable = {d: _nulls({**m, **{k: results[d][k] for k in DECISION_KEYS
+                                       if k in results[d]}})
+                    for d, m in norm.items()}
     atomic.write_json(json_path, serialisable, sort_keys=False, allow_nan=False)
     md = [f"# {title}", ""]
     md += [
@@ -271,6 +275,8 @@ def write_results(
     ]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md.append(results_table(norm, train_families=train_families))
+    if decision is not None:
+        md += ["", decision_section(results, decision, train_families)]
     if diagnostics is not None:
         md += ["", adaptation_section(diagnostics)]
     atomic.write_text(md_path, "\n".join(md))
@@ -315,6 +321,82 @@ def adaptation_section(diag: Mapping[str, Any]) -> str:
                       f"{fmt(float(moved.max()), 4)} ({md_escape(wc.get('note', ''))}); the "
                       f"head moved {fmt(to_float(diag.get('head_change')), 3)} of its norm. "
                       "Chart: adaptation.png; numbers: diagnostics.json."]
+    return "\n".join(lines) + "\n"
+
+
+def _nulls(obj: Any) -> Any:
+    """NaN and inf as JSON null, at any depth."""
+    if isinstance(obj, Mapping):
+        return {str(k): _nulls(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nulls(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _pct(value: Any) -> str:
+    v = to_float(value)
+    return "n/a" if not math.isfinite(v) else f"{100 * v:.1f} %"
+
+
+def decision_section(results: Mapping[str, Mapping[str, Any]], decision: Mapping[str, Any],
+                     train_families: Sequence[str] | None = None) -> str:
+    """results.md's calibration, operating-point and video-aggregation tables."""
+    fitted = decision.get("fitted_on", {})
+    where = (f"the {md_escape(str(fitted.get('split')))} split of "
+             f"{md_escape(', '.join(fitted.get('datasets') or [])) or 'no dataset'}")
+    train = set(train_families or ())
+    mark = lambda d: md_escape(d) + (" (training family)" if d in train else "")  # noqa: E731
+    t = to_float(decision.get("temperature"))
+    lines = ["## Calibration", ""]
+    if decision.get("note") and t == 1.0:
+        lines.append(f"Temperature: T = 1 ({md_escape(decision['note'])}).")
+    else:
+        lines.append(f"Temperature T = {t:.4f}, fitted by NLL on {where} "
+                     f"({fitted.get('frames', '?')} frames), never on a test set; P(fake) = "
+                     "softmax(logits / T)[fake]. ECE: 15 equal-width bins of P(fake), frame "
+                     "level, Σ |bin|/N · |mean P(fake) − fraction fake|. Chart: calibration.png."
+                     + (f" Note: {md_escape(decision['note'])}." if decision.get("note") else ""))
+    lines += ["", "| dataset | ECE before | ECE after | Brier before | Brier after "
+              "| NLL before | NLL after |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for d, r in results.items():
+        c = r.get("calibration")
+        if c:
+            b, a = c["before"], c["after"]
+            lines.append(f"| {mark(d)} | {fmt(to_float(b['ece']))} | {fmt(to_float(a['ece']))} "
+                         f"| {fmt(to_float(b['brier']))} | {fmt(to_float(a['brier']))} "
+                         f"| {fmt(to_float(b['nll']))} | {fmt(to_float(a['nll']))} |")
+    lines += ["", "## Operating points", ""]
+    if not decision.get("thresholds"):
+        lines.append(f"No operating points: {md_escape(str(decision.get('note')))}.")
+    else:
+        lines += [f"Thresholds chosen on {where} (calibrated P(fake) >= threshold is fake), "
+                  "then measured on each test set: the TPR and false-alarm rate (FPR) they "
+                  "realise there, next to the oracle TPR at the same FPR budget chosen on that "
+                  "test set itself (the gap is the cost of not knowing the target domain). "
+                  f"Video level: P(fake) of a video is the {decision.get('aggregation')} of its "
+                  "frames'.", "",
+                  "| dataset | level | point | threshold | TPR | FPR | oracle TPR | gap |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for d, r in results.items():
+            for level, points in (r.get("operating_points") or {}).items():
+                for name, p in points.items():
+                    lines.append(f"| {mark(d)} | {level} | {name} | {p['threshold']:.4g} | "
+                                 f"{_pct(p['tpr'])} | {_pct(p['fpr'])} | "
+                                 f"{_pct(p['oracle_tpr'])} | {_pct(p['tpr_gap'])} |")
+    aggs = [(d, r["video_auc_by_aggregation"]) for d, r in results.items()
+            if r.get("video_auc_by_aggregation")]
+    if aggs:
+        keys = list(aggs[0][1])
+        lines += ["", "## Video AUC by aggregation of frame probabilities", "",
+                  f"`mean` is DeepfakeBench's (the table above); `config.eval.video_aggregation` "
+                  f"= {decision.get('aggregation')} is what predict prints.", "",
+                  "| dataset | " + " | ".join(keys) + " |",
+                  "|---|" + "---:|" * len(keys)]
+        for d, a in aggs:
+            lines.append(f"| {mark(d)} | " + " | ".join(fmt(to_float(a[k])) for k in keys)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -88,6 +88,23 @@ def change_table(result: Mapping[str, Any], dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def alarm_table(result: Mapping[str, Any], dataset: str, key: str) -> str:
+    """Type x level table of the realised rate `key` ('alarm_fpr', 'alarm_tpr') at the
+    validation threshold, the clean value in the header."""
+    entry = result["datasets"][dataset]
+    levels = _level_ids(result)
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    lines = [f"| type (clean {pct(entry['clean'].get(key))}) | "
+             + " | ".join(f"L{lv}" for lv in levels) + " |",
+             "|---|" + "|".join(["---:"] * len(levels)) + "|"]
+    for tkey, t in result["types"].items():
+        got = entry["types"][tkey]["levels"]
+        cells = [pct(got[lv].get(key)) if lv in got else "" for lv in levels]
+        lines.append(f"| {tkey} ({result_files.md_escape(t['name'])}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def param_table(result: Mapping[str, Any]) -> str:
     levels = _level_ids(result)
     lines = ["| type | parameter | " + " | ".join(f"L{lv}" for lv in levels) + " |",
@@ -126,6 +143,16 @@ def markdown(result: Mapping[str, Any], chart: str | None = ROBUSTNESS_PNG) -> s
         md += ["### Mean |Δ p(fake)| against the clean pass", "",
                "How far each frame's probability moved (0 means the perturbation did not reach "
                "the model, or did not matter to it).", "", change_table(result, name)]
+        cal = result.get("calibration") or {}
+        if cal.get("alarm_point") and "alarm_fpr" in c:
+            md += [f"### False alarms and detections at the validation {cal['alarm_point']} "
+                   "threshold", "",
+                   f"Calibrated P(fake) (T = {cal['temperature']:.4g}) >= "
+                   f"{cal['alarm_threshold']:.4g}, the frame threshold chosen on the "
+                   f"{result_files.md_escape(str(cal['fitted_on'].get('split')))} split: the "
+                   "share of real frames flagged (FPR) and of fake frames caught (TPR) under "
+                   "each level.", "", "FPR:", "", alarm_table(result, name, "alarm_fpr"),
+                   "TPR:", "", alarm_table(result, name, "alarm_tpr")]
     if chart:
         md += ["## Chart", "", f"AUC against severity, one line per type, clean AUC dashed: "
                f"[{chart}]({chart})", "", f"![robustness]({chart})", ""]

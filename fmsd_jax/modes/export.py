@@ -2,7 +2,9 @@
 
 The artifact subspaces are merged back into each weight, so inference costs exactly what the
 base ViT costs, and the backbone is written in Hugging Face's layout so PyTorch users load it
-with `transformers.CLIPVisionModel.from_pretrained(dir)`; the head goes beside it.
+with `transformers.CLIPVisionModel.from_pretrained(dir)`; the head goes beside it, and so do
+the run's temperature and validation-chosen thresholds (decision.json): P(fake) is
+softmax(head(pooler_output) / T)[1], labelled fake at a threshold of decision.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors.numpy import save_file
 
 from fmsd_jax import atomic, parallel
 from fmsd_jax.errors import AlreadyExists
+from fmsd_jax.evaluators import decision
 from fmsd_jax.method import decompose as decomp
 from fmsd_jax.model.weights.export_hf import save_hf_clip_vision
 from fmsd_jax.run import factory, rebuild, workdir_files
@@ -66,11 +69,17 @@ def export(cfg: mlc.ConfigDict, workdir: str | Path, out_dir: str | Path | None 
     with atomic.replacing(out / HEAD_FILE) as tmp:
         save_file({"weight": np.ascontiguousarray(np.asarray(detector.head_kernel[...]).T),
                    "bias": np.asarray(detector.head_bias[...])}, str(tmp))
+    rule = decision.load_decision(workdir)
+    if rule.note:
+        log.warning("export: %s", rule.note)
+    atomic.write_json(out / workdir_files.DECISION_JSON, rule.to_json())
     atomic.write_json(out / DETECTOR_JSON, {
         "head": HEAD_FILE, "num_classes": cfg.model.num_classes, "fake_class": 1,
         "feature": "pooler_output", "image_size": cfg.model.image_size,
         "mean": list(cfg.data.mean), "std": list(cfg.data.std),
         "regime": cfg.method.regime, "source_workdir": str(workdir.absolute()),
+        # P(fake) = softmax(head(feature) / temperature)[fake_class]; thresholds on that
+        "temperature": rule.temperature, "decision": workdir_files.DECISION_JSON,
     })
     log.info("exported merged weights to %s (load with CLIPVisionModel.from_pretrained)", out)
     return out

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+import numpy as np
 
 from fmsd_jax import atomic, parallel
 from fmsd_jax.errors import BadInput
@@ -50,8 +51,9 @@ def _programs(cfg: mlc.ConfigDict, mesh: Any, which: tuple[str, ...]) -> dict[st
                                                 parts["metric_sums"]), n)
     if "eval_step" in which:
         images = train_step.batch_spec(cfg, cfg.eval.batch_size, mesh, labels=False)["image"]
+        temperature = jax.ShapeDtypeStruct((), np.float32)
         out["eval_step"] = (scoring.make_predict_fn(run.graphdef, mesh),
-                            (run.trainable, run.frozen, images), n)
+                            (run.trainable, run.frozen, images, temperature), n)
     mask_used = cfg.method.regime == "fmsd" and cfg.method.mask.enabled
     if "mask_update" in which and mask_used:
         dense, _ = factory.abstract_detector(cfg, decomposed=False)

@@ -4,9 +4,12 @@ An image is one frame. A folder is one video made of its images (sorted by their
 names, as DeepfakeBench stores frames), unless `config.predict.per_image` is set: then each of
 its images is scored on its own (a folder of separate face photos). A video file is sampled
 evenly (`config.predict.video_frames` frames) and each frame's face cropped with
-DeepfakeBench's 1.3 margin. Every frame gets P(fake), the softmax probability of class 1; a
-video's score is the mean over its frames, as DeepfakeBench's video-level AUC averages them;
-the printed label is 'fake' when that score exceeds `config.predict.threshold`.
+DeepfakeBench's 1.3 margin. Every frame gets P(fake), softmax(logits / T)[fake] with the
+run's validation temperature (WORKDIR/decision.json, evaluators/decision.py); a video's score
+is `config.eval.video_aggregation` of its frames' (default their mean, as DeepfakeBench's
+video-level AUC averages them); the printed label is 'fake' when that score reaches the
+threshold of `config.predict.operating_point`, chosen on validation at video level for a
+video or a folder and at frame level for an image (or a number given as the threshold).
 
 Every input is checked (exists, is an image OpenCV can decode, a video with frames) before the
 model is loaded; an input that still cannot be scored makes the command exit non-zero, after
@@ -33,7 +36,7 @@ from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
 from fmsd_jax.errors import AlreadyExists, BadInput
-from fmsd_jax.evaluators import result_files, scoring
+from fmsd_jax.evaluators import decision, metrics, result_files, scoring
 from fmsd_jax.pathnames import shown
 from fmsd_jax.run import rebuild, workdir_files
 
@@ -101,7 +104,7 @@ def claim_output(workdir: Path, out_path: str | Path | None) -> Path:
 
 
 def what_is_scored(data_cfg: mlc.ConfigDict, video_frames: int, per_image: bool,
-                   kinds: set[str]) -> str:
+                   kinds: set[str], aggregation: str = "mean") -> str:
     """What predict does to each kind of input given (`kinds`: 'image', 'folder', 'video'),
     in the words of its header: analysts must know whether a face was looked for."""
     size = int(data_cfg.image_size)
@@ -114,11 +117,29 @@ def what_is_scored(data_cfg: mlc.ConfigDict, video_frames: int, per_image: bool,
                      "(no face detection)")
     if "folder" in kinds:
         parts.append("a folder is " + ("a set of separate images" if per_image else
-                                       "one video of its images (score: their mean)"))
+                                       f"one video of its images (score: their {aggregation})"))
     if "video" in kinds:
         parts.append(f"a video file gives {video_frames} frames taken evenly across it, each "
-                     f"{face} (score: their mean)")
+                     f"{face} (score: their {aggregation})")
     return "; ".join(parts) + f"; every frame resized to {size}x{size} px"
+
+
+def decision_rule(cfg: mlc.ConfigDict, workdir: Path, frames: list[dict]
+                  ) -> tuple[decision.Decision, dict[str, float]]:
+    """The run's decision.json and the threshold of `config.predict.operating_point` at each
+    level the inputs need (frame for a single image, video for a video file or a folder), or a
+    one-line error, before the model loads."""
+    decision.check_config(cfg)
+    rule = decision.load_decision(workdir)
+    levels = {level_of(r) for r in frames}
+    return rule, {lv: rule.threshold(cfg.predict.operating_point, lv) for lv in levels}
+
+
+def level_of(record: dict) -> str:
+    """Which thresholds decide an input: a video file's frames and a folder's (one video)
+    are aggregated, so video level; an image on its own is one frame."""
+    return "video" if record["frame_index"] >= 0 or record["video_id"] != record["path"] \
+        else "frame"
 
 
 def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
@@ -127,13 +148,14 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     workdir = Path(workdir)
     per_image = bool(cfg.predict.per_image)
     frames = frames_to_score(inputs, cfg.data, cfg.predict.video_frames, per_image)
+    rule, thresholds = decision_rule(cfg, workdir, frames)
     mesh = parallel.make_mesh(cfg.mesh)
     batch_size = cfg.predict.batch_size
     parallel.check_batch_fits(mesh, batch_size, "config.predict.batch_size")
     keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
     out = claim_output(workdir, out_path) if jax.process_index() == 0 else None
     try:
-        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image)
+        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image, rule, thresholds)
     except BaseException:
         if out is not None:
             atomic.release_unfilled(out)
@@ -149,7 +171,8 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
 
 
 def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[dict],
-           keys: list[str], mesh, per_image: bool) -> dict:
+           keys: list[str], mesh, per_image: bool, rule: decision.Decision,
+           thresholds: dict[str, float]) -> dict:
     """Scores the frames, prints the table (one row per input of `keys`, in input order) and
     returns what predictions.json holds."""
     batch_size = cfg.predict.batch_size
@@ -158,12 +181,14 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     kinds = {"video" if r["frame_index"] >= 0 else "image" for r in frames}
     if any(Path(i).is_dir() for i in inputs):
         kinds.add("folder")
-    processing = what_is_scored(cfg.data, cfg.predict.video_frames, per_image, kinds)
+    processing = what_is_scored(cfg.data, cfg.predict.video_frames, per_image, kinds,
+                                rule.aggregation)
     log.info("scoring %d frame(s) of %d input(s)", len(frames), len(inputs))
     predict_fn = scoring.make_predict_fn(run.graphdef, mesh)
+    temperature = scoring.temperature_arg(rule.temperature)
     reader = transforms.ImageReader.from_config(cfg.data)
 
-    probs, readable = [], []
+    probs, margins, readable = [], [], []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
         images = []
@@ -175,33 +200,49 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
             images.append(image)  # uint8: the detector normalises on the device
         images += [np.zeros_like(images[0])] * (batch_size - len(images))  # static shapes
         batch = parallel.global_batch(mesh, {"image": np.stack(images)}, ("image",))
-        probs.append(np.asarray(predict_fn(trainable, run.frozen, batch["image"]))[:len(chunk)])
-    probs = np.concatenate(probs)
+        scored = predict_fn(trainable, run.frozen, batch["image"], temperature)
+        probs.append(np.asarray(scored["prob"])[:len(chunk)])
+        margins.append(np.asarray(scored["logit"])[:len(chunk)])
+    probs, margins = np.concatenate(probs), np.concatenate(margins)
 
-    per_input: dict[str, list[float]] = {}
+    per_input: dict[str, list[int]] = {}
     unreadable = []
-    for record, p, ok in zip(frames, probs, readable, strict=True):
+    for i, (record, ok) in enumerate(zip(frames, readable, strict=True)):
         if ok:
-            per_input.setdefault(record["video_id"], []).append(float(p))
+            per_input.setdefault(record["video_id"], []).append(i)
         else:
             unreadable.append(f"{record['path']}#{record['frame_index']}"
                               if record["frame_index"] >= 0 else record["path"])
-    threshold = float(cfg.predict.threshold)
+    point = cfg.predict.operating_point
     model = {"workdir": os.fspath(workdir.absolute()), "checkpoint": which,
              "step": step, "regime": cfg.method.regime,
              "train_dataset": list(cfg.data.train_dataset)}
-    result = {"threshold": threshold, "prob": "P(fake): softmax probability of class 1, "
-              "mean over an input's frames", "model": model, "processing": processing,
-              "inputs": {}, "unreadable": unreadable}
-    for key, v in per_input.items():
-        prob = float(np.mean(v))
-        result["inputs"][key] = {"prob_fake": prob, "label": "fake" if prob > threshold
-                                 else "real", "frames": len(v), "frame_probs": v}
+    rules = {lv: decision.describe(rule, point, lv) for lv in thresholds}
+    result = {"operating_point": str(point), "thresholds": thresholds, "rule": rules,
+              "temperature": rule.temperature,
+              "prob": f"P(fake): softmax(logits / T)[fake] with T = {rule.temperature:.4g} "
+                      f"fitted on validation ({rule.note or 'decision.json'}); an input's is "
+                      f"the {rule.aggregation} of its frames'",
+              "model": model, "processing": processing, "inputs": {}, "unreadable": unreadable}
+    first_of = {r["video_id"]: r for r in reversed(frames)}
+    for key, rows in per_input.items():
+        level = level_of(first_of[key])
+        p = probs[rows].astype(np.float64)
+        prob = float(metrics.aggregate_by_video(p, np.zeros(len(rows)), [key] * len(rows),
+                                                how=rule.aggregation, topk=rule.topk)[0][0])
+        result["inputs"][key] = {"prob_fake": prob, "level": level,
+                                 "label": "fake" if prob >= thresholds[level] else "real",
+                                 "frames": len(rows), "frame_probs": p.tolist(),
+                                 "frame_logits": margins[rows].astype(np.float64).tolist()}
     print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
           f"{result_files.method_name(cfg.method.regime)} trained on "
           f"{', '.join(model['train_dataset'])}")
     print(f"# input: {processing}")
-    print(f"P(fake)  label (fake if P(fake) > {threshold:g})  input")
+    print(f"# P(fake): calibrated with T = {rule.temperature:.4g}"
+          + (f" ({rule.note})" if rule.note else ""))
+    for level, text in rules.items():
+        print(f"# label ({'images' if level == 'frame' else 'videos and folders'}): {text}")
+    print(f"P(fake)  label (operating point {point})  input")
     for key in keys:
         if key in result["inputs"]:
             r = result["inputs"][key]

@@ -32,12 +32,16 @@ from fmsd_jax import atomic, parallel
 from fmsd_jax.data import perturbations as pt
 from fmsd_jax.data import pipeline
 from fmsd_jax.errors import BadInput
-from fmsd_jax.evaluators import result_files, scoring
+from fmsd_jax.evaluators import decision, result_files, scoring
+from fmsd_jax.evaluators import operating_points as ops
 from fmsd_jax.evaluators.robustness_report import AUC_KEYS, json_float, write_outputs
 from fmsd_jax.run import rebuild
 from fmsd_jax.run.workdir_files import ROBUSTNESS, ROBUSTNESS_JSON, ROBUSTNESS_MD, ROBUSTNESS_PNG
 
 log = logging.getLogger("fmsd_jax")
+
+# The validation-chosen frame threshold whose false alarms robustness.md follows per level.
+ALARM_POINT = "fpr@0.05"
 TITLES = {"deeperforensics": "DeeperForensics-1.0 perturbations",
           "gend": "GenD's image-level perturbation grid"}
 
@@ -124,6 +128,20 @@ def _measure(cfg: mlc.ConfigDict, workdir: Path, run, items: list[pt.Perturbatio
     """Every dataset clean and under every perturbation: the robustness.json structure."""
     trainable = rebuild.restore_trainable(cfg, workdir, run)
     predict = scoring.make_predict_fn(run.graphdef, run.mesh)
+    # Calibrated P(fake) (the mean |Δp| is then in the units predict prints), and the frame
+    # threshold a deployment would use: how far do its false alarms drift under each level?
+    rule = decision.load_decision(workdir)
+    t = rule.temperature
+    point = ALARM_POINT if ALARM_POINT in rule.available("frame") else None
+    if point is None:
+        log.warning("robustness: no %s frame threshold (%s): false alarms are not measured",
+                    ALARM_POINT, rule.note or "decision.json lacks it")
+
+    def at_threshold(res: dict, probs: np.ndarray, labels: np.ndarray) -> dict:
+        if point is None:
+            return res
+        rates = ops.rates_at(probs, labels, rule.thresholds["frame"][point])
+        return {**res, "alarm_tpr": rates["tpr"], "alarm_fpr": rates["fpr"]}
     # The clean pass checks the frame files; the perturbed passes read the same ones.
     unchecked = copy.deepcopy(cfg)
     unchecked.data.check_files = False
@@ -149,13 +167,16 @@ def _measure(cfg: mlc.ConfigDict, workdir: Path, run, items: list[pt.Perturbatio
     clean: dict[str, dict] = {}
     scores: dict[str, dict[tuple[str, int], dict]] = {}
     for name in datasets:
-        clean[name], clean_probs, _ = scoring.score_dataset(cfg, run, trainable, name, "test",
-                                                            predict)
+        res, clean_probs, labels = scoring.score_dataset(cfg, run, trainable, name, "test",
+                                                         predict, temperature=t)
+        clean[name] = at_threshold(res, clean_probs, labels)
         progress(f"{name} clean", clean[name])
         scores[name] = {}
         for p in items:
-            res, probs, _ = scoring.score_dataset(unchecked, run, trainable, name, "test",
-                                                  predict, reader_wrapper=pt.reader_wrapper(p))
+            res, probs, labels = scoring.score_dataset(
+                unchecked, run, trainable, name, "test", predict,
+                reader_wrapper=pt.reader_wrapper(p), temperature=t)
+            res = at_threshold(res, probs, labels)
             # Evidence that the perturbation reached the model: how far p(fake) moved.
             res = {**res, "mean_abs_prob_change": float(np.mean(np.abs(probs - clean_probs)))
                    if len(probs) == len(clean_probs) and len(probs) else None}
@@ -164,6 +185,10 @@ def _measure(cfg: mlc.ConfigDict, workdir: Path, run, items: list[pt.Perturbatio
                      f"{p.spec.label(p.level)})", res)
     seconds = time.perf_counter() - t_start
     result = summarise(cfg, clean, scores)
+    result["calibration"] = {"temperature": t, "alarm_point": point,
+                             "alarm_threshold": None if point is None
+                             else rule.thresholds["frame"][point],
+                             "fitted_on": rule.fitted_on, "note": rule.note}
     result["timing"] = {"evaluations": total, "seconds": seconds,
                         "first_evaluation_seconds": first,  # includes compiling the step
                         "seconds_per_evaluation": (seconds - first) / max(total - 1, 1),
@@ -181,6 +206,10 @@ def _measure(cfg: mlc.ConfigDict, workdir: Path, run, items: list[pt.Perturbatio
 
 def _auc(res: Mapping[str, Any]) -> dict[str, float | None]:
     return {k: json_float(res.get(k)) for k in AUC_KEYS}
+
+
+def _alarms(res: Mapping[str, Any]) -> dict[str, float | None]:
+    return {k: json_float(res[k]) for k in ("alarm_tpr", "alarm_fpr") if k in res}
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -211,12 +240,15 @@ def summarise(cfg: mlc.ConfigDict, clean: Mapping[str, Mapping],
     out_sets: dict[str, Any] = {}
     for name, per in scores.items():
         c = clean[name]
-        entry: dict[str, Any] = {"clean": {**_auc(c), "num_frames": int(c.get("num_frames", 0)),
+        entry: dict[str, Any] = {"clean": {**_auc(c), **_alarms(c),
+                                           "num_frames": int(c.get("num_frames", 0)),
                                            "num_videos": int(c.get("num_videos", 0))},
                                  "types": {}}
         for key, t in types.items():
-            levels = {lv: {**_auc(per[(key, int(lv))]), "mean_abs_prob_change": json_float(
-                per[(key, int(lv))].get("mean_abs_prob_change"))} for lv in t["levels"]}
+            levels = {lv: {**_auc(per[(key, int(lv))]), **_alarms(per[(key, int(lv))]),
+                           "mean_abs_prob_change": json_float(
+                               per[(key, int(lv))].get("mean_abs_prob_change"))}
+                      for lv in t["levels"]}
             counted = [lv for lv in levels if not t["levels"][lv]["identity"]]
             entry["types"][key] = {
                 "levels": levels,

@@ -24,7 +24,7 @@ import numpy as np
 from fmsd_jax import atomic, parallel
 from fmsd_jax.data import pipeline
 from fmsd_jax.errors import BadInput, TrainingDiverged
-from fmsd_jax.evaluators import adaptation, plots, scoring
+from fmsd_jax.evaluators import adaptation, decision, plots, scoring
 from fmsd_jax.method.optimizer import learning_rates
 from fmsd_jax.modes import evaluate
 from fmsd_jax.run import (
@@ -109,6 +109,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     parallel.check_batch_fits(mesh, cfg.train.batch_size)
     parallel.check_batch_fits(mesh, cfg.eval.batch_size, "config.eval.batch_size")
     preflight.check_config(cfg)
+    decision.check_config(cfg)  # the final evaluation's fields, before any training
     factory.check_init_from(cfg)
     checkpoints.check_resumable(workdir, cfg)
     # Every split this run will read (train, validation, test) is listed and checked now, so
@@ -210,7 +211,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict:
     adaptation.run_diagnostics(cfg, workdir, run, trainable, head0, step=step, checkpoint=which)
     if not cfg.train.eval_after_training:
         return {}
-    return evaluate.evaluate(cfg, workdir, run=run, trainable=trainable)
+    return evaluate.evaluate(cfg, workdir, run=run, trainable=trainable, checkpoint=(which, step))
 
 
 def _log_metrics(metric_sums: dict, step: int, meter: progress.Progress, writer, schedules,

@@ -6,7 +6,9 @@ WORKDIR/
   checkpoints/  best/                                         orbax checkpoints
   tb/                                                         TensorBoard events
   results.json  results.md  roc.png                           --mode evaluate (and train)
+  decision.json  calibration.png                              temperature, operating points
   layer_scores.png  diagnostics.json  adaptation.png          what the method did
+  subspaces.png                                               what each subspace does
   robustness.json  robustness.md  robustness.png              --mode robustness
   predictions.json  plan.json  export/                        predict, plan, export
   .lock                                                       one run at a time
@@ -32,9 +34,12 @@ TENSORBOARD_DIR = "tb"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 ROC_PNG = "roc.png"
+DECISION_JSON = "decision.json"  # temperature and thresholds fitted on validation
+CALIBRATION_PNG = "calibration.png"  # reliability diagrams, before and after the temperature
 LAYER_SCORES_PNG = "layer_scores.png"
 DIAGNOSTICS_JSON = "diagnostics.json"  # written by evaluators.adaptation, shown in results.md
 ADAPTATION_PNG = "adaptation.png"
+SUBSPACES_PNG = "subspaces.png"  # the artifact-subspace ablation (evaluators/subspace_report)
 ROBUSTNESS = "robustness"  # the outputs' stem; another grid goes beside as robustness-N
 ROBUSTNESS_JSON = f"{ROBUSTNESS}.json"
 ROBUSTNESS_MD = f"{ROBUSTNESS}.md"

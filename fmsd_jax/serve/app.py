@@ -143,7 +143,8 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         if not service.ready.is_set():
             return error(503, "the model is still loading; see /v1/ready", {"Retry-After": "5"})
         return JSONResponse({"model": service.identity,
-                             "operating_point": service.point.as_dict(),
+                             "operating_point": {lv: service.point.as_dict(lv)
+                                                 for lv in ("frame", "video")},
                              "batch_sizes": list(service.sizes),
                              "limits": limits(service)})
 

@@ -103,6 +103,10 @@ class Batcher:
         finally:
             self.reserved -= frames
 
+    async def on_device(self, fn: Callable, *args):
+        """`fn(*args)` in the device thread, between batches (explanations use it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
+
     async def score(self, frames: list[np.ndarray]) -> list[tuple[float, float, float, float]]:
         """(P(fake), logit margin, seconds on the device, seconds queued) per frame."""
         loop = asyncio.get_running_loop()

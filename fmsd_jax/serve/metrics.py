@@ -38,6 +38,8 @@ class Metrics:
         self.latency = Histogram("fmsd_serve_request_seconds", "Time from the request's "
                                  "arrival to its answer (scoring requests)", ["outcome"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        for outcome in dict.fromkeys(OUTCOMES.values()):
+            self.latency.labels(outcome)
         buckets = tuple(sorted(set(batch_sizes)))
         self.batch_frames = Histogram("fmsd_serve_batch_frames", "Frames of requests in each "
                                       "device batch", buckets=buckets, registry=r)

@@ -47,47 +47,54 @@ FACE_MODES = ("detect", "whole")
 
 @dataclasses.dataclass
 class OperatingPoint:
-    """Where P(fake) becomes a label: the threshold, the temperature that calibrates P(fake),
-    and the band around the threshold in which the verdict is 'uncertain'."""
+    """Where P(fake) becomes a label: the run's temperature (which calibrates P(fake)), the
+    threshold of the operating point at frame level (an image) and at video level (a video's
+    aggregated frames), and the band around it in which the verdict is 'uncertain'."""
 
     name: str
-    threshold: float
+    thresholds: dict[str, float]  # level ('frame', 'video') -> threshold on calibrated P(fake)
     temperature: float
     band: float
-    source: str  # what chose the threshold, in words
+    rules: dict[str, str] = dataclasses.field(default_factory=dict)  # level -> in words
+    aggregation: str = "mean"
+    topk: int = 4
 
-    def verdict(self, prob: float) -> str:
-        """'fake' above threshold + band, 'real' below threshold - band, else 'uncertain'."""
-        if prob > self.threshold + self.band:
+    def label(self, prob: float, level: str) -> str:
+        """As --mode predict labels: fake when P(fake) >= the level's threshold."""
+        return "fake" if prob >= self.thresholds[level] else "real"
+
+    def verdict(self, prob: float, level: str) -> str:
+        """'fake' from threshold + band up, 'real' below threshold - band, 'uncertain' between:
+        with a band of 0 the verdict is the label."""
+        t = self.thresholds[level]
+        if prob >= t + self.band:
             return "fake"
-        if prob < self.threshold - self.band:
+        if prob < t - self.band:
             return "real"
         return "uncertain"
 
-    def as_dict(self) -> dict[str, Any]:
-        lo, hi = max(0.0, self.threshold - self.band), min(1.0, self.threshold + self.band)
-        return {"name": self.name, "threshold": self.threshold, "temperature": self.temperature,
-                "uncertain_band": [lo, hi], "source": self.source}
+    def as_dict(self, level: str) -> dict[str, Any]:
+        t = self.thresholds[level]
+        return {"name": self.name, "level": level, "threshold": t,
+                "temperature": self.temperature,
+                "uncertain_band": [max(0.0, t - self.band), min(1.0, t + self.band)],
+                "rule": self.rules.get(level, "")}
 
 
 def operating_point(cfg: mlc.ConfigDict, workdir: Path) -> OperatingPoint:
-    """The run's operating point: today config.predict.threshold on the uncalibrated softmax
-    (temperature 1), as `--mode predict` labels; the one function to switch to
-    evaluators.decision.load_decision(workdir).threshold(cfg.predict.operating_point) and its
-    temperature once calibration lands."""
-    band = float(cfg.serve.uncertain_band)
-    t = float(cfg.predict.threshold)
-    return OperatingPoint(f"threshold {t:g}", t, 1.0, band,
-                          "config.predict.threshold (no calibration fitted)")
+    """The run's decision rule (WORKDIR/decision.json, fitted on validation by --mode
+    evaluate) at `config.predict.operating_point`, at both levels: the one place the service
+    reads it, as --mode predict does. A point the run lacks is refused here, before loading."""
+    from fmsd_jax.evaluators import decision
 
-
-def explain_fields(frames: list[media.Frame], prob: list[float]) -> dict[str, Any]:
-    """What `explain=true` adds: per-subspace Δlogit bars and a saliency heatmap once
-    evaluators/subspaces.py and evaluators/saliency.py exist; until then it says why not.
-    Never a made-up number."""
-    return {"available": False, "subspaces": None, "heatmap_png_base64": None,
-            "reason": "per-subspace attribution and saliency are not part of this build "
-                      "(evaluators/subspaces.py and evaluators/saliency.py)"}
+    decision.check_config(cfg)
+    rule = decision.load_decision(workdir)
+    point = cfg.predict.operating_point
+    thresholds = {lv: rule.threshold(point, lv) for lv in decision.LEVELS}
+    rules = {lv: decision.describe(rule, point, lv) for lv in decision.LEVELS}
+    return OperatingPoint(str(point), thresholds, float(rule.temperature),
+                          float(cfg.serve.uncertain_band), rules, rule.aggregation,
+                          int(rule.topk))
 
 
 def config_sha256(workdir: Path) -> str | None:
@@ -157,6 +164,7 @@ class Service:
         self.limits = media.Limits(cfg.serve, cfg.data, cfg.predict.video_frames)
         self.point = operating_point(cfg, self.workdir)
         self.model_fn = model_fn  # None: the run's jitted predict, built by `load`
+        self._explainer: _Explainer | None = None
         self.identity: dict[str, Any] | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
@@ -193,6 +201,8 @@ class Service:
         for size in self.sizes:  # one program per size, compiled now, never on a request
             self.model_fn(np.zeros((size, image, image, 3), np.uint8))
             self.compiled.append(size)
+        if self._explainer is not None:  # the saliency program and the subspace variants
+            self._explainer(np.zeros((image, image, 3), np.uint8))
         self.load_s = time.perf_counter() - started
         self.metrics.ready.set(1)
         self.ready.set()
@@ -213,15 +223,16 @@ class Service:
         trainable, step, which = rebuild.restore_for_eval(self.cfg, self.workdir, run,
                                                           "serving")
         predict = scoring.make_predict_fn(run.graphdef, mesh)
+        temperature = scoring.temperature_arg(self.point.temperature)
         sharding = parallel.batch_sharding(mesh)
 
         def model_fn(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            images = jax.device_put(batch, sharding)
-            prob = np.asarray(predict(trainable, run.frozen, images), np.float32)
-            # The fake margin l1 - l0 of a 2-class softmax is logit(P(fake)).
-            clipped = np.clip(prob.astype(np.float64), 1e-12, 1 - 1e-12)
-            return prob, np.log(clipped / (1 - clipped)).astype(np.float32)
+            out = predict(trainable, run.frozen, jax.device_put(batch, sharding), temperature)
+            return np.asarray(out["prob"], np.float32), np.asarray(out["logit"], np.float32)
 
+        if self.cfg.serve.explain:
+            self._explainer = _Explainer(self.cfg, run, trainable, predict, sharding,
+                                         self.sizes[0])
         return model_fn, which, step
 
     def load_in_thread(self, on_error=None) -> threading.Thread:
@@ -239,6 +250,28 @@ class Service:
 
     # -- one request ---------------------------------------------------------------------------
 
+    def _aggregate(self, probs: list[float]) -> float:
+        """A video's P(fake) from its frames', as its video-level threshold was chosen
+        (config.eval.video_aggregation, recorded in decision.json); an image's is its own."""
+        if len(probs) == 1:
+            return float(probs[0])
+        from fmsd_jax.evaluators import metrics
+
+        p = np.asarray(probs, np.float64)
+        return float(metrics.aggregate_by_video(p, np.zeros(len(p)), ["v"] * len(p),
+                                                how=self.point.aggregation,
+                                                topk=self.point.topk)[0][0])
+
+    async def _explain(self, pixels: np.ndarray, asked: bool) -> dict[str, Any]:
+        """The `explain` field: computed on the device thread for the frame shown, or why not."""
+        if not asked:
+            return unexplained("not requested (explain=true asks for it)")
+        if self._explainer is None:
+            return unexplained("this service was started with config.serve.explain=False"
+                               if not self.cfg.serve.explain else
+                               "the service's model was given by its caller, not restored")
+        return await self.batcher.on_device(self._explainer, pixels)
+
     async def score(self, upload, explain: bool, received: float,
                     read_s: float) -> dict[str, Any]:
         """The answer to one upload (MediaRefused or Overloaded for the app to turn into an
@@ -250,30 +283,32 @@ class Service:
         with self.batcher.reserve(len(decoded.frames)):
             scored = await self.batcher.score([f.pixels for f in decoded.frames])
         probs = [s[0] for s in scored]
-        prob = float(np.mean(probs))  # a video's P(fake): the mean over its frames
+        level = "video" if decoded.kind == "video" else "frame"
+        prob = self._aggregate(probs)
         frames = []
         for f, (p, logit, _, _) in zip(decoded.frames, scored, strict=True):
             frames.append({"index": f.index, "time_s": f.time_s, "prob_fake": p,
                            "logit": logit, "face_found": f.face_found, "box": f.box})
         looked = [f.face_found for f in decoded.frames if f.face_found is not None]
-        best = int(np.argmax(probs))
+        best = int(np.argmax(probs))  # the frame shown (and explained): the most fake-looking
+        explained = await self._explain(decoded.frames[best].pixels, explain)
         answer = {
             "id": uuid.uuid4().hex[:12], "api_version": "v1",
             "filename": upload.filename, "media_type": decoded.media_type,
             "kind": decoded.kind, "width": decoded.width, "height": decoded.height,
             "frame_count": decoded.frame_count, "processing": decoded.face_mode,
-            "prob_fake": prob, "logit": float(np.mean([s[1] for s in scored])),
-            "label": "fake" if prob > self.point.threshold else "real",
-            "verdict": self.point.verdict(prob), "operating_point": self.point.as_dict(),
+            "prob_fake": prob,
+            "aggregation": self.point.aggregation if level == "video" else None,
+            "label": self.point.label(prob, level),
+            "verdict": self.point.verdict(prob, level),
+            "operating_point": self.point.as_dict(level),
             "faces": {"looked_for": bool(looked) or None, "found": sum(looked),
                       "frames": len(decoded.frames),
                       "no_face_found": bool(looked) and not any(looked)},
             "frames": frames,
             "crop": {"frame": decoded.frames[best].index,
                      "png_base64": _png_base64(decoded.frames[best].pixels)},
-            "explain": (explain_fields(decoded.frames, probs) if explain else
-                        {"available": False, "subspaces": None, "heatmap_png_base64": None,
-                         "reason": "not requested (explain=true asks for it)"}),
+            "explain": explained,
             "model": self.identity,
             "timings_ms": {"read": 1000 * read_s, "decode": 1000 * decode_s,
                            "queue": 1000 * max(s[3] for s in scored),
@@ -281,3 +316,48 @@ class Service:
                            "total": 1000 * (time.perf_counter() - received)},
         }
         return answer
+
+
+def unexplained(reason: str) -> dict[str, Any]:
+    return {"available": False, "subspaces": None, "heatmap_png_base64": None,
+            "reason": reason}
+
+
+class _Explainer:
+    """`explain=true` for one frame (the one the answer shows): each artifact subspace's
+    change of the fake logit when its training is undone (evaluators/subspaces.py) and where
+    in the crop the fake logit comes from (integrated gradients, evaluators/saliency.py),
+    drawn over the crop. Its programs (the undo, the saliency scan) are compiled at start for
+    the smallest batch size, so an explanation compiles nothing either."""
+
+    def __init__(self, cfg: mlc.ConfigDict, run: Any, trainable: Any, predict: Any,
+                 sharding: Any, size: int):
+        from fmsd_jax.evaluators import subspaces
+
+        self.run, self.trainable, self.predict = run, trainable, predict
+        self.sharding, self.size = sharding, int(size)
+        self.steps = int(cfg.predict.explain_steps)
+        self.why_not = subspaces.skip_reason(run)
+        self.variants = subspaces.ablations(run, trainable) if self.why_not is None else None
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, Any]:
+        import jax
+
+        from fmsd_jax.evaluators import saliency, subspaces
+
+        batch = np.zeros((self.size, *pixels.shape), np.uint8)
+        batch[0] = pixels
+        images = jax.device_put(batch, self.sharding)
+        out: dict[str, Any] = {"available": True, "reason": None, "subspaces": None,
+                               "subspaces_reason": self.why_not}
+        if self.variants is not None:
+            deltas = subspaces.per_input_subspaces(self.run, self.predict, self.variants,
+                                                   images)[0]
+            out["subspaces"] = [{"k": k, "delta_logit": float(d)} for k, d in enumerate(deltas)]
+        maps = saliency.saliency_maps(self.run, self.trainable, images, self.steps)
+        patch_map = np.asarray(maps["map"][0], np.float32)
+        out["heatmap_png_base64"] = _png_base64(saliency.overlay(pixels, patch_map))
+        out["patch_map"] = patch_map.tolist()
+        out["completeness_gap"] = float(saliency.completeness_gap(
+            {k: v[:1] for k, v in maps.items()})[0])
+        return out

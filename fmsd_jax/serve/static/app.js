@@ -18,7 +18,7 @@ async function loadModel() {
     if (r.status === 401) { $("#token-row").hidden = false; el.textContent = "token required"; return; }
     if (r.status === 503) { el.textContent = "model loading…"; setTimeout(loadModel, 1000); return; }
     const j = await r.json();
-    const m = j.model, op = j.operating_point;
+    const m = j.model, op = j.operating_point.frame;
     const fp = Object.entries(m.data_fingerprint || {}).map(([k, v]) => `${k} ${String(v).slice(0, 12)}`);
     el.textContent = `model: ${m.workdir} · ${m.checkpoint} checkpoint, step ${m.step} · ` +
       `${m.regime} trained on ${m.train_dataset.join(", ")} · commit ` +
@@ -62,8 +62,8 @@ function drawBand(card, a) {
   z[2].style.width = (100 * (1 - hi)) + "%";
   $(".threshold", card).style.left = (100 * op.threshold) + "%";
   $(".marker", card).style.left = (100 * a.prob_fake) + "%";
-  $(".op", card).textContent = `operating point ${op.name}: fake if P(fake) > ${fmt(op.threshold)} ` +
-    `(label ${a.label}); uncertain between ${fmt(lo)} and ${fmt(hi)}; temperature ${fmt(op.temperature, 2)}`;
+  $(".op", card).textContent = `operating point ${op.name} (${op.level} level): label ${a.label}; ` +
+    `${op.rule || "fake if P(fake) ≥ " + fmt(op.threshold)}; uncertain between ${fmt(lo)} and ${fmt(hi)}`;
 }
 
 function drawTimeline(card, a) {
@@ -79,7 +79,7 @@ function drawTimeline(card, a) {
     const r = document.createElementNS(ns, "rect"), w = 300 / n;
     r.setAttribute("x", i * w + w * 0.1); r.setAttribute("width", Math.max(w * 0.8, 0.5));
     r.setAttribute("y", 80 * (1 - f.prob_fake)); r.setAttribute("height", 80 * f.prob_fake);
-    r.setAttribute("fill", f.prob_fake > a.operating_point.threshold ? "#b3261e" : "#2f7d4f");
+    r.setAttribute("fill", f.prob_fake >= a.operating_point.threshold ? "#b3261e" : "#2f7d4f");
     r.setAttribute("class", "frame-bar");
     const t = document.createElementNS(ns, "title");
     t.textContent = `frame ${f.index}${f.time_s !== null ? " (" + fmt(f.time_s, 2) + " s)" : ""}: ` +
