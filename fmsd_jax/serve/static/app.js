@@ -75,6 +75,9 @@ function drawTimeline(card, a) {
   band.setAttribute("x", 0); band.setAttribute("width", 300);
   band.setAttribute("y", 80 * (1 - hi)); band.setAttribute("height", 80 * (hi - lo));
   band.setAttribute("fill", "#e4e4e4"); svg.appendChild(band);
+  const line = document.createElementNS(ns, "line"), ty = 80 * (1 - a.operating_point.threshold);
+  line.setAttribute("x1", 0); line.setAttribute("x2", 300); line.setAttribute("y1", ty);
+  line.setAttribute("y2", ty); line.setAttribute("stroke", "#555"); line.setAttribute("stroke-width", 0.6);
   a.frames.forEach((f, i) => {
     const r = document.createElementNS(ns, "rect"), w = 300 / n;
     r.setAttribute("x", i * w + w * 0.1); r.setAttribute("width", Math.max(w * 0.8, 0.5));
@@ -86,6 +89,7 @@ function drawTimeline(card, a) {
       `P(fake) ${fmt(f.prob_fake)}${f.face_found === false ? ", no face found" : ""}`;
     r.appendChild(t); svg.appendChild(r);
   });
+  svg.appendChild(line);
 }
 
 function drawExplain(card, a) {
@@ -97,18 +101,23 @@ function drawExplain(card, a) {
     return;
   }
   box.innerHTML = "<h3>Change in the fake logit when each artifact subspace is undone</h3>";
+  if (!ex.subspaces) {
+    const why = document.createElement("p"); why.className = "why";
+    why.textContent = "no subspace numbers: " + ex.subspaces_reason; box.appendChild(why);
+    ex.subspaces = [];
+  }
   const top = Math.max(...ex.subspaces.map(s => Math.abs(s.delta_logit)), 1e-9);
   for (const s of ex.subspaces) {
     const row = document.createElement("div"); row.className = "bar";
     const fill = document.createElement("span");
     fill.className = "fill" + (s.delta_logit < 0 ? " neg" : "");
     fill.style.width = (120 * Math.abs(s.delta_logit) / top) + "px";
-    row.append(`subspace ${s.k}`, fill, fmt(s.delta_logit));
+    row.append(`subspace ${s.k}`, fill, Number(s.delta_logit).toPrecision(3));
     box.appendChild(row);
   }
   if (ex.heatmap_png_base64) {
-    const heat = $(".heat", card);
-    heat.src = "data:image/png;base64," + ex.heatmap_png_base64; heat.hidden = false;
+    $(".heat", card).src = "data:image/png;base64," + ex.heatmap_png_base64;
+    $(".heat-fig", card).hidden = false;
   }
 }
 
