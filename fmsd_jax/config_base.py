@@ -148,8 +148,8 @@ def base_config() -> mlc.ConfigDict:
     c.serve.batch_sizes = (1, 8, 32)
     c.serve.batch_wait_ms = 2.0  # how long a batch waits for frames of concurrent requests
     c.serve.queue_frames = 256  # frames of admitted requests; past it: 503 + Retry-After
-    c.serve.max_pending = 64  # requests being read, decoded or scored; past it: 503
-    c.serve.max_connections = 256  # uvicorn's limit_concurrency (503 past it)
+    c.serve.max_pending = 64  # requests read, decoded, scored or waiting to be; past it: 503
+    c.serve.max_connections = 1024  # uvicorn's limit_concurrency (its own 503, past it)
     c.serve.timeout_s = 30.0  # a request still unanswered after this is cancelled: 504
     c.serve.workers = 2  # decoding / face-cropping threads, off the event loop
     c.serve.max_bytes = 64 * 2**20  # upload size cap, checked before the body is read whole

@@ -27,7 +27,7 @@ def serve(cfg: mlc.ConfigDict, workdir: str | Path) -> None:
     token = srv.read_token(cfg.serve)
     service = Service(cfg, workdir)
     sock = srv.bind(str(cfg.serve.host), int(cfg.serve.port))
-    server = srv.uvicorn_server(create_app(service, token), cfg.serve)
+    server = srv.uvicorn_server(create_app(service, token), cfg.serve, service)
 
     def stop(_error: BaseException) -> None:
         server.should_exit = True

@@ -161,11 +161,13 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         if not service.ready.is_set():
             status, reason, headers = 503, "the model is still loading; see /v1/ready", \
                 {"Retry-After": "5"}
-        elif service.pending >= service.max_pending:
+        elif service.in_flight() >= service.max_pending:
             status, reason = 503, (f"the service is at capacity (serve.max_pending="
-                                   f"{service.max_pending} requests in progress)")
+                                   f"{service.max_pending} requests in progress or waiting "
+                                   "to be read)")
             headers = {"Retry-After": "1"}
         if status != 200:
+            await _drain(request)
             service.metrics.answered(status, time.perf_counter() - received)
             return error(status, reason, headers)
         service.pending += 1
@@ -200,6 +202,18 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         return JSONResponse(answer)
 
     return app
+
+
+async def _drain(request: Request, cap: int = 64 * 1024) -> None:
+    """Read (and drop) a refused request's small body before answering: a server that closes a
+    connection holding unread bytes makes the kernel reset it, and the client then sees a
+    connection error instead of the 503 and its Retry-After."""
+    n = 0
+    with contextlib.suppress(Exception):
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > cap:
+                break
 
 
 def limits(service: Service) -> dict[str, Any]:

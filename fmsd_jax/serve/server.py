@@ -91,7 +91,7 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def uvicorn_server(app, serve_cfg: mlc.ConfigDict):
+def uvicorn_server(app, serve_cfg: mlc.ConfigDict, service=None):
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -113,7 +113,10 @@ def uvicorn_server(app, serve_cfg: mlc.ConfigDict):
                             limit_concurrency=int(serve_cfg.max_connections),
                             timeout_keep_alive=5, timeout_graceful_shutdown=5,
                             h11_max_incomplete_event_size=64 * 1024)
-    return Server(config)
+    server = Server(config)
+    if service is not None:  # admission counts the connections uvicorn holds open
+        service.connections = lambda: len(server.server_state.connections)
+    return server
 
 
 @dataclasses.dataclass
@@ -137,7 +140,7 @@ def start_in_thread(service, token: str | None = None, host: str = "127.0.0.1",
     from fmsd_jax.serve.app import create_app
 
     sock = bind(host, port)
-    server = uvicorn_server(create_app(service, token), service.cfg.serve)
+    server = uvicorn_server(create_app(service, token), service.cfg.serve, service)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="fmsd-uvicorn")
     thread.start()

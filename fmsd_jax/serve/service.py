@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -174,12 +175,21 @@ class Service:
         self.max_pending = int(cfg.serve.max_pending)
         self.max_bytes = int(cfg.serve.max_bytes)
         self.timeout_s = float(cfg.serve.timeout_s)
+        # Open connections, as uvicorn counts them (set by serve.server): under a load the
+        # event loop cannot keep up with, requests wait as connections not yet read, which
+        # `pending` does not see.
+        self.connections: Callable[[], int] = lambda: 0
         self.pool = ThreadPoolExecutor(int(cfg.serve.workers), thread_name_prefix="fmsd-decode")
         self.batcher = Batcher(self._call_model, self.sizes, int(cfg.data.image_size),
                                capacity_frames=int(cfg.serve.queue_frames),
                                wait_s=float(cfg.serve.batch_wait_ms) / 1000,
                                observe_batch=self._observe_batch)
         self.metrics = Metrics(self.sizes, self.batcher.queued, lambda: self.batcher.reserved)
+
+    def in_flight(self) -> int:
+        """Requests admitted, or waiting on an open connection to be read (closed-loop
+        clients' idle keep-alive connections count too: at most one each)."""
+        return max(self.pending, self.connections() - 1)
 
     def _observe_batch(self, frames: int, padded: int) -> None:
         self.metrics.observe_batch(frames, padded)
