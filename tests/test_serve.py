@@ -509,3 +509,22 @@ def test_mode_serve_starts_scores_and_stops_on_sigterm(served_run, tiny_clip_che
     out = "".join(lines)
     assert "score " in out and "face.png" not in out and "f.png" not in out  # no names logged
     assert "stopped by SIGTERM" in out and "wrote no file" in out
+
+
+def test_an_operating_point_the_run_lacks_is_refused_before_loading(tmp_path,
+                                                                   tiny_clip_checkpoint,
+                                                                   tiny_benchmark):
+    """A workdir never evaluated has no decision.json: 'eer' is refused in one line naming
+    the fix; a threshold given as a number serves at T = 1."""
+    from fmsd_jax.errors import BadInput
+
+    with pytest.raises(BadInput, match="operating point 'eer' is not in this run's "
+                       "decision.json.*run --mode evaluate"):
+        Service(serve_cfg(tiny_clip_checkpoint, tiny_benchmark), tmp_path)
+    svc = Service(serve_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                            **{"predict.operating_point": "0.7"}), tmp_path)
+    assert svc.point.thresholds == {"frame": 0.7, "video": 0.7}
+    assert svc.point.temperature == 1.0
+    with pytest.raises(BadInput, match="config.serve.image_faces='all' is not one of"):
+        Service(serve_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                          **{"serve.image_faces": "all"}), tmp_path)
