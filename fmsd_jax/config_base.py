@@ -166,6 +166,14 @@ def base_config() -> mlc.ConfigDict:
     # Verdict 'uncertain' while |P(fake) - threshold| < this: a score that close to the
     # operating point is one a small crop or compression change can flip.
     c.serve.uncertain_band = 0.1
+
+    # --mode preprocess: a raw FaceForensics++ / Celeb-DF-v2 tree -> a DeepfakeBench tree in
+    # WORKDIR (fmsd_jax/modes/preprocess.py); faces as config.data.face says.
+    c.preprocess = mlc.ConfigDict()
+    c.preprocess.raw_root = ""  # the raw dataset's folder (FaceForensics++/ or Celeb-DF-v2/)
+    c.preprocess.dataset = ""  # '' tells it by the layout; or 'FaceForensics++', 'Celeb-DF-v2'
+    c.preprocess.num_frames = 32  # DeepfakeBench's default, evenly over the video (0: every)
+    c.preprocess.workers = -1  # processes; -1: one per core this process may use
     return c
 
 

@@ -6,9 +6,11 @@ clean and under each perturbation level of config.robustness), export (merged de
 weights + head for PyTorch), predict (score image files, folders or videos given as arguments;
 prints the calibrated P(fake) per input and the label at config.predict.operating_point, chosen
 on validation), plan (compile the run's steps for a TPU slice given by --topology, from any
-machine; prints per-chip memory, FLOPs and collectives and writes WORKDIR/plan.json), serve
-(the run behind an HTTP API and a web page on config.serve.host:port, until stopped; writes
-nothing).
+machine; prints per-chip memory, FLOPs and collectives and writes WORKDIR/plan.json),
+preprocess (raw FaceForensics++ / Celeb-DF-v2 videos given by config.preprocess.raw_root →
+DeepfakeBench's frames, landmarks and dataset JSON in WORKDIR; exit 2 when any video was
+skipped), serve (the run behind an HTTP API and a web page on config.serve.host:port, until
+stopped; writes nothing).
 
 Config: `--config FILE.py` or `--config FILE.py:ARGS`, where ARGS picks a variant the file
 defines, e.g. `configs/clip_b16.py:runlocal`, `configs/clip_b16.py:bf16,runlocal`,
@@ -17,10 +19,11 @@ overridden with `--config.a.b=value`, e.g. `--config.train.batch_size=64
 --config.data.test_dataset="('Celeb-DF-v2','DFDC')"`; every field and its default is in
 fmsd_jax/config_base.py, and an unknown field is an error.
 
-One run per workdir: train, mask, evaluate and robustness lock WORKDIR (fmsd_jax/run/workdir_lock.py
-says why these) before reading any data, and a second such command on it exits 2 at once,
-naming the first's pid, host, mode and start time; predict, export and plan only read the run
-and may run beside it. The lock dies with its process, so a killed run leaves none behind.
+One run per workdir: train, mask, evaluate, robustness and preprocess lock WORKDIR
+(fmsd_jax/run/workdir_lock.py says why these) before reading any data, and a second such
+command on it exits 2 at once, naming the first's pid, host, mode and start time; predict,
+export and plan only read the run and may run beside it. The lock dies with its process, so a
+killed run leaves none behind.
 
 Exit status: 0 done; 2 a mistake in the input (path, config, argument, data), a workdir in use,
 or a full disk or quota (the line names the file being written and the space left; free space,
@@ -55,7 +58,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "mask", "evaluate", "robustness", "export", "predict",
-                           "plan", "serve"],  # the keys of MODES, below
+                           "plan", "preprocess", "serve"],  # the keys of MODES, below
                           "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: the TPU slice, e.g. v5e-256, v4-128, "
                                 "v5p-512 or v5e:16x16; the mesh is config.mesh.")
@@ -138,7 +141,8 @@ def main(argv: list[str]) -> None:
             import jax
 
             # Before any data is read or anything compiled, so a second run is refused at once.
-            with workdir_lock.exclusive(workdir, mode, create=mode in ("train", "mask"),
+            with workdir_lock.exclusive(workdir, mode,
+                                        create=mode in ("train", "mask", "preprocess"),
                                         process_index=jax.process_index() if multihost else 0):
                 run_mode(cfg, mode, workdir, argv)
     except BaseException:
@@ -206,6 +210,12 @@ def _plan(cfg, workdir: str, argv: list[str]) -> None:
     plan.run_plan(cfg, workdir, _TOPOLOGY.value)
 
 
+def _preprocess(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import preprocess
+
+    preprocess.preprocess(cfg, workdir)
+
+
 def _serve(cfg, workdir: str, argv: list[str]) -> None:
     from fmsd_jax.modes import serve
 
@@ -217,7 +227,8 @@ def _serve(cfg, workdir: str, argv: list[str]) -> None:
 # jax.distributed does).
 MODES: dict[str, Callable[[Any, str, list[str]], None]] = {
     "train": _train, "mask": _mask, "evaluate": _evaluate, "robustness": _robustness,
-    "export": _export, "predict": _predict, "plan": _plan, "serve": _serve}
+    "export": _export, "predict": _predict, "plan": _plan, "preprocess": _preprocess,
+    "serve": _serve}
 
 
 def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:

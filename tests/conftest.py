@@ -563,6 +563,86 @@ def train_box_detector(steps: int = 30) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
+# Faces: the real photographs that ship with scikit-image and matplotlib, and videos made from
+# them (tests/test_faces.py, tests/test_preprocess.py)
+
+
+def face_photos() -> dict:
+    """The bundled photographs dlib finds a face in, as RGB uint8: scikit-image's astronaut
+    (Eileen Collins) and matplotlib's grace_hopper, and their mirror images (two more faces
+    for the raw trees: a mirrored face is another set of pixels to the detector)."""
+    import matplotlib.cbook
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        hopper = np.asarray(im.convert("RGB"))
+    photos = {"astronaut": skimage.data.astronaut(), "grace_hopper": hopper}
+    photos.update({f"{k}_mirrored": np.ascontiguousarray(v[:, ::-1]) for k, v in
+                   list(photos.items())})
+    return photos
+
+
+def lfw_faces(interpolation: str = "INTER_LINEAR") -> tuple[list, list]:
+    """scikit-image's lfw_subset (100 faces, then 100 non-faces, 25 px grey) upscaled to
+    100 px RGB, as the issue measured the detectors on it."""
+    import cv2
+    import numpy as np
+    import skimage.data
+
+    def rgb(x):
+        g = cv2.resize((x * 255).round().astype(np.uint8), (100, 100),
+                       interpolation=getattr(cv2, interpolation))
+        return np.repeat(g[..., None], 3, axis=-1)
+
+    lfw = skimage.data.lfw_subset()
+    return [rgb(x) for x in lfw[:100]], [rgb(x) for x in lfw[100:]]
+
+
+def paste_face(target, source, cropper):
+    """`target` with `source`'s face pasted on: the source warped by the similarity that puts
+    its five key points on the target's, blended inside a feathered hull of the target's
+    68 landmarks (a face swap's seam, so 'fake' means something)."""
+    import cv2
+    import numpy as np
+
+    from fmsd_jax.data import faces
+
+    t, s = cropper.crop(target), cropper.crop(source)
+    m = faces.similarity(cropper.key_points(s.landmarks), cropper.key_points(t.landmarks))
+    warped = cv2.warpAffine(source, m, (target.shape[1], target.shape[0]))
+    mask = np.zeros(target.shape[:2], np.float32)
+    cv2.fillConvexPoly(mask, cv2.convexHull(t.landmarks.astype(np.int32)), 1.0)
+    mask = cv2.GaussianBlur(mask, (0, 0), 3)[..., None]
+    return (warped * mask + target * (1 - mask)).round().astype(np.uint8)
+
+
+def write_face_video(path, still, centre: tuple[float, float], n: int = 8,
+                     size: tuple[int, int] = (200, 200), zoom: float = 0.7,
+                     pan: tuple[float, float] = (3.0, 1.0), turn: float = 1.0,
+                     fourcc: str = "mp4v") -> list:
+    """A video of `n` frames of `still` seen through a `size` window centred on the still's
+    point `centre` (a face), zoomed by `zoom`, that pans by `pan` px and turns by `turn`
+    degrees a frame; returns the RGB frames written (before the codec)."""
+    import cv2
+    import numpy as np
+
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    writer = cv2.VideoWriter(os.fspath(path), cv2.VideoWriter_fourcc(*fourcc), 10, size)
+    assert writer.isOpened()
+    frames = []
+    for i in range(n):
+        m = cv2.getRotationMatrix2D(tuple(map(float, centre)), turn * i, zoom)
+        m[:, 2] += np.array(size) / 2 - np.array(centre) + np.array(pan) * i
+        frame = cv2.warpAffine(still, m, size, borderMode=cv2.BORDER_REFLECT)
+        frames.append(frame)
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
 # The detection service (tests/test_serve.py, tests/test_serve_page.py)
 
 
@@ -581,6 +661,8 @@ def served_run(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark) -> Path:
 
 
 def serve_cfg(ckpt: Path, bench: Path, **extra: str):
-    """`make_cfg` for serving the tiny run: three compiled batch sizes, 6 frames per video."""
+    """`make_cfg` for serving the tiny run: three compiled batch sizes, 6 frames per video, and
+    a frame without a face scored as its centre square (the tiny frames hold none)."""
     return make_cfg(ckpt, bench, **{"serve.batch_sizes": "(1, 4, 8)",
-                                    "predict.video_frames": "6", **extra})
+                                    "predict.video_frames": "6", "data.face.if_none": "centre",
+                                    **extra})

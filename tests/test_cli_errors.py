@@ -174,6 +174,22 @@ def test_resume_under_another_experiment_is_refused_and_longer_runs_are_not(
                        match=r"different config.*'method.regime'.*'optim.lr'"):
         checkpoints.check_resumable(tmp_path, other)
     assert checkpoints.config_differences(tmp_path / "none", cfg) is None
+    # A run from before calibration and the dlib face crop: its config.json holds
+    # predict.threshold and the retired data.video.* fields. Trained on stored DeepfakeBench
+    # crops, it resumes; trained on raw videos (their crops came from the retired cascade), not.
+    old = cfg.to_dict()
+    old["predict"]["threshold"] = 0.5
+    del old["predict"]["operating_point"]
+    old["data"]["video"] = {"face_margin": 1.3, "detect_faces": True}
+    del old["data"]["face"]
+    atomic.write_json(tmp_path / workdir_files.CONFIG_JSON, old)
+    assert cfg.data.source == "deepfakebench"
+    checkpoints.check_resumable(tmp_path, cfg)
+    videos = make_cfg(tiny_clip_checkpoint, tiny_benchmark, **{"data.source": "folder"})
+    old["data"]["source"] = "folder"
+    atomic.write_json(tmp_path / workdir_files.CONFIG_JSON, old)
+    with pytest.raises(errors.AlreadyExists, match=r"different config.*'data.face.detector'"):
+        checkpoints.check_resumable(tmp_path, videos)
 
 
 def test_a_careless_users_settings_and_workdirs_are_named_before_work(tmp_path):

@@ -210,7 +210,7 @@ def _write_video(path, n: int, size=(96, 64)) -> None:
     w.release()
 
 
-def test_video_source_samples_evenly_and_crops_square(tmp_path):
+def test_video_source_samples_evenly_and_says_when_a_frame_has_no_face(tmp_path):
     for cls in ('real', 'fake'):
         _write_video(tmp_path / 'V' / 'train' / cls / 'clip.avi', 20)
     cfg = _cfg(tmp_path, '', source='video')
@@ -221,12 +221,12 @@ def test_video_source_samples_evenly_and_crops_square(tmp_path):
     frame = vid.read_frame(recs[2]['path'], 10)
     assert frame.shape == (64, 96, 3) and abs(int(frame[..., 1].mean()) - 100) <= 3
     from fmsd_jax.data.transforms import ImageReader
-    img = ImageReader(32, detect_faces=True)(recs[2])  # no face: centre square, resized
-    assert img.shape == (32, 32, 3)
-    # DeepfakeBench crop: 1.3 x the face box, square, kept inside the frame.
-    assert vid.square_crop_box((40, 20, 20, 20), (64, 96), 1.3) == (37, 17, 63, 43)
-    assert vid.square_crop_box((0, 0, 20, 20), (64, 96), 1.3) == (0, 0, 26, 26)
-    assert vid.detect_face(np.zeros((64, 64, 3), np.uint8)) is None  # cascade loads
+    # No face in these frames: dropped by default (DeepfakeBench stores no such frame), or
+    # their centre square when asked for (data.face.if_none), never without saying which.
+    assert ImageReader(32).frame(recs[2]) == (None, 'no_face')
+    img, how = ImageReader(32, if_none='centre').frame(recs[2])
+    assert how == 'centre' and img.shape == (32, 32, 3)
+    assert abs(int(img[..., 1].mean()) - 100) <= 3  # frame 10's pixels, cropped and resized
 
 
 def test_config_fields_override_from_command_line():
@@ -244,12 +244,3 @@ def test_config_fields_override_from_command_line():
     assert not d.augment.enabled
     assert d.label_dict['FF-real'] == 0 and d.label_dict['DFDCP_FakeB'] == 1
     assert d.label_dict['SynSplice_fake'] == 1 and d.image_size == 224
-
-
-def test_face_detector_finds_the_astronaut_and_crops_with_margin():
-    import skimage.data
-    image = skimage.data.astronaut()  # face at rows ~70-170, cols ~170-270
-    x, y, w, h = vid.detect_face(image)
-    assert 150 < x + w / 2 < 280 and 60 < y + h / 2 < 180
-    crop = vid.crop_face(image, margin=1.3)
-    assert crop.shape[0] == crop.shape[1] == int(round(max(w, h) * 1.3))

@@ -103,6 +103,41 @@ def test_report_has_a_robustness_table_for_every_row(quick_demo):
         assert (workdir / m / "robustness.json").is_file()
 
 
+def test_report_shows_operating_points_calibration_and_subspaces(quick_demo):
+    """Each cell of the decision section is its row's results.json number (TPR / FPR at the
+    validation 5 %-FPR frame threshold), and FMSD's subspace table has a row per subspace and
+    a computed reading."""
+    workdir, _ = quick_demo
+    text = (workdir / "report.md").read_text()
+    section = text[text.index("## From a score to a decision"):]
+    header, body = _table(section)
+    held = [f for f in SYNTHETIC_DATASETS if f != "SynBlend"]
+    assert header[:2] == ["method", "T"] and len(header) == 2 + len(held)
+    assert [r[0] for r in body] == [rows.ROW_NAMES[m] for m in demo.METHODS]
+    for m, r in zip(demo.METHODS, body, strict=True):
+        rule = json.loads((workdir / m / "decision.json").read_text())
+        assert float(r[1]) == pytest.approx(rule["temperature"], rel=2e-3)
+        saved = json.loads((workdir / m / "results.json").read_text())
+        for family, cell in zip(held, r[2:], strict=True):
+            p = saved[family]["operating_points"]["frame"]["fpr@0.05"]
+            assert p["threshold"] == rule["thresholds"]["frame"]["fpr@0.05"]
+            assert cell == (f"{100 * p['tpr']:.0f} % / {100 * p['fpr']:.0f} % "
+                            f"({100 * p['oracle_tpr']:.0f} %)"), (m, family)
+    cal_header, cal = _table(section[section.index("| method | ECE before"):])
+    for m, r in zip(demo.METHODS, cal, strict=True):
+        saved = json.loads((workdir / m / "results.json").read_text())
+        want = np.mean([saved[f]["calibration"]["after"]["ece"] for f in held])
+        assert float(r[2]) == pytest.approx(want, abs=5e-5), m
+    assert "The validation temperature lowered the held-out ECE for" in section
+    sub = text[text.index("## What each artifact subspace responds to (FMSD)"):]
+    k = demo_config("quick").method.num_subspaces
+    sub_header, sub_rows = _table(sub)
+    assert sub_header[1:] == list(SYNTHETIC_DATASETS)
+    assert [r[0] for r in sub_rows[:k]] == [f"subspace {i}" for i in range(k)]
+    assert ("respond differently" in sub) or ("no sign" in sub) or ("no evidence" in sub)
+    assert (workdir / "fmsd" / "subspaces.png").is_file()
+
+
 def test_pretrained_backbone_is_a_clip_checkpoint(quick_demo):
     from fmsd_jax.model.weights.load import load_clip_vision
 

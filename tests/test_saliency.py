@@ -140,7 +140,10 @@ def test_overlays_are_pngs_named_after_their_inputs(tmp_path):
     for p in paths:
         p.name.encode("ascii")  # safe everywhere
         assert p.suffix == ".png"
-    assert paths[0].name.startswith("x.png-") and paths[2].name.startswith("caf_xe9.png-")
+    # folder_file: a video's frames (test_0000/000.png) say which video they are of
+    tmp = tmp_path.name
+    assert paths[0].name.startswith("a_x.png-") and paths[1].name.startswith("b_x.png-")
+    assert paths[2].name.startswith(f"{tmp}_caf_xe9.png-")
     assert paths[3].name.startswith("clip.mp4_12-")
     for image, path in zip(images, paths, strict=True):
         got = np.asarray(Image.open(path).convert("RGB"))

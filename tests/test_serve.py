@@ -111,7 +111,7 @@ def test_scores_equal_mode_predict_and_the_answer_says_what_decided_it(
     assert (a["kind"], a["media_type"], a["frame_count"], a["filename"]) == \
         ("image", "image/png", 1, "face.png")
     assert a["faces"] == {"looked_for": True, "found": 0, "frames": 1, "no_face_found": True}
-    assert a["frames"][0]["box"] == [0, 0, 32, 32]
+    assert a["frames"][0]["box"] is None and a["frames"][0]["scored"]
     # The video: 6 frames decoded by PyAV from memory, the same frames predict reads from disk.
     np.testing.assert_allclose([f["prob_fake"] for f in b["frames"]],
                                want["inputs"][str(video)]["frame_probs"], atol=1e-5)
@@ -498,7 +498,13 @@ def test_mode_serve_starts_scores_and_stops_on_sigterm(served_run, tiny_clip_che
         assert httpx.get(f"{url}/v1/ready").json()["compiled"] == [1, 2]
         answer = httpx.post(f"{url}/v1/score", files={"file": (
             "f.png", frame_png(tiny_benchmark).read_bytes())}, timeout=60)
-        assert answer.status_code == 200 and 0 < answer.json()["prob_fake"] < 1
+        # The run's data.face.if_none is 'skip' (DeepfakeBench stores no faceless frame): the
+        # tiny frame holds no face, so nothing is scored and the answer says so.
+        a = answer.json()
+        assert answer.status_code == 200 and a["faces"]["no_face_found"]
+        assert (a["prob_fake"], a["label"], a["verdict"], a["crop"]) == \
+            (None, None, "no face found", None)
+        assert a["frames"][0]["scored"] is False
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
         lines.append(rest)

@@ -101,9 +101,10 @@ def test_the_page_scores_uploads_as_the_api_does(served_run, tiny_clip_checkpoin
         assert set(cards) == {p.name for p in paths}
         for name, card in cards.items():
             want = api[name]
-            # The score the page shows is the API's for the same bytes.
+            # The score the page shows is the API's for the same bytes (to float32 rounding:
+            # the page's three uploads share batches, whose padded size changes XLA's sums).
             assert float(card.get_attribute("data-prob")) == pytest.approx(want["prob_fake"],
-                                                                           abs=1e-12)
+                                                                           abs=1e-6)
             assert card.find_element(By.CLASS_NAME, "prob").text == \
                 f"P(fake) {want['prob_fake']:.3f}"
             assert card.find_element(By.CLASS_NAME, "verdict").text.lower() == want["verdict"]

@@ -572,9 +572,13 @@ def test_predict_scores_frames_folders_and_videos(trained, tiny_benchmark, tmp_p
     for f in frames * 2:
         writer.write(cv2.imread(str(f)))
     writer.release()
-    result = predict.predict(cfg, workdir, [str(folder), str(frames[0]), str(video)],
+    # The synthetic frames hold no face: their centre squares are scored, and counted.
+    centre = make_cfg(cfg.model.init_from, tiny_benchmark, **{"data.face.if_none": "centre"})
+    result = predict.predict(centre, workdir, [str(folder), str(frames[0]), str(video)],
                              tmp_path / "pred.json")
     scored = result["inputs"]
+    assert scored[str(video)]["frames_without_face"] == 2 * len(frames)
+    assert "frames_without_face" not in scored[str(folder)]
     assert scored[str(folder)]["frames"] == len(frames)
     assert scored[str(frames[0])]["frames"] == 1
     assert scored[str(video)]["frames"] == 2 * len(frames)
@@ -1084,6 +1088,50 @@ def test_predict_exits_nonzero_when_an_input_could_not_be_scored(trained, tiny_b
     assert list(written["inputs"]) == [str(good)] and written["unreadable"] == [str(truncated)]
 
 
+def test_predict_explain_writes_subspace_numbers_and_heatmaps(trained, tiny_benchmark,
+                                                             tmp_path, capsys):
+    """--config.predict.explain=True: each frame's Δ fake logit per subspace equals the
+    trained minus the k-undone detector's logit on those pixels, and its heatmap is a PNG
+    of the scored crop's size in the folder beside the predictions file."""
+    from PIL import Image
+
+    from fmsd_jax.evaluators import subspaces
+    from fmsd_jax.evaluators.saliency import overlay_dir
+
+    cfg, workdir, _ = trained
+    folder = tiny_benchmark / "SynBlend" / "fake" / "frames" / "test_0000"
+    at = make_cfg(cfg.model.init_from, tiny_benchmark,
+                  **{"predict.explain": "1", "predict.explain_steps": "8"})
+    result = predict.predict(at, workdir, [str(folder)], tmp_path / "p.json")
+    ex = result["inputs"][str(folder)]["explain"]
+    k = cfg.method.num_subspaces
+    frames = sorted(folder.glob("*.png"))
+    assert len(ex["frame_subspaces"]) == len(frames) and len(ex["frame_subspaces"][0]) == k
+    np.testing.assert_allclose([s["delta_logit"] for s in ex["subspaces"]],
+                               np.mean(ex["frame_subspaces"], axis=0), atol=1e-9)
+    run = rebuild.open_run(cfg, workdir, parallel.make_mesh(cfg.mesh), estimate=False)
+    trainable = rebuild.restore_trainable(cfg, workdir, run)
+    predict_fn = scoring.make_predict_fn(run.graphdef, run.mesh)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in frames])
+    pad = np.zeros((cfg.predict.batch_size - len(frames),) + pixels.shape[1:], np.uint8)
+    images = np.concatenate([pixels, pad])
+    t1 = scoring.temperature_arg(1.0)
+    trained_logit = np.asarray(predict_fn(trainable, run.frozen, images, t1)["logit"])
+    for j in range(k):
+        undone = subspaces.undo_subspaces(run, trainable, [j])
+        want = trained_logit - np.asarray(predict_fn(undone, run.frozen, images, t1)["logit"])
+        np.testing.assert_allclose(np.asarray(ex["frame_subspaces"])[:, j], want[:len(frames)],
+                                   atol=1e-5)
+    assert any(abs(v) > 1e-6 for row in ex["frame_subspaces"] for v in row)  # training acted
+    assert overlay_dir(tmp_path / "p.json") == tmp_path / "p.saliency"
+    for path in ex["heatmaps"]:
+        assert Path(path).parent == tmp_path / "p.saliency"
+        assert Image.open(path).size == (cfg.data.image_size, cfg.data.image_size)
+    assert len(set(ex["heatmaps"])) == len(frames)
+    assert "# explain: integrated gradients of the fake logit per patch (8 steps" in \
+        capsys.readouterr().out
+
+
 def test_an_operating_point_the_run_lacks_is_one_line_before_the_model_loads(
         trained_copy, tiny_benchmark, tmp_path, monkeypatch):
     cfg, workdir, _ = trained_copy
@@ -1125,7 +1173,8 @@ def test_predict_scores_byte_named_inputs_as_their_plain_copies(trained, tiny_be
     shutil.copy(video, plain[2])
     stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
     monkeypatch.setattr(sys, "stdout", stdout)
-    result = predict.predict(cfg, workdir, [image, frames, video, *plain], tmp_path / "p.json")
+    centre = make_cfg(cfg.model.init_from, tiny_benchmark, **{"data.face.if_none": "centre"})
+    result = predict.predict(centre, workdir, [image, frames, video, *plain], tmp_path / "p.json")
     stdout.flush()
     printed = stdout.buffer.getvalue().decode("utf-8")
     scored = result["inputs"]

@@ -5,4 +5,6 @@ pipeline.make_train_loader / make_eval_loader   grain pipelines
 deepfakebench, folder, video, tfds_builder      sources (sources.record_dataset picks one)
 synthetic.write_benchmark  the offline cross-forgery benchmark in DeepfakeBench layout
 forgeries, transforms      artifact families; reading, augmentation, normalisation
+faces                      DeepfakeBench's face crop (dlib, five-point alignment, scale 1.3)
+raw_videos                 raw FaceForensics++ / Celeb-DF-v2 layouts; one video -> frames
 """

@@ -44,7 +44,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     """Defaults reproduce Effort/DeepfakeBench training on FF++ c23."""
     c = ml_collections.ConfigDict()
     # Where records come from: 'deepfakebench' (JSON + frames), 'folder' (real/ fake/
-    # image folders), 'video' (video files, faces cropped on the fly) or 'tfds'
+    # image folders), 'video' (video files, faces cropped on the fly by data/faces.py) or 'tfds'
     # (ArrayRecord files written by fmsd_jax.data.tfds_builder).
     c.source = 'deepfakebench'
     # Relative frame paths in the JSON (and folder/video datasets) resolve against this;
@@ -106,11 +106,25 @@ def get_data_config() -> ml_collections.ConfigDict:
     f.video_extensions = ('.mp4', '.avi', '.mov', '.mkv', '.webm')
     c.folder = f
 
-    v = ml_collections.ConfigDict()
-    v.face_margin = 1.3  # DeepfakeBench's crop scale around the detected face
-    v.detect_faces = True  # OpenCV's bundled Haar cascade; off = centre square crop
-    v.min_face_fraction = 0.1  # ignore detections smaller than this share of the short side
-    c.video = v
+    # Faces of video frames (video source, predict, preprocess): DeepfakeBench's crop, re-derived
+    # in fmsd_jax/data/faces.py (preprocessing/preprocess.py's values).
+    fc = ml_collections.ConfigDict()
+    fc.enabled = True  # False: a video frame's centre square is taken (and predict says so)
+    fc.detector = 'hog'  # dlib's frontal (HOG) detector, as DeepfakeBench; 'cnn': dlib's MMOD
+    # 'dlib68': DeepfakeBench's key points; its model is trained on iBUG 300-W, whose licence
+    # excludes commercial use. 'dlib5': dlib's public-domain 5-point model (README states its
+    # measured difference from DeepfakeBench's crop).
+    fc.landmarks = 'dlib68'
+    fc.size = 256  # DeepfakeBench's `res`: the stored crop's side in pixels
+    fc.scale = 1.3  # DeepfakeBench's crop scale: the aligned face spans 1/1.3 of the crop
+    fc.upsample = 1  # detector upsamplings, DeepfakeBench's face_detector(rgb, 1)
+    # A frame without a face: 'skip' (DeepfakeBench stores no such frame; predict lists it; the
+    # video source counts it with the unreadable frames, so train on `--mode preprocess`'s
+    # output rather than on raw videos) or 'centre' (its centre square is scored, and predict
+    # counts such frames).
+    fc.if_none = 'skip'
+    fc.model_dir = ''  # dlib .dat files; empty: the face-recognition-models wheel's folder
+    c.face = fc
 
     t = ml_collections.ConfigDict()
     t.data_dir = ''  # where tfds_builder wrote its ArrayRecord files

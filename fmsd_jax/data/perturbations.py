@@ -457,6 +457,8 @@ class PerturbedReader:
         if stage == "before_crop":
             image = self.perturbation(image, noise_key(record))
         image = self.reader.finish(image, record)
+        if image is None:  # a video frame without a face (data.face.if_none='skip')
+            return None
         if stage == "model_input":
             image = self.perturbation(image, noise_key(record))
         return image

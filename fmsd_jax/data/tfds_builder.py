@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from fmsd_jax import atomic
-from fmsd_jax.data import file_records
+from fmsd_jax.data import faces, file_records
 from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms as tr
 from fmsd_jax.errors import InputNotFound, UnknownName
@@ -117,8 +117,9 @@ class FmsdFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, cfg, records: list[dict]):
         size = int(self.builder_config.image_size)
-        reader = tr.ImageReader(size, cfg.video.face_margin, cfg.video.detect_faces,
-                                cfg.video.min_face_fraction)
+        reader = tr.ImageReader(size, cfg.face.enabled,
+                                faces.FaceCropper.from_config(cfg) if cfg.face.enabled
+                                else None, cfg.face.if_none)
         bad = 0
         for i, r in enumerate(records):
             image = reader(r)

@@ -14,7 +14,9 @@ import cv2
 import grain
 import numpy as np
 
+from fmsd_jax.data import faces
 from fmsd_jax.data import video as vid
+from fmsd_jax.errors import BadInput
 
 cv2.setNumThreads(1)  # grain's threads/processes parallelise; nested cv2 threads just fight
 
@@ -53,23 +55,46 @@ def read_rgb(path: str) -> np.ndarray | None:
 
 class ImageReader:
     """Reads the pixels of one record (image file, video frame, or decoded TFDS image),
-    resized to a square `image_size` (0 keeps the stored size)."""
+    resized to a square `image_size` (0 keeps the stored size).
 
-    def __init__(self, image_size: int, face_margin: float = 1.3, detect_faces: bool = True,
-                 min_face_fraction: float = 0.1):
+    A video frame's face is cut as DeepfakeBench cuts it (fmsd_jax/data/faces.py); a frame
+    without a face is dropped (`if_none='skip'`: None, counted like an unreadable frame) or
+    replaced by its centre square (`'centre'`); `detect_faces=False` takes every video frame's
+    centre square. Image files and TFDS images are stored crops and are taken whole."""
+
+    def __init__(self, image_size: int, detect_faces: bool = True,
+                 cropper: faces.FaceCropper | None = None, if_none: str = 'skip'):
+        if if_none not in faces.IF_NONE:
+            raise BadInput(f'config.data.face.if_none={if_none!r} is not one of '
+                           f'{faces.IF_NONE}; set --config.data.face.if_none=skip or centre')
         self.image_size = int(image_size)
-        self.face_margin = float(face_margin)
         self.detect_faces = bool(detect_faces)
-        self.min_face_fraction = float(min_face_fraction)
+        self.if_none = if_none
+        self._cropper = cropper
 
     @classmethod
     def from_config(cls, data_cfg) -> ImageReader:
-        return cls(data_cfg.image_size, data_cfg.video.face_margin,
-                   data_cfg.video.detect_faces, data_cfg.video.min_face_fraction)
+        f = data_cfg.face
+        return cls(data_cfg.image_size, f.enabled,
+                   faces.FaceCropper.from_config(data_cfg) if f.enabled else None, f.if_none)
+
+    @property
+    def cropper(self) -> faces.FaceCropper:
+        if self._cropper is None:
+            self._cropper = faces.FaceCropper()
+        return self._cropper
 
     def __call__(self, record: dict) -> np.ndarray | None:
+        return self.frame(record)[0]
+
+    def frame(self, record: dict) -> tuple[np.ndarray | None, str]:
+        """(model input or None, what was done): 'stored' (an image or TFDS crop), 'face',
+        'centre' (no face looked for, or none found under if_none='centre'), 'no_face'
+        (none found, dropped) or 'unreadable'."""
         image = self.read(record)
-        return None if image is None else self.finish(image, record)
+        if image is None:
+            return None, 'unreadable'
+        return self.finish_with(image, record)
 
     def read(self, record: dict) -> np.ndarray | None:
         """The stored pixels as (H, W, 3) uint8 RGB, before any face crop or resize: a whole
@@ -91,12 +116,24 @@ class ImageReader:
             image = np.repeat(image, 3, axis=-1)
         return np.ascontiguousarray(image, np.uint8)
 
-    def finish(self, image: np.ndarray, record: dict) -> np.ndarray:
-        """`read`'s pixels → model input: the face crop of a video frame, then the resize."""
+    def finish(self, image: np.ndarray, record: dict) -> np.ndarray | None:
+        """`read`'s pixels → model input: the face crop of a video frame, then the resize;
+        None for a video frame without a face under if_none='skip'."""
+        return self.finish_with(image, record)[0]
+
+    def finish_with(self, image: np.ndarray, record: dict) -> tuple[np.ndarray | None, str]:
+        how = 'stored'
         if record.get('image') is None and record['frame_index'] >= 0:
-            image = vid.crop_face(image, margin=self.face_margin, detect=self.detect_faces,
-                                  min_fraction=self.min_face_fraction)
-        return resize_square(image, self.image_size) if self.image_size > 0 else image
+            how = 'centre'
+            if self.detect_faces:
+                face = self.cropper.crop(image)
+                if face.found:
+                    image, how = face.image, 'face'
+                elif self.if_none == 'skip':
+                    return None, 'no_face'
+            if how == 'centre':
+                image = faces.centre_square(image)
+        return (resize_square(image, self.image_size) if self.image_size > 0 else image), how
 
 
 def build_augmentation(aug_cfg) -> A.Compose:

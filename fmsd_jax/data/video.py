@@ -1,14 +1,13 @@
-"""Video files: frame counting, frame decoding and face cropping with OpenCV.
+"""Video files: frame counting and frame decoding with OpenCV (FFmpeg).
 
-The face detector is a frontal-face cascade that ships inside an installed package
-(OpenCV 4's Haar cascade, or scikit-image's LBP cascade under OpenCV 5), so nothing is
-downloaded, and the crop follows DeepfakeBench's preprocessing (square box around the
-face scaled by 1.3).
+Faces are found and cropped by fmsd_jax/data/faces.py, DeepfakeBench's rule; this module only
+turns a file into RGB frames.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -17,30 +16,6 @@ import numpy as np
 # frames"); FFmpeg's own lines on stderr ("moov atom not found") would only break that line.
 # Read by OpenCV when its first capture opens; set it yourself to see FFmpeg's messages.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
-
-_DETECTOR = None
-
-
-def _detector():
-    """OpenCV 4's Haar cascade when this OpenCV ships it; OpenCV 5 dropped the cascades,
-    and then scikit-image's bundled LBP frontal-face cascade (the same OpenCV-trained
-    model family) is used.  Either way nothing is downloaded."""
-    global _DETECTOR
-    if _DETECTOR is None:
-        haar = os.path.join(getattr(getattr(cv2, 'data', None), 'haarcascades', '') or '',
-                            'haarcascade_frontalface_default.xml')
-        if hasattr(cv2, 'CascadeClassifier') and os.path.isfile(haar):
-            cascade = cv2.CascadeClassifier(haar)
-            if cascade.empty():
-                raise RuntimeError(f'OpenCV face cascade could not be loaded from {haar}')
-            _DETECTOR = ('opencv', cascade)
-        else:
-            import skimage.data
-            import skimage.feature
-            _DETECTOR = ('skimage', skimage.feature.Cascade(
-                skimage.data.lbp_frontal_face_cascade_filename()))
-    return _DETECTOR
-
 
 def _capture(path: str) -> cv2.VideoCapture:
     """OpenCV's reader given the name as bytes: a str name that is not valid UTF-8 (a
@@ -88,50 +63,32 @@ def read_frame(path: str, index: int) -> np.ndarray | None:
         cap.release()
 
 
-def square_crop_box(box: tuple[int, int, int, int], shape: tuple[int, ...],
-                    margin: float) -> tuple[int, int, int, int]:
-    """Square (x0, y0, x1, y1) of side `margin * max(w, h)` centred on `box` (x, y, w, h),
-    shifted (not shrunk) to stay inside the image where possible, as DeepfakeBench's
-    crop keeps the face centred at a fixed scale."""
-    height, width = shape[:2]
-    x, y, w, h = box
-    side = min(int(round(max(w, h) * margin)), height, width)
-    cx, cy = x + w / 2.0, y + h / 2.0
-    x0 = int(round(min(max(cx - side / 2.0, 0), width - side)))
-    y0 = int(round(min(max(cy - side / 2.0, 0), height - side)))
-    return x0, y0, x0 + side, y0 + side
-
-
-def detect_face(image: np.ndarray, min_fraction: float = 0.1
-                ) -> tuple[int, int, int, int] | None:
-    """Largest face (x, y, w, h) in an RGB image, or None."""
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    min_side = max(int(min(gray.shape) * min_fraction), 16)
-    if min_side > min(gray.shape):
-        return None
-    kind, det = _detector()
-    if kind == 'opencv':
-        faces = [tuple(int(v) for v in f) for f in det.detectMultiScale(
-            gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))]
-    else:
-        faces = [(int(f['c']), int(f['r']), int(f['width']), int(f['height']))
-                 for f in det.detect_multi_scale(img=gray, scale_factor=1.2, step_ratio=1,
-                                                 min_size=(min_side, min_side),
-                                                 max_size=gray.shape)]
-    if not faces:
-        return None
-    return max(faces, key=lambda f: f[2] * f[3])
-
-
-def crop_face(image: np.ndarray, *, margin: float = 1.3, detect: bool = True,
-              min_fraction: float = 0.1) -> np.ndarray:
-    """Face crop with DeepfakeBench's margin; the centre square when no face is found so
-    that a frame is never silently dropped from a video's prediction."""
-    height, width = image.shape[:2]
-    box = detect_face(image, min_fraction) if detect else None
-    if box is None:
-        side = min(height, width)
-        box = ((width - side) // 2, (height - side) // 2, side, side)
-        margin = 1.0
-    x0, y0, x1, y1 = square_crop_box(box, image.shape, margin)
-    return np.ascontiguousarray(image[y0:y1, x0:x1])
+def read_frames(path: str, indices) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB uint8 frame) for each wanted index, decoding the video once from its start,
+    as DeepfakeBench's preprocessing reads (a seek lands on the keyframe before the asked frame
+    in many containers, so seeking would take other frames than the index says). Frames not
+    wanted are only grabbed, not converted. Stops early at the first frame that does not
+    decode; the caller compares what came back with what it asked for."""
+    wanted = sorted({int(i) for i in indices})
+    if not wanted:
+        return
+    cap = _capture(path)
+    try:
+        if not cap.isOpened():
+            return
+        todo = iter(wanted)
+        nxt = next(todo)
+        for i in range(wanted[-1] + 1):
+            if not cap.grab():
+                return
+            if i != nxt:
+                continue
+            ok, frame = cap.retrieve()
+            if not ok or frame is None:
+                return
+            yield i, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            nxt = next(todo, None)
+            if nxt is None:
+                return
+    finally:
+        cap.release()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fmsd_jax import atomic
+from fmsd_jax.evaluators import subspace_report
 from fmsd_jax.evaluators.result_files import fmt, md_escape, nanmean, to_float
 from fmsd_jax.run import workdir_files
 
@@ -76,3 +77,18 @@ def section(rows: Mapping[str, tuple[Path, Mapping[str, Mapping[str, Any]]]],
                                            "not transfer to all others." if not all(better)
                                            else "."), ""]
     return "\n".join(md)
+
+
+def subspace_section(name: str, workdir: Path, results: Mapping[str, Mapping[str, Any]]) -> str:
+    """`name`'s (FMSD's) subspace x family table from its results.json, with the computed
+    reading and its chart, or '' when the row has no ablation."""
+    table = {f: r["subspaces"] for f, r in results.items() if r.get("subspaces")}
+    if not table:
+        return ""
+    md = subspace_report.subspace_markdown(table).replace(
+        subspace_report.HEADING, f"{subspace_report.HEADING} ({md_escape(name)})", 1)
+    chart = Path(workdir) / workdir_files.SUBSPACES_PNG
+    if chart.is_file():
+        rel = f"{Path(workdir).name}/{workdir_files.SUBSPACES_PNG}"
+        md += f"\nChart: [{rel}]({rel})\n\n![subspaces]({rel})\n"
+    return md

@@ -507,7 +507,9 @@ def write_report(cfg: mlc.ConfigDict, workdir: Path, results: Mapping[str, dict]
         roc_charts=roc, intro=intro, sections=[
             _lr_section(cfg, workdir),
             decision_section.section({ROW_NAMES[m]: (workdir / m, results[m]) for m in methods},
-                                     list(cfg.data.train_dataset))])
+                                     list(cfg.data.train_dataset)),
+            *([decision_section.subspace_section(ROW_NAMES["fmsd"], workdir / "fmsd",
+                                                 results["fmsd"])] if "fmsd" in methods else [])])
 
 
 def _test_size(results: Mapping[str, dict]) -> str:

@@ -48,8 +48,9 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("video_auc", "AUC (video)"),
 )
 _COUNT_KEYS = ("num_frames", "num_videos")
-# Per-dataset sections beside the DFB metrics (modes/evaluate.decision_numbers)
-DECISION_KEYS = ("calibration", "operating_points", "video_auc_by_aggregation")
+# Per-dataset sections beside the DFB metrics (modes/evaluate: decision_numbers, and the
+# subspace ablation of evaluators/subspaces.py)
+DECISION_KEYS = ("calibration", "operating_points", "video_auc_by_aggregation", "subspaces")
 
 
 # --------------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ def write_results(
     diagnostics: Mapping[str, Any] | None = None,
     train_families: Sequence[str] | None = None,
     decision: Mapping[str, Any] | None = None,
+    sections: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write ``workdir/results.json`` and ``workdir/results.md``, replacing earlier ones.
 
@@ -255,9 +257,10 @@ def write_results(
     ``diagnostics`` (the run's diagnostics.json) adds the backbone's contribution and how far
     the adapted layers moved below the table; ``decision`` (decision.json's content) the
     calibration and operating-point tables, from each dataset's `DECISION_KEYS` (kept in
-    results.json too). ``train_families`` marks the training family's
-    row and gives the held-out mean (`results_table`); results.json stays numbers only (the
-    training family is in config.json), so its readers see the same schema as before.
+    results.json too); ``sections`` (Markdown, e.g. the subspace ablation's) follow them.
+    ``train_families`` marks the training family's row and gives the held-out mean
+    (`results_table`); results.json does not repeat it (the training family is in
+    config.json): its top level stays one entry per dataset, as before.
     """
     norm = _normalise_results(results)
     wd = Path(workdir)
@@ -277,6 +280,8 @@ def write_results(
     md.append(results_table(norm, train_families=train_families))
     if decision is not None:
         md += ["", decision_section(results, decision, train_families)]
+    for section in sections:
+        md += ["", section]
     if diagnostics is not None:
         md += ["", adaptation_section(diagnostics)]
     atomic.write_text(md_path, "\n".join(md))

@@ -65,7 +65,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from fmsd_jax import atomic, parallel
-from fmsd_jax.evaluators.scoring import _process_local
+from fmsd_jax.evaluators.scoring import process_local
 from fmsd_jax.parallel import on_mesh
 from fmsd_jax.pathnames import shown
 
@@ -160,11 +160,16 @@ def overlay(image: np.ndarray, patch_map: np.ndarray, scale: float | None = None
 
 def overlay_name(name: str) -> str:
     """A safe PNG file name for an input (a path as given, perhaps with '#frame'): its last
-    path part with every character outside [A-Za-z0-9._-] as '_' (undecodable bytes first
-    shown as \\xNN), cut to 80 characters, and 10 hex digits of the SHA-1 of the whole name's
-    bytes, so two inputs of one base name (a/x.png, b/x.png) never share a file."""
+    two path parts (folder_file) with every character outside [A-Za-z0-9._-] as '_'
+    (undecodable bytes first shown as \\xNN), cut to 80 characters, and 10 hex digits of the
+    SHA-1 of the whole name's bytes, so two inputs of one base name (a/x.png, b/x.png) never
+    share a file."""
     raw = os.fsencode(name) if isinstance(name, str) else bytes(name)
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", shown(os.path.basename(os.fsdecode(raw)) or "input"))
+    path = os.fsdecode(raw)
+    last = os.path.basename(path)
+    folder = os.path.basename(os.path.dirname(path))  # frames of videos share a base name
+    base = re.sub(r"[^A-Za-z0-9._-]", "_",
+                  shown(f"{folder}_{last}" if folder and last else last or "input"))
     base = base.lstrip(".")[:80] or "input"
     return f"{base}-{hashlib.sha1(raw).hexdigest()[:10]}.png"
 
@@ -199,4 +204,4 @@ def write_overlays(images: np.ndarray, maps: np.ndarray, out_dir: str | os.PathL
 
 def _host_rows(global_array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in order."""
-    return np.asarray(global_array) if jax.process_count() == 1 else _process_local(global_array)
+    return np.asarray(global_array) if jax.process_count() == 1 else process_local(global_array)

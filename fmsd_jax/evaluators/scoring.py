@@ -81,7 +81,7 @@ def score_split(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
     for batch in loader:
         images = parallel.global_batch(run.mesh, batch, ("image",))["image"]
         out = predict(trainable, run.frozen, images, t)
-        local = {k: np.asarray(v) if jax.process_count() == 1 else _process_local(v)
+        local = {k: np.asarray(v) if jax.process_count() == 1 else process_local(v)
                  for k, v in out.items()}
         acc.add(local["prob"], batch["label"], batch["video_id"], batch["valid"],
                 logits=local["logit"])
@@ -90,7 +90,7 @@ def score_split(cfg: mlc.ConfigDict, run, trainable, name: str, split: str,
     return acc
 
 
-def _process_local(global_array: jax.Array) -> np.ndarray:
+def process_local(global_array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in order."""
     shards = sorted(global_array.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])

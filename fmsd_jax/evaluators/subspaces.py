@@ -41,7 +41,7 @@ from flax import nnx
 from fmsd_jax import parallel
 from fmsd_jax.data import pipeline
 from fmsd_jax.evaluators import metrics, scoring
-from fmsd_jax.evaluators.scoring import _process_local
+from fmsd_jax.evaluators.scoring import process_local
 from fmsd_jax.method import decompose as decomp
 
 # The temperature the ablation passes: Δ and AUC are on the uncalibrated margin ('logit'), which
@@ -240,7 +240,7 @@ def _sigmoid(margin: np.ndarray) -> np.ndarray:
 
 def _host_rows(global_array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in order."""
-    return np.asarray(global_array) if jax.process_count() == 1 else _process_local(global_array)
+    return np.asarray(global_array) if jax.process_count() == 1 else process_local(global_array)
 
 
 def _gather_rows(arrays: list[np.ndarray]) -> list[np.ndarray]:

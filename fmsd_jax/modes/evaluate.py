@@ -25,6 +25,8 @@ from fmsd_jax.evaluators import (
     plots,
     result_files,
     scoring,
+    subspace_report,
+    subspaces,
 )
 from fmsd_jax.run import manifest, preflight, rebuild, workdir_files
 
@@ -41,7 +43,10 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None,
     is then scored once, uncalibrated: DeepfakeBench's metrics come from that softmax, as
     DeepfakeBench computes them, and the calibrated P(fake) that calibration and operating
     points are measured on is sigmoid(margin / T) of the same pass (T rescales the margin;
-    it changes no frame's rank nor any decision at 0.5).
+    it changes no frame's rank nor any decision at 0.5). An FMSD run with K > 1 then scores
+    each set once more under every variant of the subspace ablation (evaluators/subspaces.py:
+    each subspace's training undone, and only it trained), written to results.md and
+    subspaces.png.
 
     results.md also shows the backbone's contribution from the run's diagnostics.json (written
     by training; see fmsd_jax/evaluators/adaptation.py) when that file is there. `--mode evaluate`
@@ -73,11 +78,15 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None,
     predict = scoring.make_predict_fn(run.graphdef, run.mesh)
     rule = decision.fit_on_validation(cfg, run, trainable, predict, checkpoint=which, step=step)
     decision.save(workdir, rule)
+    skip = subspaces.skip_reason(run)
+    variants = subspaces.ablations(run, trainable) if skip is None else None
     results, curves, video_curves, reliability = {}, {}, {}, {}
     for name in cfg.data.test_dataset:
         acc = scoring.score_split(cfg, run, trainable, name, "test", predict)
         result, (probs, labels), vids = acc.result(), acc.arrays(), acc.video_ids()
         result.update(decision_numbers(rule, acc))
+        result["subspaces"] = subspaces.subspace_ablation(cfg, run, trainable, predict, name,
+                                                          variants=variants)
         results[name] = result
         reliability[name] = result["calibration"].pop("reliability")
         if len(np.unique(labels)) == 2:
@@ -96,11 +105,16 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None,
         result_files.write_results(
             workdir, results, notes=[manifest.citation(workdir, mode)],
             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None,
-            train_families=train_families, decision=rule.to_json())
+            train_families=train_families, decision=rule.to_json(),
+            sections=[subspace_report.subspace_markdown(
+                {n: r["subspaces"] for n, r in results.items()})])
         if curves:
             plots.plot_roc(curves, workdir / workdir_files.ROC_PNG,
                            video_curves=video_curves or None, title=f"ROC: {title}",
                            train_families=train_families)
+        if skip is None:
+            subspace_report.plot_subspaces({n: r["subspaces"] for n, r in results.items()},
+                                           workdir / workdir_files.SUBSPACES_PNG)
         plots.plot_reliability(reliability, workdir / workdir_files.CALIBRATION_PNG,
                                temperature=rule.temperature,
                                title=f"Reliability of P(fake): {title}")

@@ -3,13 +3,16 @@
 An image is one frame. A folder is one video made of its images (sorted by their integer
 names, as DeepfakeBench stores frames), unless `config.predict.per_image` is set: then each of
 its images is scored on its own (a folder of separate face photos). A video file is sampled
-evenly (`config.predict.video_frames` frames) and each frame's face cropped with
-DeepfakeBench's 1.3 margin. Every frame gets P(fake), softmax(logits / T)[fake] with the
-run's validation temperature (WORKDIR/decision.json, evaluators/decision.py); a video's score
-is `config.eval.video_aggregation` of its frames' (default their mean, as DeepfakeBench's
-video-level AUC averages them); the printed label is 'fake' when that score reaches the
-threshold of `config.predict.operating_point`, chosen on validation at video level for a
-video or a folder and at frame level for an image (or a number given as the threshold).
+evenly (`config.predict.video_frames` frames) and each frame's face cut as DeepfakeBench
+cuts its training frames (fmsd_jax/data/faces.py: dlib detection, five-point alignment, scale
+1.3); a frame without a face is left out and listed (`config.data.face.if_none='skip'`) or
+scored as its centre square and counted (`'centre'`). Every frame gets P(fake),
+softmax(logits / T)[fake] with the run's validation temperature (WORKDIR/decision.json,
+evaluators/decision.py); a video's score is `config.eval.video_aggregation` of its frames'
+(default their mean, as DeepfakeBench's video-level AUC averages them); the printed label is
+'fake' when that score reaches the threshold of `config.predict.operating_point`, chosen on
+validation at video level for a video or a folder and at frame level for an image (or a
+number given as the threshold).
 
 Every input is checked (exists, is an image OpenCV can decode, a video with frames) before the
 model is loaded; an input that still cannot be scored makes the command exit non-zero, after
@@ -36,7 +39,7 @@ from fmsd_jax.data import records as rec
 from fmsd_jax.data import transforms
 from fmsd_jax.data import video as vid
 from fmsd_jax.errors import AlreadyExists, BadInput
-from fmsd_jax.evaluators import decision, metrics, result_files, scoring
+from fmsd_jax.evaluators import decision, explain, metrics, result_files, saliency, scoring
 from fmsd_jax.pathnames import shown
 from fmsd_jax.run import rebuild, workdir_files
 
@@ -108,9 +111,11 @@ def what_is_scored(data_cfg: mlc.ConfigDict, video_frames: int, per_image: bool,
     """What predict does to each kind of input given (`kinds`: 'image', 'folder', 'video'),
     in the words of its header: analysts must know whether a face was looked for."""
     size = int(data_cfg.image_size)
-    face = (f"the largest face cropped (a square {data_cfg.video.face_margin:g} x its box, "
-            "the centre square when no face is found)" if data_cfg.video.detect_faces
-            else "its centre square")
+    f = data_cfg.face
+    face = (f"the largest face aligned and cropped as DeepfakeBench does (dlib {f.detector}, "
+            f"five points, scale {f.scale:g}; a frame with no face "
+            + ("left out)" if f.if_none == "skip" else "taken as its centre square, counted)")
+            if f.enabled else "its centre square (no face detection)")
     parts = []
     if kinds & {"image", "folder"}:
         parts.append("an image is taken whole as a face crop, as DeepfakeBench stores frames "
@@ -155,7 +160,8 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     keys = list(dict.fromkeys(r["video_id"] for r in frames))  # input order
     out = claim_output(workdir, out_path) if jax.process_index() == 0 else None
     try:
-        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image, rule, thresholds)
+        result = _score(cfg, workdir, inputs, frames, keys, mesh, per_image, rule, thresholds,
+                        out)
     except BaseException:
         if out is not None:
             atomic.release_unfilled(out)
@@ -166,15 +172,18 @@ def predict(cfg: mlc.ConfigDict, workdir: str | Path, inputs: list[str],
     failed = [k for k in keys if k not in result["inputs"]]
     if failed:
         raise BadInput(f"{len(failed)} of {len(keys)} input(s) could not be scored (their frames "
-                       f"did not decode): {', '.join(failed)}; the others are in {out}")
+                       f"did not decode, or held no face: {out} lists them under 'unreadable' "
+                       f"and 'no_face'): {', '.join(failed)}; the others are in {out}")
     return result
 
 
 def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[dict],
            keys: list[str], mesh, per_image: bool, rule: decision.Decision,
-           thresholds: dict[str, float]) -> dict:
+           thresholds: dict[str, float], out: Path | None = None) -> dict:
     """Scores the frames, prints the table (one row per input of `keys`, in input order) and
-    returns what predictions.json holds."""
+    returns what predictions.json holds. With `config.predict.explain`, each frame also gets
+    its per-subspace Δ fake logit and a patch map, written as a PNG overlay into the folder
+    beside `out` (`saliency.overlay_dir`; process 0 writes, `out` None elsewhere)."""
     batch_size = cfg.predict.batch_size
     run = rebuild.open_run(cfg, workdir, mesh, estimate=False)
     trainable, step, which = rebuild.restore_for_eval(cfg, workdir, run, "scoring inputs with")
@@ -187,14 +196,20 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     predict_fn = scoring.make_predict_fn(run.graphdef, mesh)
     temperature = scoring.temperature_arg(rule.temperature)
     reader = transforms.ImageReader.from_config(cfg.data)
+    explainer = (explain.Explainer.for_run(run, trainable, predict_fn,
+                                           cfg.predict.explain_steps)
+                 if cfg.predict.explain else None)
+    overlays = saliency.overlay_dir(out) if explainer and out is not None else None
+    per_frame: list[dict] = []  # explain: one dict per frame, in order
 
-    probs, margins, readable = [], [], []
+    probs, margins, readable, hows = [], [], [], []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
         images = []
         for record in chunk:
-            image = reader(record)
+            image, how = reader.frame(record)
             readable.append(image is not None)
+            hows.append(how)
             if image is None:  # scored as a blank frame, then dropped below
                 image = np.zeros((cfg.data.image_size,) * 2 + (3,), np.uint8)
             images.append(image)  # uint8: the detector normalises on the device
@@ -203,16 +218,22 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
         scored = predict_fn(trainable, run.frozen, batch["image"], temperature)
         probs.append(np.asarray(scored["prob"])[:len(chunk)])
         margins.append(np.asarray(scored["logit"])[:len(chunk)])
+        if explainer is not None:
+            per_frame += _explain_chunk(explainer, batch["image"], chunk, images,
+                                        readable[start:], overlays)
     probs, margins = np.concatenate(probs), np.concatenate(margins)
 
     per_input: dict[str, list[int]] = {}
-    unreadable = []
-    for i, (record, ok) in enumerate(zip(frames, readable, strict=True)):
+    unreadable, no_face, centre = [], [], {}
+    for i, (record, ok, how) in enumerate(zip(frames, readable, hows, strict=True)):
+        name = (f"{record['path']}#{record['frame_index']}" if record["frame_index"] >= 0
+                else record["path"])
         if ok:
             per_input.setdefault(record["video_id"], []).append(i)
+            if how == "centre" and cfg.data.face.enabled:
+                centre[record["video_id"]] = centre.get(record["video_id"], 0) + 1
         else:
-            unreadable.append(f"{record['path']}#{record['frame_index']}"
-                              if record["frame_index"] >= 0 else record["path"])
+            (no_face if how == "no_face" else unreadable).append(name)
     point = cfg.predict.operating_point
     model = {"workdir": os.fspath(workdir.absolute()), "checkpoint": which,
              "step": step, "regime": cfg.method.regime,
@@ -223,7 +244,8 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
               "prob": f"P(fake): softmax(logits / T)[fake] with T = {rule.temperature:.4g} "
                       f"fitted on validation ({rule.note or 'decision.json'}); an input's is "
                       f"the {rule.aggregation} of its frames'",
-              "model": model, "processing": processing, "inputs": {}, "unreadable": unreadable}
+              "model": model, "processing": processing, "inputs": {}, "unreadable": unreadable,
+              "no_face": no_face}
     first_of = {r["video_id"]: r for r in reversed(frames)}
     for key, rows in per_input.items():
         level = level_of(first_of[key])
@@ -234,6 +256,11 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
                                  "label": "fake" if prob >= thresholds[level] else "real",
                                  "frames": len(rows), "frame_probs": p.tolist(),
                                  "frame_logits": margins[rows].astype(np.float64).tolist()}
+        if key in centre:
+            result["inputs"][key]["frames_without_face"] = centre[key]
+        if explainer is not None:
+            result["inputs"][key]["explain"] = _input_explanation(
+                [per_frame[i] for i in rows], explainer, overlays)
     print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
           f"{result_files.method_name(cfg.method.regime)} trained on "
           f"{', '.join(model['train_dataset'])}")
@@ -242,6 +269,16 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
           + (f" ({rule.note})" if rule.note else ""))
     for level, text in rules.items():
         print(f"# label ({'images' if level == 'frame' else 'videos and folders'}): {text}")
+    if explainer is not None:
+        result["explain"] = {
+            "subspaces": "Δ fake logit (l1 - l0, uncalibrated) when each artifact subspace's "
+                         "training is undone (trained minus undone: positive pushes towards "
+                         "'fake')" if explainer.variants is not None else explainer.subspaces_note,
+            "heatmap": f"integrated gradients of the fake logit per patch "
+                       f"({explainer.steps} steps, evaluators/saliency.py), PNG overlays"
+                       + (f" in {os.fspath(overlays)}" if overlays else "")}
+        print(f"# explain: {result['explain']['heatmap']}; per-subspace numbers: "
+              + ("in the JSON" if explainer.variants is not None else explainer.subspaces_note))
     print(f"P(fake)  label (operating point {point})  input")
     for key in keys:
         if key in result["inputs"]:
@@ -250,5 +287,42 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
             print(f"{r['prob_fake']:.4f}   {r['label']:<4}  {shown(key)}  "
                   f"({n} frame{'s' * (n > 1)})")
         else:
-            print(f"  n/a    -     {shown(key)}  (unreadable)")
+            print(f"  n/a    -     {shown(key)}  (unreadable, or no face in any frame)")
     return result
+
+
+def _explain_chunk(explainer: explain.Explainer, device_images, chunk: list[dict],
+                   images: list[np.ndarray], readable: list[bool], overlays: Path | None
+                   ) -> list[dict]:
+    """The explanation of each frame of one batch (padding dropped); overlays written for the
+    frames that decoded."""
+    got = explainer(device_images)
+    rows = []
+    names = [f"{r['path']}#{r['frame_index']}" if r["frame_index"] >= 0 else r["path"]
+             for r in chunk]
+    ok = [i for i in range(len(chunk)) if readable[i]]
+    paths = (saliency.write_overlays(np.stack([images[i] for i in ok]), got["map"][ok],
+                                     overlays, [names[i] for i in ok])
+             if overlays is not None and ok else [])
+    where = dict(zip(ok, paths, strict=False))
+    for i in range(len(chunk)):
+        rows.append({
+            "subspaces": None if got["subspaces"] is None else got["subspaces"][i].tolist(),
+            "completeness_gap": float(got["completeness_gap"][i]),
+            "heatmap": os.fspath(where[i]) if i in where else None})
+    return rows
+
+
+def _input_explanation(frames: list[dict], explainer: explain.Explainer,
+                       overlays: Path | None) -> dict:
+    """An input's explanation: the mean per-subspace Δ over its frames, and each frame's."""
+    out: dict = {"heatmaps": [f["heatmap"] for f in frames],
+                 "completeness_gap": [f["completeness_gap"] for f in frames]}
+    if explainer.variants is None:
+        out["subspaces"] = None
+    else:
+        per = np.asarray([f["subspaces"] for f in frames], np.float64)
+        out["subspaces"] = [{"subspace": k, "delta_logit": float(per[:, k].mean())}
+                            for k in range(per.shape[1])]
+        out["frame_subspaces"] = per.tolist()
+    return out

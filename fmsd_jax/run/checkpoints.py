@@ -63,15 +63,23 @@ def config_differences(workdir: str | os.PathLike, cfg: Any) -> list[str] | None
 
 
 # What a resumed run may change: how long it runs, how often it reports, where it reads and
-# evaluates, how it is laid out on devices, and the fault-injection knobs of the tests.
-# Anything else (model, method, optimizer, training data, seed) would continue one
-# experiment's state under another's settings.
+# evaluates, how it is laid out on devices, the fault-injection knobs of the tests, and what
+# the modes that only read a trained run do (predict, export, robustness, preprocess, serve,
+# diagnostics). Anything else (model, method, optimizer, training data, seed) would continue
+# one experiment's state under another's settings. `predict.threshold` was replaced by
+# `predict.operating_point`: a config.json that still holds it resumes.
 RESUME_MAY_CHANGE = ("train.total_steps", "train.num_epochs", "train.log_every",
                      "train.eval_every", "train.checkpoint_every", "train.max_to_keep",
                      "train.fault_",
                      "data.workers", "data.read_threads", "data.dataset_root",
                      "data.dataset_json_folder", "data.test_dataset", "eval.", "mesh.",
-                     "multihost", "distributed.")
+                     "multihost", "distributed.", "predict.", "export.", "robustness.",
+                     "preprocess.", "serve.", "diagnostics.")
+
+
+# Sources whose frames are stored face crops: the face pipeline (data.face.*) never touched
+# what such a run trained on, so a run trained before it changed resumes.
+STORED_CROP_SOURCES = ("deepfakebench", "tfds")
 
 
 def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
@@ -86,7 +94,10 @@ def check_resumable(workdir: str | os.PathLike, cfg: Any) -> None:
         raise AlreadyExists(
             f"{workdir} holds checkpoints but no {workdir_files.CONFIG_JSON}, so what they "
             "trained is unknown; delete the directory or use another --workdir")
-    blocking = [k for k in diff if not k.startswith(RESUME_MAY_CHANGE)]
+    may_change = RESUME_MAY_CHANGE
+    if cfg.data.source in STORED_CROP_SOURCES:  # training read stored crops: no face crop
+        may_change += ("data.face.", "data.video.")  # (data.video.*: the retired cascade's)
+    blocking = [k for k in diff if not k.startswith(may_change)]
     if blocking:
         raise AlreadyExists(
             f"{workdir} holds a run trained with a different config (differs in "

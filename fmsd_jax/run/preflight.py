@@ -19,7 +19,7 @@ import time
 
 import ml_collections as mlc
 
-from fmsd_jax.data import pipeline, sources
+from fmsd_jax.data import faces, pipeline, sources
 from fmsd_jax.data import records as rec
 from fmsd_jax.errors import BadInput
 from fmsd_jax.method.decompose import REGIMES
@@ -79,6 +79,9 @@ def check_config(cfg: mlc.ConfigDict) -> None:
     _one_of("model.remat", cfg.model.remat, REMAT_POLICIES)
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     _one_of("data.source", cfg.data.source, sources.SOURCES)
+    _one_of("data.face.detector", cfg.data.face.detector, faces.DETECTORS)
+    _one_of("data.face.landmarks", cfg.data.face.landmarks, faces.LANDMARK_MODELS)
+    _one_of("data.face.if_none", cfg.data.face.if_none, faces.IF_NONE)
     for field in ("train.batch_size", "eval.batch_size", "predict.batch_size",
                   "predict.video_frames", "train.log_every", "train.checkpoint_every"):
         _positive(cfg, field)

@@ -11,6 +11,9 @@ WORKDIR/
   subspaces.png                                               what each subspace does
   robustness.json  robustness.md  robustness.png              --mode robustness
   predictions.json  plan.json  export/                        predict, plan, export
+  <dataset>/.../frames/ landmarks/  dataset_json/             --mode preprocess (its own
+  <dataset>/no_face_videos.txt, preprocess_summary.json       workdir: a DeepfakeBench
+  .preprocess/                                                dataset root)
   .lock                                                       one run at a time
 
 The demo's root (its rows, data, pretrained backbone and sweep) is named in fmsd_jax/demo/.
@@ -51,3 +54,11 @@ PLAN_JSON = "plan.json"
 EXPORT_DIR = "export"
 HEAD_FILE = "head.safetensors"
 DETECTOR_JSON = "detector.json"
+
+# --mode preprocess: its WORKDIR is a DeepfakeBench dataset root (fmsd_jax/data/raw_videos.py)
+FRAMES_DIR = "frames"  # DeepfakeBench's names, beside each dataset folder's videos
+LANDMARKS_DIR = "landmarks"
+DATASET_JSON_DIR = "dataset_json"  # config.data.dataset_json_folder for training on it
+NO_FACE_TXT = "no_face_videos.txt"  # in WORKDIR/<dataset>/, as the summary
+PREPROCESS_SUMMARY_JSON = "preprocess_summary.json"
+PREPROCESS_STATUS_DIR = ".preprocess"  # one status file per finished video (resuming)

@@ -49,7 +49,7 @@ from fmsd_jax.run.workdir_files import LOCK_FILE
 
 log = logging.getLogger("fmsd_jax")
 # The modes that write into the workdir (see the module docstring for why these and only these).
-LOCKING_MODES = ("train", "mask", "evaluate", "robustness")
+LOCKING_MODES = ("train", "mask", "evaluate", "robustness", "preprocess")
 # flock failing for want of support rather than because someone holds the lock.
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _HOLDER_WRITE_WAIT_S = 1.0  # a holder writes its details just after locking; wait that long

@@ -24,9 +24,8 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image, ImageOps
 
+from fmsd_jax.data import faces, transforms
 from fmsd_jax.data import records as rec
-from fmsd_jax.data import transforms
-from fmsd_jax.data import video as vid
 
 
 class MediaRefused(Exception):
@@ -75,11 +74,11 @@ def describe_start(data: bytes) -> str:
 class Frame:
     """One frame to score: the model's input (image_size² RGB uint8) and where it came from."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None  # None: no face, and data.face.if_none='skip'
     index: int  # frame index in the video; 0 for an image
     time_s: float | None  # presentation time in a video
     face_found: bool | None  # None: face detection is off (data.video.detect_faces)
-    box: list[int] | None  # [x0, y0, x1, y1] of the crop in the source frame's pixels
+    box: list[int] | None  # [left, top, right, bottom] of the face found, source pixels
     source_size: tuple[int, int]  # (width, height) of the source frame
 
 
@@ -104,28 +103,28 @@ class Limits:
         self.image_faces = str(serve_cfg.image_faces)
         self.video_frames = int(video_frames)
         self.image_size = int(data_cfg.image_size)
-        self.margin = float(data_cfg.video.face_margin)
-        self.detect = bool(data_cfg.video.detect_faces)
-        self.min_fraction = float(data_cfg.video.min_face_fraction)
+        self.detect = bool(data_cfg.face.enabled)
+        self.if_none = str(data_cfg.face.if_none)
+        # DeepfakeBench's aligned crop (dlib), built once: its models load per thread.
+        self.cropper = faces.FaceCropper.from_config(data_cfg) if self.detect else None
 
 
-def crop_face(rgb: np.ndarray, limits: Limits) -> tuple[np.ndarray, bool | None, list[int]]:
-    """(crop, found, [x0, y0, x1, y1]) of the largest face, the one place the service crops.
-
-    The crop follows the video path of `--mode predict` (fmsd_jax.data.video: DeepfakeBench's
-    square of 1.3 x the face box); where no face is found the centre square is cropped, so the
-    frame is still scored, and `found` False lets the answer say so. The lead swaps this body
-    for fmsd_jax.data.faces.FaceCropper (dlib, aligned) when that lands."""
-    height, width = rgb.shape[:2]
-    box = vid.detect_face(rgb, limits.min_fraction) if limits.detect else None
-    found = (box is not None) if limits.detect else None
-    margin = limits.margin
-    if box is None:
-        side = min(height, width)
-        box = ((width - side) // 2, (height - side) // 2, side, side)
-        margin = 1.0
-    x0, y0, x1, y1 = vid.square_crop_box(box, rgb.shape, margin)
-    return np.ascontiguousarray(rgb[y0:y1, x0:x1]), found, [x0, y0, x1, y1]
+def crop_face(rgb: np.ndarray, limits: Limits
+              ) -> tuple[np.ndarray | None, bool | None, list[int] | None]:
+    """(crop or None, found, [left, top, right, bottom] or None): the one place the service
+    crops a face, as training data was cropped (fmsd_jax/data/faces.py: dlib's detector and
+    landmarks, five-point alignment, scale 1.3, as DeepfakeBench). Where no face is found,
+    `data.face.if_none` decides, as for --mode predict: 'centre' scores the centre square,
+    'skip' scores nothing for the frame (None); `found` False lets the answer say so. With
+    `data.face.enabled` False every frame is its centre square and `found` is None."""
+    if not limits.detect:
+        return faces.centre_square(rgb), None, None
+    face = limits.cropper.crop(rgb)
+    if face.found:
+        return face.image, True, [int(v) for v in face.box]
+    if limits.if_none == "centre":
+        return faces.centre_square(rgb), False, None
+    return None, False, None
 
 
 def _model_input(rgb: np.ndarray, limits: Limits, detect: bool, index: int,
@@ -134,9 +133,10 @@ def _model_input(rgb: np.ndarray, limits: Limits, detect: bool, index: int,
     if detect:
         crop, found, box = crop_face(rgb, limits)
     else:  # the image is taken whole as a face crop, as DeepfakeBench stores frames
-        crop, found, box = rgb, True, [0, 0, w, h]
-    pixels = transforms.resize_square(crop, limits.image_size)
-    return Frame(np.ascontiguousarray(pixels, np.uint8), index, time_s, found, box, (w, h))
+        crop, found, box = rgb, None, [0, 0, w, h]
+    pixels = None if crop is None else np.ascontiguousarray(
+        transforms.resize_square(crop, limits.image_size), np.uint8)
+    return Frame(pixels, index, time_s, found, box, (w, h))
 
 
 def decode(data: bytes, limits: Limits) -> Decoded:
@@ -177,8 +177,9 @@ def _decode_image(data: bytes, media_type: str, limits: Limits) -> Decoded:
         raise MediaRefused(422, "the image has no pixels")
     detect = limits.image_faces == "detect"
     frame = _model_input(rgb, limits, detect, 0, None)
-    mode = ("the largest face cropped (1.3 x its box; the centre square when none is found)"
-            if detect and limits.detect else "taken whole as a face crop (no face detection)")
+    mode = (f"the largest face cropped and aligned as DeepfakeBench does ({_none(limits)})"
+            if detect and limits.detect else "taken whole as a face crop (no face detection)"
+            if not detect else "its centre square (data.face.enabled is False)")
     return Decoded(media_type, "image", [frame], rgb.shape[1], rgb.shape[0], 1, mode)
 
 
@@ -234,9 +235,14 @@ def _decode_video(data: bytes, media_type: str, limits: Limits) -> Decoded:
     if not frames:
         raise MediaRefused(422, f"the {media_type} file holds no decodable video frames")
     mode = (f"{len(frames)} frames taken evenly across its {count}, each the largest face "
-            "cropped (1.3 x its box; the centre square when none is found)" if limits.detect
+            f"cropped and aligned as DeepfakeBench does ({_none(limits)})" if limits.detect
             else f"{len(frames)} frames taken evenly across its {count}, each its centre square")
     return Decoded(media_type, "video", frames, w, h, count, mode)
+
+
+def _none(limits: Limits) -> str:
+    return ("the centre square where none is found" if limits.if_none == "centre"
+            else "a frame without a face is not scored")
 
 
 def _one_line(e: BaseException) -> str:

@@ -290,18 +290,25 @@ class Service:
         t0 = time.perf_counter()
         decoded = await loop.run_in_executor(self.pool, media.decode, upload.data, self.limits)
         decode_s = time.perf_counter() - t0
-        with self.batcher.reserve(len(decoded.frames)):
-            scored = await self.batcher.score([f.pixels for f in decoded.frames])
+        kept = [f for f in decoded.frames if f.pixels is not None]  # a face, or a centre square
+        scored = []
+        if kept:
+            with self.batcher.reserve(len(kept)):
+                scored = await self.batcher.score([f.pixels for f in kept])
+        by_frame = {id(f): s for f, s in zip(kept, scored, strict=True)}
         probs = [s[0] for s in scored]
         level = "video" if decoded.kind == "video" else "frame"
-        prob = self._aggregate(probs)
+        prob = self._aggregate(probs) if probs else None
         frames = []
-        for f, (p, logit, _, _) in zip(decoded.frames, scored, strict=True):
+        for f in decoded.frames:
+            p, logit = by_frame[id(f)][:2] if id(f) in by_frame else (None, None)
             frames.append({"index": f.index, "time_s": f.time_s, "prob_fake": p,
-                           "logit": logit, "face_found": f.face_found, "box": f.box})
+                           "logit": logit, "face_found": f.face_found, "box": f.box,
+                           "scored": id(f) in by_frame})
         looked = [f.face_found for f in decoded.frames if f.face_found is not None]
-        best = int(np.argmax(probs))  # the frame shown (and explained): the most fake-looking
-        explained = await self._explain(decoded.frames[best].pixels, explain)
+        best = kept[int(np.argmax(probs))] if kept else None  # the frame shown and explained
+        explained = (await self._explain(best.pixels, explain) if best is not None else
+                     unexplained("no frame was scored (no face found)"))
         answer = {
             "id": uuid.uuid4().hex[:12], "api_version": "v1",
             "filename": upload.filename, "media_type": decoded.media_type,
@@ -309,20 +316,20 @@ class Service:
             "frame_count": decoded.frame_count, "processing": decoded.face_mode,
             "prob_fake": prob,
             "aggregation": self.point.aggregation if level == "video" else None,
-            "label": self.point.label(prob, level),
-            "verdict": self.point.verdict(prob, level),
+            "label": self.point.label(prob, level) if prob is not None else None,
+            "verdict": self.point.verdict(prob, level) if prob is not None else "no face found",
             "operating_point": self.point.as_dict(level),
             "faces": {"looked_for": bool(looked) or None, "found": sum(looked),
                       "frames": len(decoded.frames),
                       "no_face_found": bool(looked) and not any(looked)},
             "frames": frames,
-            "crop": {"frame": decoded.frames[best].index,
-                     "png_base64": _png_base64(decoded.frames[best].pixels)},
+            "crop": ({"frame": best.index, "png_base64": _png_base64(best.pixels)}
+                     if best is not None else None),
             "explain": explained,
             "model": self.identity,
             "timings_ms": {"read": 1000 * read_s, "decode": 1000 * decode_s,
-                           "queue": 1000 * max(s[3] for s in scored),
-                           "model": 1000 * max(s[2] for s in scored),
+                           "queue": 1000 * max((s[3] for s in scored), default=0.0),
+                           "model": 1000 * max((s[2] for s in scored), default=0.0),
                            "total": 1000 * (time.perf_counter() - received)},
         }
         return answer

@@ -61,7 +61,8 @@ function drawBand(card, a) {
   z[0].style.width = (100 * lo) + "%"; z[1].style.width = (100 * (hi - lo)) + "%";
   z[2].style.width = (100 * (1 - hi)) + "%";
   $(".threshold", card).style.left = (100 * op.threshold) + "%";
-  $(".marker", card).style.left = (100 * a.prob_fake) + "%";
+  if (a.prob_fake === null) $(".marker", card).hidden = true;
+  else $(".marker", card).style.left = (100 * a.prob_fake) + "%";
   $(".op", card).textContent = `operating point ${op.name} (${op.level} level): label ${a.label}; ` +
     `${op.rule || "fake if P(fake) ≥ " + fmt(op.threshold)}; uncertain between ${fmt(lo)} and ${fmt(hi)}`;
 }
@@ -80,6 +81,11 @@ function drawTimeline(card, a) {
   line.setAttribute("y2", ty); line.setAttribute("stroke", "#555"); line.setAttribute("stroke-width", 0.6);
   a.frames.forEach((f, i) => {
     const r = document.createElementNS(ns, "rect"), w = 300 / n;
+    if (f.prob_fake === null) {  // not scored: no face, and the run skips such frames
+      r.setAttribute("x", i * w + w * 0.1); r.setAttribute("width", Math.max(w * 0.8, 0.5));
+      r.setAttribute("y", 76); r.setAttribute("height", 4); r.setAttribute("fill", "#bbb");
+      r.setAttribute("class", "frame-bar no-face"); svg.appendChild(r); return;
+    }
     r.setAttribute("x", i * w + w * 0.1); r.setAttribute("width", Math.max(w * 0.8, 0.5));
     r.setAttribute("y", 80 * (1 - f.prob_fake)); r.setAttribute("height", 80 * f.prob_fake);
     r.setAttribute("fill", f.prob_fake >= a.operating_point.threshold ? "#b3261e" : "#2f7d4f");
@@ -126,17 +132,19 @@ function render(card, file, a) {
   card.dataset.prob = a.prob_fake; card.dataset.verdict = a.verdict;
   $(".state", card).textContent = `${a.kind} · ${a.media_type} · ${a.width}×${a.height}` +
     (a.kind === "video" ? ` · ${a.frames.length} of ${a.frame_count} frames scored` : "");
-  const v = $(".verdict", card); v.textContent = a.verdict; v.className = "verdict " + a.verdict;
+  const v = $(".verdict", card); v.textContent = a.verdict;
+  v.className = "verdict " + (a.prob_fake === null ? "uncertain" : a.verdict);
   $(".prob", card).textContent = "P(fake) " + fmt(a.prob_fake);
   drawBand(card, a);
   const face = $(".face", card);
   if (a.faces.no_face_found) {
-    face.textContent = "No face found: the centre square was scored instead, so treat this score with care.";
+    face.textContent = a.prob_fake === null ? "No face found: nothing was scored." :
+      "No face found: the centre square was scored instead, so treat this score with care.";
     face.classList.add("none");
   } else if (a.faces.looked_for) {
     face.textContent = `face found in ${a.faces.found} of ${a.faces.frames} frame(s); ${a.processing}`;
   } else { face.textContent = a.processing; }
-  $(".crop", card).src = "data:image/png;base64," + a.crop.png_base64;
+  if (a.crop) $(".crop", card).src = "data:image/png;base64," + a.crop.png_base64;
   drawPreview($(".preview", card), file, a);
   drawTimeline(card, a);
   drawExplain(card, a);
