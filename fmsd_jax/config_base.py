@@ -139,6 +139,34 @@ def base_config() -> mlc.ConfigDict:
     c.predict.explain_steps = 32
     c.predict.per_image = False  # True: each image of a folder is its own input, not a frame
 
+    # --mode serve: the run behind an HTTP API and a page (fmsd_jax/serve/, README "Serving").
+    c.serve = mlc.ConfigDict()
+    c.serve.host = "127.0.0.1"  # loopback only; any other address needs token_file
+    c.serve.port = 8000  # 0: a free port, printed at start
+    c.serve.token_file = ""  # a file holding the bearer token every API request must carry
+    # Compiled at start, before readiness; a batch pads to the smallest that holds it.
+    c.serve.batch_sizes = (1, 8, 32)
+    c.serve.batch_wait_ms = 2.0  # how long a batch waits for frames of concurrent requests
+    c.serve.queue_frames = 256  # frames of admitted requests; past it: 503 + Retry-After
+    c.serve.max_pending = 64  # requests read, decoded, scored or waiting to be; past it: 503
+    c.serve.max_connections = 1024  # uvicorn's limit_concurrency (its own 503, past it)
+    c.serve.timeout_s = 30.0  # a request still unanswered after this is cancelled: 504
+    c.serve.workers = 2  # decoding / face-cropping threads, off the event loop
+    c.serve.max_bytes = 64 * 2**20  # upload size cap, checked before the body is read whole
+    c.serve.max_image_pixels = 50_000_000  # from the image header, before decoding
+    c.serve.max_video_pixels = 3840 * 2160  # per frame (4K UHD), from the video header
+    c.serve.max_video_frames = 108_000  # an hour at 30 fps, claimed or counted
+    # 'detect': an uploaded image's largest face is cropped as video frames are (analysts
+    # upload photos, not DeepfakeBench crops); 'whole': taken whole as a face crop, as
+    # --mode predict takes an image.
+    c.serve.image_faces = "detect"
+    # explain=true answers: subspace Δlogits and an integrated-gradients heatmap of the frame
+    # shown (config.predict.explain_steps steps); True compiles their programs at start.
+    c.serve.explain = True
+    # Verdict 'uncertain' while |P(fake) - threshold| < this: a score that close to the
+    # operating point is one a small crop or compression change can flip.
+    c.serve.uncertain_band = 0.1
+
     # --mode preprocess: a raw FaceForensics++ / Celeb-DF-v2 tree -> a DeepfakeBench tree in
     # WORKDIR (fmsd_jax/modes/preprocess.py); faces as config.data.face says.
     c.preprocess = mlc.ConfigDict()

@@ -9,7 +9,8 @@ on validation), plan (compile the run's steps for a TPU slice given by --topolog
 machine; prints per-chip memory, FLOPs and collectives and writes WORKDIR/plan.json),
 preprocess (raw FaceForensics++ / Celeb-DF-v2 videos given by config.preprocess.raw_root →
 DeepfakeBench's frames, landmarks and dataset JSON in WORKDIR; exit 2 when any video was
-skipped).
+skipped), serve (the run behind an HTTP API and a web page on config.serve.host:port, until
+stopped; writes nothing).
 
 Config: `--config FILE.py` or `--config FILE.py:ARGS`, where ARGS picks a variant the file
 defines, e.g. `configs/clip_b16.py:runlocal`, `configs/clip_b16.py:bf16,runlocal`,
@@ -57,7 +58,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "mask", "evaluate", "robustness", "export", "predict",
-                           "plan", "preprocess"],  # the keys of MODES, below
+                           "plan", "preprocess", "serve"],  # the keys of MODES, below
                           "What to do.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: the TPU slice, e.g. v5e-256, v4-128, "
                                 "v5p-512 or v5e:16x16; the mesh is config.mesh.")
@@ -84,7 +85,7 @@ def init_distributed(cfg) -> None:
 
 
 # Modes that write or read orbax checkpoints under WORKDIR (tensorstore takes UTF-8 paths only).
-CHECKPOINT_MODES = ("train", "evaluate", "robustness", "export", "predict")
+CHECKPOINT_MODES = ("train", "evaluate", "robustness", "export", "predict", "serve")
 
 
 class ShownFormatter(logging.Formatter):
@@ -215,12 +216,19 @@ def _preprocess(cfg, workdir: str, argv: list[str]) -> None:
     preprocess.preprocess(cfg, workdir)
 
 
+def _serve(cfg, workdir: str, argv: list[str]) -> None:
+    from fmsd_jax.modes import serve
+
+    serve.serve(cfg, workdir)
+
+
 # --mode NAME runs MODES[NAME]: one function per module of fmsd_jax/modes/, each imported only
 # when its mode runs (each pulls in its own stack, and jax must not start before
 # jax.distributed does).
 MODES: dict[str, Callable[[Any, str, list[str]], None]] = {
     "train": _train, "mask": _mask, "evaluate": _evaluate, "robustness": _robustness,
-    "export": _export, "predict": _predict, "plan": _plan, "preprocess": _preprocess}
+    "export": _export, "predict": _predict, "plan": _plan, "preprocess": _preprocess,
+    "serve": _serve}
 
 
 def run_mode(cfg, mode: str, workdir: str, argv: list[str]) -> None:

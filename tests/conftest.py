@@ -640,3 +640,29 @@ def write_face_video(path, still, centre: tuple[float, float], n: int = 8,
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# The detection service (tests/test_serve.py, tests/test_serve_page.py)
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, tiny_clip_checkpoint, tiny_benchmark) -> Path:
+    """A tiny trained FMSD run for the service tests to serve: 4 steps, validated at step 4,
+    so `best/4` holds the checkpoint the service restores, and evaluated after training, so
+    decision.json holds its temperature and operating points (about 20 s on two cores)."""
+    from fmsd_jax.modes import train
+
+    workdir = tmp_path_factory.mktemp("served")
+    cfg = make_cfg(tiny_clip_checkpoint, tiny_benchmark,
+                   **{"train.total_steps": "4", "diagnostics.bootstrap": "10"})
+    train.train(cfg, workdir)
+    return workdir
+
+
+def serve_cfg(ckpt: Path, bench: Path, **extra: str):
+    """`make_cfg` for serving the tiny run: three compiled batch sizes, 6 frames per video, and
+    a frame without a face scored as its centre square (the tiny frames hold none)."""
+    return make_cfg(ckpt, bench, **{"serve.batch_sizes": "(1, 4, 8)",
+                                    "predict.video_frames": "6", "data.face.if_none": "centre",
+                                    **extra})

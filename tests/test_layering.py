@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config_base",),
     ("run",),
     ("evaluators",),
+    ("serve",),
     ("modes",),
     ("demo",),
     ("main",),

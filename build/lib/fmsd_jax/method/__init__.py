@@ -1,0 +1,1 @@
+"""FMSD method: layer masking, SVD decomposition, losses, masked optimizer."""
