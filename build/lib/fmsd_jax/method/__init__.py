@@ -1,1 +1,0 @@
-"""FMSD method: layer masking, SVD decomposition, losses, masked optimizer."""
