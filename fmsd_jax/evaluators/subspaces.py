@@ -115,8 +115,8 @@ def undo_subspaces(run: Any, trainable: Any, undo: Iterable[int]) -> Any:
     """
     if subspace_count(run) == 0:
         raise ValueError("this run has no artifact subspaces to undo (no decomposition)")
-    cols = jnp.asarray(undo_columns(run, undo))
-    new = _undo_fn(run.graphdef)(trainable, run.frozen, cols)
+    # numpy, not jnp.asarray: staging it eagerly would compile a program of its own
+    new = _undo_fn(run.graphdef)(trainable, run.frozen, undo_columns(run, undo))
     return jax.tree.map(lambda n, old: jax.device_put(n, old.sharding), new, trainable)
 
 
