@@ -78,24 +78,25 @@ layers' merged weights moved (‖W − W₀‖/‖W₀‖, median / max, from ea
   λ = 0.01 and 0.1 it let the weights move about twice as far as Effort's |·| for the same AUC).
   The same ordering held in an earlier measurement on the 8-video validation split at lr 2e-3.
 
-Time, from scratch at commit 5b71fb0 on this repository's 2-CPU machine with nothing else
-running (1-min load average 1.6 at the start, 2.5 at the end: the demo's own threads): 8 min
-7 s (data 17 s, SimCLR pretraining 207 s, FMSD 79 s, Effort 56 s, full fine-tuning 60 s,
-linear probe 31 s, robustness 25 s; 837 CPU-seconds). The same run at 7f236c0 while the
-machine was still shared at its start took 10 min 4 s (pretraining 286 s): times vary with
-load far more than between these two commits. `demo_timing.json` records every stage's wall
-and CPU seconds and its load average. `:quick`: 1 min 42 s on the same quiet machine.
+Time, from scratch at commit 88e209e on this repository's 2-CPU machine while other jobs
+shared it (1-min load average 2.7 at the start, 5.5 at the end): 6 min 21 s (data 26 s, SimCLR
+pretraining 221 s, FMSD 58 s including its validation calibration and subspace ablation, Effort
+25 s, full fine-tuning 25 s, linear probe 12 s, robustness 12 s; 270 CPU-seconds). An earlier
+version took 8 min 7 s on the idle machine and 10 min 4 s on a shared one: times vary with load
+far more than between commits. `demo_timing.json` records every stage's wall and CPU seconds
+and its load average. `:quick`: 45 s at the same load.
 
-Result with these defaults (frame / video test AUC, 16 videos = 128 frames per family; the
-last column is the backbone contribution on SynBlend validation, 128 videos, with its 95 %
-interval; a run on an earlier prepared data and backbone and the from-scratch run above give
-the same numbers to the last digit; verdict, computed: FMSD beats 0 of 3 baselines held out):
+Result with these defaults at that commit (frame / video test AUC, 16 videos = 128 frames per
+family; the last column is the backbone contribution on SynBlend validation, 128 videos, with
+its 95 % interval; verdict, computed: FMSD beats 0 of 3 baselines held out). The report's
+decision section (thresholds chosen on SynBlend validation, ECE before/after the validation
+temperature) and FMSD's subspace table are quoted in README's "What you will see":
 
   method          SynBlend(train) SynUpsample SynAutoencode SynSplice  held-out   contrib.
-  FMSD            .715/.688       .625/.625   .176/.156     .557/.500  .453/.427  +.21 [+.08, +.34]
-  Effort K=1,d=1  .702/.703       .561/.578   .201/.172     .562/.547  .441/.432  +.14 [+.04, +.24]
-  Full FT         .657/.688       .550/.609   .236/.234     .588/.562  .458/.469  +.22 [+.09, +.35]
-  Linear probe    .644/.672       .633/.641   .174/.141     .558/.562  .455/.448  frozen
+  FMSD            .719/.688       .607/.594   .185/.172     .557/.500  .450/.422  +.22 [+.09, +.34]
+  Effort K=1,d=1  .692/.672       .570/.578   .202/.172     .572/.547  .448/.432  +.14 [+.04, +.24]
+  Full FT         .654/.672       .541/.594   .230/.219     .598/.578  .456/.464  +.22 [+.09, +.36]
+  Linear probe    .637/.672       .635/.641   .172/.156     .567/.578  .458/.458  frozen
 
   Before issue 11 (lr 2e-4 everywhere, λ = 0.1 frobenius, random-head mask, 8 validation
   videos): FMSD, Effort and the linear probe all .643 / .656 on SynBlend and .460 / .458 held
@@ -103,17 +104,18 @@ the same numbers to the last digit; verdict, computed: FMSD beats 0 of 3 baselin
 
 What it shows: every method that adapts its backbone now does so measurably (contribution
 +.14 to +.22, no interval near 0) and fits the training family beyond the probe's frozen
-features (SynBlend test .657-.715 against .644; FMSD highest). Held out, the four rows lie
-within .441-.458 frame AUC, closer than 16 test videos per family can separate: FMSD neither
-wins nor loses clearly (+.012 frame and -.005 video against Effort; .005 and .042 behind full
-fine-tuning; tied with the probe at frame level, .021 behind at video level). What the
+features (SynBlend test .654-.719 against .637; FMSD highest). Held out, the four rows lie
+within .448-.458 frame AUC, closer than 16 test videos per family can separate: FMSD neither
+wins nor loses clearly (+.002 frame and -.010 video against Effort; .006 and .042 behind full
+fine-tuning; .008 and .036 behind the probe). What the
 adapted backbones learn about blending does not carry over to the unseen artifacts here, with
 or without FMSD's mask and multiple subspaces. Every method scores below chance on
 SynAutoencode (the report explains what that means).
 
 Robustness (report.md's last section, `demo.robustness`): every row under DeeperForensics-1.0's
 seven perturbations at levels 1 and 5 on the held-out SynUpsample (fmsd_jax/modes/robustness.py),
-about 0.8 s an evaluation (60 in all) plus a few seconds of compilation per row.
+0.10-0.15 s an evaluation (60 in all) after a first one of 0.6-0.8 s that compiles, per row, at
+commit 88e209e (load 5.2 on 2 CPUs); each row's robustness.md says so for its own run.
 """
 
 import ml_collections as mlc
