@@ -13,15 +13,10 @@ from typing import Any
 
 from fmsd_jax import atomic
 from fmsd_jax.evaluators import subspace_report
-from fmsd_jax.evaluators.result_files import fmt, md_escape, nanmean, to_float
+from fmsd_jax.evaluators.result_files import fmt, md_escape, nanmean, pct, to_float
 from fmsd_jax.run import workdir_files
 
 POINT = "fpr@0.05"  # the operating point the demo reports (issue 22: 5 % false alarms)
-
-
-def _pct(v: Any) -> str:
-    x = to_float(v)
-    return "n/a" if not math.isfinite(x) else f"{100 * x:.0f} %"
 
 
 def _mean(values: Sequence[Any]) -> float:
@@ -51,9 +46,9 @@ def section(rows: Mapping[str, tuple[Path, Mapping[str, Mapping[str, Any]]]],
             if not p:
                 cells.append("n/a")
                 continue
-            cells.append(f"{_pct(p['tpr'])} / {_pct(p['fpr'])} ({_pct(p['oracle_tpr'])})")
+            cells.append(f"{pct(p['tpr'], 0)} / {pct(p['fpr'], 0)} ({pct(p['oracle_tpr'], 0)})")
             if to_float(p["fpr"]) > float(POINT[4:]):
-                over.append(f"{name} on {f} ({_pct(p['fpr'])})")
+                over.append(f"{name} on {f} ({pct(p['fpr'], 0)})")
         md.append("| " + " | ".join(cells) + " |")
     md += ["", ("Over the validation budget on a held-out family: " + ", ".join(over) + "."
                 if over else "No method exceeded its validation false-alarm budget on a "

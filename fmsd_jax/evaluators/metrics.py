@@ -53,6 +53,7 @@ __all__ = [
     "compute_metrics",
     "roc",
     "video_auc_by_aggregation",
+    "video_score",
 ]
 
 #: The metric keys every results dict carries, in table order.
@@ -230,6 +231,15 @@ def _video_scores(p: np.ndarray, inv: np.ndarray, n_vid: int, counts: np.ndarray
     keep = order[rank < topk]
     k_counts = np.minimum(counts, topk)
     return np.bincount(inv[keep], weights=p[keep], minlength=n_vid) / k_counts
+
+
+def video_score(probs: Any, *, how: str = "mean", topk: int = 4) -> float:
+    """One video's P(fake) from its frames' (`aggregate_by_video` for a single video): what
+    predict prints and the service answers, under the aggregation its thresholds were chosen
+    with."""
+    p = _as_probs(probs)
+    return float(aggregate_by_video(p, np.zeros(p.size, np.int64), [0] * p.size, how=how,
+                                    topk=topk)[0][0])
 
 
 def video_auc_by_aggregation(probs: Any, labels: Any, video_ids: Sequence[Hashable] | np.ndarray,

@@ -340,9 +340,10 @@ def _nulls(obj: Any) -> Any:
     return obj
 
 
-def _pct(value: Any) -> str:
+def pct(value: Any, digits: int = 1) -> str:
+    """A rate as a percentage (``n/a`` where undefined): the operating-point tables'."""
     v = to_float(value)
-    return "n/a" if not math.isfinite(v) else f"{100 * v:.1f} %"
+    return "n/a" if not math.isfinite(v) else f"{100 * v:.{digits}f} %"
 
 
 def decision_section(results: Mapping[str, Mapping[str, Any]], decision: Mapping[str, Any],
@@ -388,8 +389,8 @@ def decision_section(results: Mapping[str, Mapping[str, Any]], decision: Mapping
             for level, points in (r.get("operating_points") or {}).items():
                 for name, p in points.items():
                     lines.append(f"| {mark(d)} | {level} | {name} | {p['threshold']:.4g} | "
-                                 f"{_pct(p['tpr'])} | {_pct(p['fpr'])} | "
-                                 f"{_pct(p['oracle_tpr'])} | {_pct(p['tpr_gap'])} |")
+                                 f"{pct(p['tpr'])} | {pct(p['fpr'])} | "
+                                 f"{pct(p['oracle_tpr'])} | {pct(p['tpr_gap'])} |")
     aggs = [(d, r["video_auc_by_aggregation"]) for d, r in results.items()
             if r.get("video_auc_by_aggregation")]
     if aggs:

@@ -93,7 +93,7 @@ def alarm_table(result: Mapping[str, Any], dataset: str, key: str) -> str:
     validation threshold, the clean value in the header."""
     entry = result["datasets"][dataset]
     levels = _level_ids(result)
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    pct = result_files.pct
     lines = [f"| type (clean {pct(entry['clean'].get(key))}) | "
              + " | ".join(f"L{lv}" for lv in levels) + " |",
              "|---|" + "|".join(["---:"] * len(levels)) + "|"]

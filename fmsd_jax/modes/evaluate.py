@@ -102,19 +102,18 @@ def evaluate(cfg: mlc.ConfigDict, workdir: str | Path, run=None, trainable=None,
         diag = workdir / workdir_files.DIAGNOSTICS_JSON
         train_families = list(cfg.data.train_dataset)
         title = result_files.run_title(cfg.method.regime, workdir)
+        ablation = {n: r["subspaces"] for n, r in results.items()}
         result_files.write_results(
             workdir, results, notes=[manifest.citation(workdir, mode)],
             diagnostics=json.loads(diag.read_text()) if diag.is_file() else None,
             train_families=train_families, decision=rule.to_json(),
-            sections=[subspace_report.subspace_markdown(
-                {n: r["subspaces"] for n, r in results.items()})])
+            sections=[subspace_report.subspace_markdown(ablation)])
         if curves:
             plots.plot_roc(curves, workdir / workdir_files.ROC_PNG,
                            video_curves=video_curves or None, title=f"ROC: {title}",
                            train_families=train_families)
         if skip is None:
-            subspace_report.plot_subspaces({n: r["subspaces"] for n, r in results.items()},
-                                           workdir / workdir_files.SUBSPACES_PNG)
+            subspace_report.plot_subspaces(ablation, workdir / workdir_files.SUBSPACES_PNG)
         plots.plot_reliability(reliability, workdir / workdir_files.CALIBRATION_PNG,
                                temperature=rule.temperature,
                                title=f"Reliability of P(fake): {title}")

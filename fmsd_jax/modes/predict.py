@@ -140,6 +140,13 @@ def decision_rule(cfg: mlc.ConfigDict, workdir: Path, frames: list[dict]
     return rule, {lv: rule.threshold(cfg.predict.operating_point, lv) for lv in levels}
 
 
+def frame_name(record: dict) -> str:
+    """How a frame is named in predictions.json and its overlay: a video file's as
+    'path#index', an image's by its path."""
+    return (f"{record['path']}#{record['frame_index']}" if record["frame_index"] >= 0
+            else record["path"])
+
+
 def level_of(record: dict) -> str:
     """Which thresholds decide an input: a video file's frames and a folder's (one video)
     are aggregated, so video level; an image on its own is one frame."""
@@ -226,8 +233,7 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     per_input: dict[str, list[int]] = {}
     unreadable, no_face, centre = [], [], {}
     for i, (record, ok, how) in enumerate(zip(frames, readable, hows, strict=True)):
-        name = (f"{record['path']}#{record['frame_index']}" if record["frame_index"] >= 0
-                else record["path"])
+        name = frame_name(record)
         if ok:
             per_input.setdefault(record["video_id"], []).append(i)
             if how == "centre" and cfg.data.face.enabled:
@@ -250,8 +256,7 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
     for key, rows in per_input.items():
         level = level_of(first_of[key])
         p = probs[rows].astype(np.float64)
-        prob = float(metrics.aggregate_by_video(p, np.zeros(len(rows)), [key] * len(rows),
-                                                how=rule.aggregation, topk=rule.topk)[0][0])
+        prob = metrics.video_score(p, how=rule.aggregation, topk=rule.topk)
         result["inputs"][key] = {"prob_fake": prob, "level": level,
                                  "label": "fake" if prob >= thresholds[level] else "real",
                                  "frames": len(rows), "frame_probs": p.tolist(),
@@ -260,7 +265,7 @@ def _score(cfg: mlc.ConfigDict, workdir: Path, inputs: list[str], frames: list[d
             result["inputs"][key]["frames_without_face"] = centre[key]
         if explainer is not None:
             result["inputs"][key]["explain"] = _input_explanation(
-                [per_frame[i] for i in rows], explainer, overlays)
+                [per_frame[i] for i in rows], explainer)
     print(f"# model: {model['workdir']}, {which} checkpoint (step {step}), "
           f"{result_files.method_name(cfg.method.regime)} trained on "
           f"{', '.join(model['train_dataset'])}")
@@ -298,13 +303,12 @@ def _explain_chunk(explainer: explain.Explainer, device_images, chunk: list[dict
     frames that decoded."""
     got = explainer(device_images)
     rows = []
-    names = [f"{r['path']}#{r['frame_index']}" if r["frame_index"] >= 0 else r["path"]
-             for r in chunk]
+    names = [frame_name(r) for r in chunk]
     ok = [i for i in range(len(chunk)) if readable[i]]
     paths = (saliency.write_overlays(np.stack([images[i] for i in ok]), got["map"][ok],
                                      overlays, [names[i] for i in ok])
              if overlays is not None and ok else [])
-    where = dict(zip(ok, paths, strict=False))
+    where = dict(zip(ok, paths, strict=True)) if paths else {}
     for i in range(len(chunk)):
         rows.append({
             "subspaces": None if got["subspaces"] is None else got["subspaces"][i].tolist(),
@@ -313,8 +317,7 @@ def _explain_chunk(explainer: explain.Explainer, device_images, chunk: list[dict
     return rows
 
 
-def _input_explanation(frames: list[dict], explainer: explain.Explainer,
-                       overlays: Path | None) -> dict:
+def _input_explanation(frames: list[dict], explainer: explain.Explainer) -> dict:
     """An input's explanation: the mean per-subspace Δ over its frames, and each frame's."""
     out: dict = {"heatmaps": [f["heatmap"] for f in frames],
                  "completeness_gap": [f["completeness_gap"] for f in frames]}

@@ -267,10 +267,7 @@ class Service:
             return float(probs[0])
         from fmsd_jax.evaluators import metrics
 
-        p = np.asarray(probs, np.float64)
-        return float(metrics.aggregate_by_video(p, np.zeros(len(p)), ["v"] * len(p),
-                                                how=self.point.aggregation,
-                                                topk=self.point.topk)[0][0])
+        return metrics.video_score(probs, how=self.point.aggregation, topk=self.point.topk)
 
     async def _explain(self, pixels: np.ndarray, asked: bool) -> dict[str, Any]:
         """The `explain` field: computed on the device thread for the frame shown, or why not."""
